@@ -1,0 +1,364 @@
+"""Run recipe: typed dataclass sections loaded from YAML, overridable as ``--section.field value``.
+
+Everything PreLoRA- and training-specific lives here; DeepSpeed's own settings stay in DeepSpeed's
+JSON (see ``dsconfig``). Each ``__post_init__`` raises ``ConfigError`` saying what is wrong and
+what to write instead, so a typo fails in the first second, before any process group starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or command-line value that cannot run; the message says how to fix it."""
+
+
+DATASETS = ("imagefolder", "digits", "synthetic")
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    """'imagefolder' (ImageNet train/val layout under `root`), 'digits' (scikit-learn's embedded
+    handwritten digits: real data, no download) or 'synthetic' (random tensors, for benchmarks)."""
+    root: str | None = None
+    """For imagefolder: a folder holding `train/` and `val/`, one sub-folder per class."""
+    val_fraction: float = 0.2
+    """For digits: share of the images held out for validation (a fixed, seeded split)."""
+    synthetic_train_size: int = 1024
+    synthetic_val_size: int = 256
+    synthetic_num_classes: int = 1000
+    num_workers: int = 2
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm auto-augment policy string (RandAugment by default); null disables it."""
+    hflip: float = 0.5
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range."""
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(
+            self.dataset in DATASETS,
+            f"data.dataset={self.dataset!r} is unknown; write one of {', '.join(DATASETS)}.",
+        )
+        _require(
+            self.dataset != "imagefolder" or bool(self.root),
+            "data.dataset=imagefolder needs data.root: a folder with train/ and val/ class folders "
+            "(e.g. --data.root /datasets/imagenet).",
+        )
+        _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}.")
+        _require(
+            len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
+            f"data.scale must be [min, max] with 0 < min <= max <= 1, got {self.scale}.",
+        )
+        for name in ("hflip", "mixup", "cutmix", "label_smoothing"):
+            value = getattr(self, name)
+            _require(value >= 0, f"data.{name} must be >= 0, got {value}.")
+        _require(self.synthetic_num_classes >= 2, "data.synthetic_num_classes must be >= 2.")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_large_patch16_224"
+    """Any timm ViT (`timm.list_models('vit_*')`)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to `timm.create_model` (img_size, patch_size, depth, embed_dim, drop_path_rate, ...)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name is empty; write a timm model name such as vit_large_patch16_224.")
+        _require(
+            "num_classes" not in self.kwargs,
+            "model.kwargs.num_classes is set by the dataset; remove it from the recipe.",
+        )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides `epochs` when smaller)."""
+    seed: int = 0
+    lr_warmup_steps: int | None = None
+    lr_warmup_epochs: float = 10.0
+    """Linear LR warmup from 0; the peak LR is the DeepSpeed optimizer's `lr`."""
+    min_lr: float = 1e-6
+    """Floor of the cosine decay."""
+    checkpoint_every_steps: int = 0
+    """Save a DeepSpeed checkpoint every N optimizer steps (0: only at the end of each epoch and run)."""
+    keep_checkpoints: int = 2
+    log_every_steps: int = 10
+    eval_every_epochs: int = 1
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON; `--deepspeed_config` on the command line wins."""
+    output_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}.")
+        _require(
+            self.max_steps is None or self.max_steps >= 1,
+            f"train.max_steps must be >= 1 or null, got {self.max_steps}.",
+        )
+        _require(self.lr_warmup_epochs >= 0, "train.lr_warmup_epochs must be >= 0.")
+        _require(self.lr_warmup_steps is None or self.lr_warmup_steps >= 0, "train.lr_warmup_steps must be >= 0.")
+        _require(self.min_lr >= 0, "train.min_lr must be >= 0.")
+        _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 disables it).")
+        _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}.")
+        _require(self.log_every_steps >= 1, "train.log_every_steps must be >= 1.")
+        _require(self.eval_every_epochs >= 1, "train.eval_every_epochs must be >= 1.")
+
+
+@dataclass
+class PreLoRAConfig:
+    enabled: bool = True
+    """False: plain full-parameter training (the baseline)."""
+    target_modules: str = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+    """Regex, matched in full against module names; never matches `patch_embed.proj`."""
+    window_epochs: int = 5
+    """Window size E in epochs (the paper's unit)."""
+    window_steps: int | None = None
+    """Window size S in optimizer steps; when set it replaces `window_epochs` (short runs)."""
+    sample_every_steps: int | None = None
+    """Norm sampling interval in steps; default: every epoch, or every step with window_steps."""
+    num_windows: int = 3
+    """N: the test compares the last N windows (N-1 consecutive pairs)."""
+    delta_w: float = 1.0
+    """Threshold on the per-module mean weight-norm change, in percent."""
+    delta_l: float = 5.0
+    """Threshold on the loss change between windows, in percent."""
+    min_epochs: int | None = None
+    max_epochs: int | None = None
+    """Switch at the end of this epoch even if the test has not passed."""
+    warmup_epochs: int = 10
+    """Epochs of base + LoRA training after the switch before the base is frozen."""
+    warmup_steps: int | None = None
+    """The same in optimizer steps; replaces `warmup_epochs` when set."""
+    r_min: int = 8
+    r_max: int = 64
+    alpha_ratio: float = 2.0
+    """lora_alpha = alpha_ratio * rank, so the LoRA scale alpha/r is the same for every layer."""
+    lora_dropout: float = 0.0
+    trainable_extra: str = r"head|fc_norm|norm|blocks\.\d+\.norm[12]"
+    """Regex (full match on module names) of the non-LoRA modules that stay trainable in `lora`."""
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.target_modules)
+            re.compile(self.trainable_extra)
+        except re.error as exc:
+            raise ConfigError(f"prelora.target_modules / trainable_extra is not a valid regex: {exc}.") from exc
+        _require(self.window_epochs >= 1, f"prelora.window_epochs must be >= 1, got {self.window_epochs}.")
+        _require(
+            self.window_steps is None or self.window_steps >= 1,
+            f"prelora.window_steps must be >= 1 or null, got {self.window_steps}.",
+        )
+        _require(
+            self.sample_every_steps is None or self.sample_every_steps >= 1,
+            "prelora.sample_every_steps must be >= 1 or null.",
+        )
+        _require(
+            self.num_windows >= 2,
+            f"prelora.num_windows must be >= 2 (the test compares consecutive windows), got {self.num_windows}.",
+        )
+        _require(self.delta_w > 0, f"prelora.delta_w must be > 0 (a percentage), got {self.delta_w}.")
+        _require(self.delta_l > 0, f"prelora.delta_l must be > 0 (a percentage), got {self.delta_l}.")
+        _require(self.warmup_epochs >= 0, "prelora.warmup_epochs must be >= 0.")
+        _require(self.warmup_steps is None or self.warmup_steps >= 0, "prelora.warmup_steps must be >= 0.")
+        for name in ("r_min", "r_max"):
+            value = getattr(self, name)
+            _require(
+                _is_pow2(value),
+                f"prelora.{name}={value} is not a power of two; write one of 4, 8, 16, 32, 64, 128.",
+            )
+        _require(
+            self.r_min <= self.r_max,
+            f"prelora.r_min={self.r_min} is larger than prelora.r_max={self.r_max}; swap them.",
+        )
+        _require(self.alpha_ratio > 0, f"prelora.alpha_ratio must be > 0, got {self.alpha_ratio}.")
+        _require(0 <= self.lora_dropout < 1, "prelora.lora_dropout must be in [0, 1).")
+        if self.min_epochs is not None and self.max_epochs is not None:
+            _require(
+                self.min_epochs <= self.max_epochs,
+                f"prelora.min_epochs={self.min_epochs} > prelora.max_epochs={self.max_epochs}.",
+            )
+
+
+@dataclass
+class ReLoRAConfig:
+    enabled: bool = False
+    start_epoch: int | None = None
+    start_step: int | None = None
+    rank: int = 256
+    merge_every_steps: int = 1000
+    prune_ratio: float = 0.9
+    reset: str = "magnitude"
+    """'magnitude' (prune `prune_ratio` of the Adam state by magnitude) or 'full' (zero it)."""
+    restart_warmup_steps: int = 50
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"relora.rank must be >= 1, got {self.rank}.")
+        _require(self.merge_every_steps >= 1, "relora.merge_every_steps must be >= 1.")
+        _require(0 <= self.prune_ratio <= 1, f"relora.prune_ratio must be in [0, 1], got {self.prune_ratio}.")
+        _require(self.reset in ("magnitude", "full"), f"relora.reset={self.reset!r}: write 'magnitude' or 'full'.")
+        _require(self.restart_warmup_steps >= 0, "relora.restart_warmup_steps must be >= 0.")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prelora: PreLoRAConfig = field(default_factory=PreLoRAConfig)
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
+_SECTION_TYPES = typing.get_type_hints(RunConfig)
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else f" Known: {', '.join(sorted(choices))}."
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotated type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(where, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}={value!r} has the wrong type; expected {tp}.")
+    if origin is list:
+        _require(isinstance(value, list), f"{where}={value!r} must be a list, e.g. [0.08, 1.0].")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{where}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        _require(isinstance(value, dict), f"{where}={value!r} must be a mapping, e.g. {{depth: 6}}.")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool:
+        _require(isinstance(value, bool), f"{where}={value!r} must be true or false.")
+        return value
+    if tp is int:
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{where}={value!r} must be an integer (got {type(value).__name__}).",
+        )
+        return value
+    _require(
+        isinstance(value, tp),
+        f"{where}={value!r} must be a {_type_name(tp)} (got {type(value).__name__}).",
+    )
+    return value
+
+
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    cls = _SECTION_TYPES[name]
+    hints = typing.get_type_hints(cls)
+    known = list(hints)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown recipe key {name}.{key}.{_closest(key, known)}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """Typed, validated RunConfig from a nested mapping (a loaded recipe with overrides applied)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a recipe must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}.")
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown recipe section {section!r}.{_closest(section, list(SECTIONS))}")
+    sections = {}
+    for section in SECTIONS:
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"recipe section {section!r} must be a mapping of fields, got {values!r}.")
+        sections[section] = _build_section(section, values)
+    return RunConfig(**sections)
+
+
+def parse_override_value(text: str) -> Any:
+    """YAML scalar semantics: `true`, `12`, `1e-3`, `null`, `[0.5, 1.0]`, `{depth: 6}`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted overrides (`train.max_steps` -> value) to a nested recipe mapping (copied)."""
+    merged = {k: dict(v or {}) for k, v in raw.items()}
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override --{dotted} must name a field as --section.field (e.g. --train.max_steps 12).")
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown override section --{dotted}.{_closest(section, list(SECTIONS))}")
+        if "." in key:  # nested mapping field, e.g. model.kwargs.depth
+            field_name, _, sub = key.partition(".")
+            merged.setdefault(section, {}).setdefault(field_name, {})
+            merged[section][field_name] = {**merged[section][field_name], sub: value}
+        else:
+            merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"recipe {path} does not exist; pass --recipe with a YAML file such as recipes/demo.yaml."
+            )
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
+    return build_config(apply_overrides(raw, overrides or {}))

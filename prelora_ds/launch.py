@@ -1,0 +1,76 @@
+"""Process-group start for every launch mode: the deepspeed launcher, mpirun, or a plain process.
+
+The deepspeed launcher (and torchrun) set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK.
+Under mpirun those come from mpi4py here (DeepSpeed's own discovery picks `hostname -I`, which is
+not loopback on a single host). A plain `python -m prelora_ds.train` runs as a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_by() -> str:
+    if all(k in os.environ for k in REQUIRED_ENV):
+        return "launcher"
+    if any(k in os.environ for k in MPI_ENV):
+        return "mpi"
+    return "single"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mpi_env() -> None:
+    from mpi4py import MPI  # the `mpi` extra
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    hosts = comm.allgather(MPI.Get_processor_name())
+    if len(set(hosts)) == 1:
+        addr = "127.0.0.1"
+    else:
+        addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
+    port = os.environ.get("MASTER_PORT") or str(comm.bcast(_free_port() if rank == 0 else None, root=0))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(sum(h == hosts[rank] for h in hosts[:rank])),
+        MASTER_ADDR=addr,
+        MASTER_PORT=port,
+    )
+
+
+def world_size_hint() -> int:
+    """World size before the process group exists (for validating batch arithmetic early)."""
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 1
+
+
+def init_distributed(timeout_s: float) -> tuple[int, int, int]:
+    """Start the process group (gloo on CPU, nccl on GPU); returns (rank, local_rank, world_size)."""
+    mode = launched_by()
+    if mode == "mpi":
+        _mpi_env()
+    elif mode == "single":
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    import deepspeed.ops
+
+    # The shared-memory comm op is JIT-built at group start (30-60 s on CPU) and unused by training.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
+    import torch.distributed as dist
+
+    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()

@@ -1,0 +1,161 @@
+"""Per-layer weight-norm statistics for the partial convergence test, all-reduced across ranks.
+
+Each rank sums the squares of the fp32 master values it owns (its ZeRO partition fragment under
+ZeRO-1/2/3; the kept fp32 copy of frozen weights on rank 0 only) and one all-reduce SUM of a vector
+gives every rank the same exact norms. The training loss rides in the same all-reduce, so a sample
+costs one collective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from prelora_ds.phases import canonical_name, layer_index, module_key
+
+
+@dataclass
+class NormLayout:
+    """Target layers grouped by module key (`attn.qkv`, ...) in layer order: norm_windows[m][k][l]."""
+
+    modules: dict[str, list[str]]
+
+    @classmethod
+    def from_layers(cls, layers: list[str]) -> NormLayout:
+        modules: dict[str, list[str]] = {}
+        for name in sorted(layers, key=layer_index):
+            modules.setdefault(module_key(name), []).append(name)
+        counts = {k: len(v) for k, v in modules.items()}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"target modules have different layer counts {counts}; the test needs one per layer")
+        return cls(modules)
+
+    @property
+    def layers(self) -> list[str]:
+        return [n for names in self.modules.values() for n in names]
+
+    def split(self, flat: list[float]) -> dict[str, list[float]]:
+        out, i = {}, 0
+        for key, names in self.modules.items():
+            out[key] = flat[i : i + len(names)]
+            i += len(names)
+        return out
+
+
+def _local_fp32_fragment(p: torch.nn.Parameter) -> torch.Tensor | None:
+    """This rank's fp32 master fragment of `p`: empty if it owns none, None if `p` has no ZeRO master."""
+    if hasattr(p, "ds_id"):  # ZeRO-3
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(p)
+    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer
+        mapping = p._hp_mapping
+        return mapping.get_hp_fragment() if mapping is not None else p.new_empty(0, dtype=torch.float32)
+    return None
+
+
+def _sumsq(t: torch.Tensor) -> float:
+    t = t.detach().float()
+    return float(torch.dot(t.flatten(), t.flatten())) if t.numel() else 0.0
+
+
+def weight_sumsq(
+    module: torch.nn.Module, layers: list[str], frozen_fp32: dict[str, torch.Tensor], rank: int
+) -> list[float]:
+    """This rank's share of sum(W^2) for each target layer's weight (to be all-reduced with SUM)."""
+    params = {canonical_name(n): p for n, p in module.named_parameters()}
+    out = []
+    for layer in layers:
+        key = f"{layer}.weight"
+        p = params[key]
+        frag = _local_fp32_fragment(p) if p.requires_grad else None
+        if frag is not None:
+            out.append(_sumsq(frag))
+        elif rank == 0:  # frozen or not ZeRO-managed: full value on every rank, counted once
+            out.append(_sumsq(frozen_fp32.get(key, p)))
+        else:
+            out.append(0.0)
+    return out
+
+
+def lora_sumsq(
+    module: torch.nn.Module, layers: list[str], frozen_fp32: dict[str, torch.Tensor], rank: int, world: int
+) -> list[float]:
+    """This rank's share of [||W||^2, ||s B A||^2, ||W + s B A||^2] per LoRA layer, flattened.
+
+    Layers are dealt round-robin over ranks; W is the fp32 base (kept copy when frozen), B and A the
+    module's working copies. Under ZeRO-3 the module's copies are partitions: not supported there.
+    """
+    out = []
+    for i, layer in enumerate(layers):
+        if i % world != rank:
+            out.extend((0.0, 0.0, 0.0))
+            continue
+        mod = _get(module, layer)
+        base = frozen_fp32.get(f"{layer}.weight")
+        if base is None:
+            base = mod.base_layer.weight.detach().float().cpu()
+        a = mod.lora_A["default"].weight.detach().float().cpu()
+        b = mod.lora_B["default"].weight.detach().float().cpu()
+        delta = mod.scaling["default"] * (b @ a)
+        out.extend((_sumsq(base), _sumsq(delta), _sumsq(base + delta)))
+    return out
+
+
+def _get(module: torch.nn.Module, layer: str) -> torch.nn.Module:
+    inner = getattr(getattr(module, "base_model", None), "model", module)
+    return inner.get_submodule(layer)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """SUM over ranks of a float vector (float64, so the sums do not depend on rank order in practice)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def sample(
+    module: torch.nn.Module,
+    layout: NormLayout,
+    frozen_fp32: dict[str, torch.Tensor],
+    rank: int,
+    loss_sum: float,
+    loss_count: float,
+) -> tuple[dict[str, list[float]], float, float]:
+    """One all-reduced sample: (norms[module][layer], global loss sum, global sample count)."""
+    local = weight_sumsq(module, layout.layers, frozen_fp32, rank) + [loss_sum, loss_count]
+    total = all_reduce_sum(local)
+    norms = [math.sqrt(max(v, 0.0)) for v in total[:-2]]
+    return layout.split(norms), total[-2], total[-1]
+
+
+def lora_norms(
+    module: torch.nn.Module, layout: NormLayout, frozen_fp32: dict[str, torch.Tensor], rank: int, world: int
+) -> dict[str, dict[str, float]]:
+    """{layer: {base, lora, effective}} Frobenius norms after the switch (all-reduced)."""
+    layers = layout.layers
+    total = all_reduce_sum(lora_sumsq(module, layers, frozen_fp32, rank, world))
+    return {
+        layer: {k: math.sqrt(max(total[3 * i + j], 0.0)) for j, k in enumerate(("base", "lora", "effective"))}
+        for i, layer in enumerate(layers)
+    }
+
+
+def check_agreement(flag: bool, what: str) -> bool:
+    """Every rank must reach the same decision; all-reduce MIN and MAX of the flag and compare."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    lo = torch.tensor([int(flag)], dtype=torch.int64)
+    hi = lo.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError(
+            f"ranks disagree on {what} (rank {dist.get_rank()} says {flag}); the decision must be computed "
+            "from all-reduced statistics only. Check that every rank runs the same code and config."
+        )
+    return bool(lo.item())

@@ -1,0 +1,118 @@
+"""Engine build and the in-process engine switch (SPEC §4).
+
+Two traps this module exists for:
+- Under bf16, `deepspeed.initialize` casts the module to bf16 and builds the fp32 masters from the
+  rounded weights. So the masters are read out of the old ZeRO optimizer before it is destroyed
+  (`safe_get_full_fp32_param`) and written into the new one afterwards (`safe_set_full_fp32_param`).
+- Handing the old `engine.module` to a new engine keeps the old engine and its optimizer alive
+  through module hooks (about 1.1 GiB per rebuild on ViT-B). So every rebuild builds a fresh timm
+  model and loads the fp32 state into it.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+from prelora_ds.model import param_groups
+from prelora_ds.phases import canonical_name
+
+FP32State = dict[str, torch.Tensor]
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, weight_decay: float):
+    """A DeepSpeed engine whose optimizer holds exactly the model's trainable parameters."""
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
+    )
+    return engine
+
+
+def gather_fp32_state(engine, frozen_fp32: FP32State) -> FP32State:
+    """Every parameter's fp32 value on CPU, by canonical name. Collective: all ranks call it.
+
+    Trainable parameters come from the ZeRO fp32 masters (all-gathered from the partitions);
+    frozen ones from `frozen_fp32`, the masters kept when they were frozen (the engine holds bf16).
+    """
+    state: FP32State = {}
+    for name, p in engine.module.named_parameters():
+        key = canonical_name(name)
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)
+            value = full if full is not None else p.detach()
+            state[key] = value.detach().float().cpu().clone()
+        elif key in frozen_fp32:
+            state[key] = frozen_fp32[key]
+        else:
+            state[key] = p.detach().float().cpu().clone()
+    return state
+
+
+def load_fp32_state(model: torch.nn.Module, state: FP32State) -> list[str]:
+    """Copy `state` into a fresh model's parameters; returns the canonical names it had no value for."""
+    missing = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = canonical_name(name)
+            if key in state:
+                p.copy_(state[key])
+            else:
+                missing.append(key)
+    return missing
+
+
+def write_fp32_masters(engine, state: FP32State) -> None:
+    """Overwrite the new engine's fp32 masters (and its low-precision copies) with exact fp32 values."""
+    for name, p in engine.module.named_parameters():
+        key = canonical_name(name)
+        if p.requires_grad and key in state:
+            value = state[key].to(p.device)
+            safe_set_full_fp32_param(p, value)
+            with torch.no_grad():
+                p.copy_(value.to(p.dtype))
+
+
+def frozen_fp32_of(engine, state: FP32State) -> FP32State:
+    """The fp32 values of the engine's frozen parameters (kept on CPU: the engine has only bf16)."""
+    return {
+        canonical_name(n): state[canonical_name(n)]
+        for n, p in engine.module.named_parameters()
+        if not p.requires_grad and canonical_name(n) in state
+    }
+
+
+def release(engine) -> None:
+    """Destroy an engine and drop what it holds so its memory can be returned."""
+    engine.destroy()
+    for attr in ("optimizer", "module", "lr_scheduler", "training_dataloader"):
+        if hasattr(engine, attr):
+            try:
+                setattr(engine, attr, None)
+            except (AttributeError, TypeError):
+                pass
+    del engine
+    gc.collect()
+
+
+def rebuild(
+    old_engine,
+    frozen_fp32: FP32State,
+    make_model: Callable[[FP32State], torch.nn.Module],
+    ds_config: dict,
+    weight_decay: float,
+):
+    """Switch engines in-process: masters out, old engine destroyed, fresh model, new engine, masters in.
+
+    `make_model(state)` builds the new phase's structure on a fresh model with `state` loaded.
+    Returns (new_engine, new_frozen_fp32, state).
+    """
+    state = gather_fp32_state(old_engine, frozen_fp32)
+    release(old_engine)
+    model = make_model(state)
+    engine = build_engine(model, ds_config, weight_decay)
+    write_fp32_masters(engine, state)
+    return engine, frozen_fp32_of(engine, state), state

@@ -1,0 +1,165 @@
+"""prelora-train: PreLoRA pre-training of a timm ViT on DeepSpeed ZeRO-2.
+
+Runbook (from the repo root; every flag of the recipe can be overridden as --section.field value):
+
+  # one process (CPU or one GPU)
+  python -m prelora_ds.train --recipe recipes/demo.yaml --output_dir runs/demo
+
+  # one node: 2 CPU ranks here, or all GPUs of a GPU node (drop --num_gpus)
+  deepspeed --num_gpus 2 --module prelora_ds.train --recipe recipes/demo.yaml --output_dir runs/demo
+
+  # a hostfile on one machine without ssh
+  deepspeed --hostfile hostfiles/localhost --no_ssh --node_rank 0 --master_addr 127.0.0.1 \
+      --module prelora_ds.train --recipe recipes/demo.yaml --output_dir runs/demo
+
+  # 16 nodes x 4 A100, ViT-L/16 on ImageNet-1k
+  deepspeed --hostfile hostfiles/a100_16x4 --module prelora_ds.train --recipe recipes/vit_l_exp2.yaml \
+      --data.root /datasets/imagenet --output_dir runs/vit_l_exp2
+
+  # MPI (pip install '.[mpi]')
+  mpirun -np 2 prelora-train --recipe recipes/demo.yaml --output_dir runs/demo
+
+  # continue a stopped run: the same command plus --resume
+  ... --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from prelora_ds.config import ConfigError, RunConfig, load_recipe, parse_override_value
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        prog="prelora-train",
+        description="PreLoRA pre-training on DeepSpeed. Any recipe field: --section.field value.",
+    )
+    parser.add_argument("--recipe", help="run recipe (YAML), e.g. recipes/demo.yaml")
+    parser.add_argument("--deepspeed_config", help="DeepSpeed JSON (default: the recipe's train.deepspeed_config)")
+    parser.add_argument("--output_dir", help="run directory (default: the recipe's train.output_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}; overrides look like --train.max_steps 12.")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value, e.g. --{key} 12.")
+            value = rest[i + 1]
+            i += 1
+        if "." not in key:
+            raise ConfigError(
+                f"unknown flag --{key}; recipe fields are written --section.field (e.g. --train.epochs 5)."
+            )
+        overrides[key] = parse_override_value(value)
+        i += 1
+    return args, overrides
+
+
+def resolve(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[RunConfig, dict, int]:
+    """Validated recipe and DeepSpeed config; no process group needed, so errors come first."""
+    from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
+    from prelora_ds.launch import world_size_hint
+
+    if args.output_dir:
+        overrides["train.output_dir"] = args.output_dir
+    if args.deepspeed_config:
+        overrides["train.deepspeed_config"] = args.deepspeed_config
+    cfg = load_recipe(args.recipe, overrides)
+    if not cfg.train.deepspeed_config:
+        raise ConfigError(
+            "no DeepSpeed config: pass --deepspeed_config ds_configs/cpu_zero2_bf16.json or set "
+            "train.deepspeed_config in the recipe."
+        )
+    world = world_size_hint()
+    ds_config = prepare_ds_config(load_ds_config(cfg.train.deepspeed_config), world)
+    import torch
+
+    if not torch.cuda.is_available() and ds_config.get("fp16", {}).get("enabled"):
+        raise ConfigError(
+            f"{cfg.train.deepspeed_config} enables fp16, which DeepSpeed's CPU accelerator does not support; "
+            "use a config with bf16 (ds_configs/cpu_zero2_bf16.json) on CPU."
+        )
+    return cfg, ds_config, world
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, overrides = parse_args(argv)
+        cfg, ds_config, world_hint = resolve(args, overrides)
+        from prelora_ds.data import build_datasets
+        from prelora_ds.model import create_model, input_spec
+
+        img, in_chans, mean, std = input_spec(create_model(cfg.model, 2))
+        data = build_datasets(cfg.data, img, in_chans, seed=cfg.train.seed, mean=mean, std=std)
+    except ConfigError as exc:
+        print(f"prelora-train: error: {exc}", file=sys.stderr)
+        return 2
+
+    from prelora_ds.launch import init_distributed
+
+    rank, local_rank, world = init_distributed(timeout_s=float(os.environ.get("PRELORA_COLLECTIVE_TIMEOUT_S", 1800)))
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cuda":
+        get_accelerator().set_device(local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:  # ranks sharing a CPU: one thread pool each, not cores x ranks
+        import torch
+
+        torch.set_num_threads(
+            max(
+                1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+            )
+        )
+    if world != world_hint:  # the launcher's world differs from what the env promised: re-check batch math
+        ds_config = _prepare_again(cfg, world)
+
+    from prelora_ds.trainer import Trainer
+
+    out_dir = Path(cfg.train.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+        print(
+            f"prelora-train: {world} rank(s), images per optimizer step = "
+            f"{ds_config['train_micro_batch_size_per_gpu']} micro x {ds_config['gradient_accumulation_steps']} "
+            f"accumulation x {world} ranks = {ds_config['train_batch_size']}; "
+            f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes",
+            flush=True,
+        )
+    trainer = Trainer(cfg, ds_config, data, out_dir, rank, world, resume=args.resume)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    if rank == 0:
+        print(
+            f"prelora-train: done in {summary['wall_time_s']:.1f} s, final val top-1 {summary['final_val_top1']:.2f}%"
+        )
+        print(f"  TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
+        print(f"  summary:     {out_dir / 'summary.json'}")
+        print(f"  model:       {out_dir / 'model_merged.safetensors'}")
+        print(f"  checkpoints: {out_dir / 'checkpoints'}")
+    return 0
+
+
+def _prepare_again(cfg: RunConfig, world: int) -> dict:
+    from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
+
+    return prepare_ds_config(load_ds_config(cfg.train.deepspeed_config), world)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""The one training loop: every phase runs through `Trainer.train_step`; phase changes are data.
+
+Order of events after each optimizer step: LR/log -> norm sample (and window close, test, switch
+decision) -> checkpoint. At the end of each epoch: validation -> epoch-based samples/windows ->
+checkpoint. A switch rebuilds the engine in-process (`switch.rebuild`) and checkpoints right away.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from prelora_ds import checkpoint, norms
+from prelora_ds.config import RunConfig
+from prelora_ds.convergence import WindowAccumulator, layer_changes, loss_change, module_changes, partial_convergence
+from prelora_ds.data import DataBundle, build_loaders, build_mixup, build_train_loss
+from prelora_ds.dsconfig import weight_decay
+from prelora_ds.export import lora_scales, save_merged
+from prelora_ds.model import count_params, create_model
+from prelora_ds.monitor import Monitor, memory_bytes
+from prelora_ds.phases import PHASES, build_structure, target_layers
+from prelora_ds.ranks import assign_ranks, ranks_by_module_name
+from prelora_ds.schedule import build_scheduler, set_lr
+from prelora_ds.switch import build_engine, gather_fp32_state, load_fp32_state, rebuild
+
+MAX_STEP_TIMES = 5000  # per phase, for the median in summary.json
+
+
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue exactly; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro batches of the current epoch already consumed
+    phase: str = "full"
+    ranks: dict[str, int] = field(default_factory=dict)
+    switch_step: int | None = None
+    switch_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step_times: dict[str, list[float]] = field(default_factory=dict)
+    windows: dict[str, Any] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    val: list[dict[str, float]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        ds_config: dict,
+        data: DataBundle,
+        out_dir: Path,
+        rank: int,
+        world: int,
+        resume: bool,
+    ) -> None:
+        self.cfg, self.ds_config, self.data, self.out_dir = cfg, ds_config, data, out_dir
+        self.rank, self.world = rank, world
+        self.ckpt_dir = out_dir / "checkpoints"
+        self.micro = ds_config["train_micro_batch_size_per_gpu"]
+        self.accum = ds_config["gradient_accumulation_steps"]
+        self.wd = weight_decay(ds_config)
+        self.train_loader, self.val_loader = build_loaders(
+            data, self.micro, rank, world, cfg.train.seed, cfg.data.num_workers
+        )
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch has {len(self.train_loader)} micro batches per rank, fewer than "
+                f"gradient_accumulation_steps={self.accum}; lower the batch size or accumulation."
+            )
+        epochs_steps = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(epochs_steps, cfg.train.max_steps or epochs_steps)
+        self.mixup = build_mixup(cfg.data, data.num_classes)
+        self.train_loss = build_train_loss(cfg.data, self.mixup is not None)
+        self.eval_loss = torch.nn.CrossEntropyLoss()
+        self.state = LoopState()
+        self.frozen_fp32: dict[str, torch.Tensor] = {}
+        self.pending_loss = [0.0, 0.0]  # this rank's (sum of per-image losses, images) since the last sample
+        self.acc = WindowAccumulator()
+        self.engine = None
+        self.layout: norms.NormLayout | None = None
+        self.monitor: Monitor | None = None
+        self._at_epoch_end = False
+        if resume:
+            self._resume()
+        else:
+            self._start_phase("full", None)
+            self.engine = self._fresh_engine(None)
+
+    # ----------------------------------------------------------------- build
+    def _make_model(self, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+        """A fresh timm model with the current phase's structure (and `state` loaded when given)."""
+        phase = PHASES[self.state.phase]
+        model = create_model(self.cfg.model, self.data.num_classes)
+        if self.layout is None:
+            self.layout = norms.NormLayout.from_layers(target_layers(model, self.cfg.prelora.target_modules))
+        model = build_structure(model, phase, self.state.ranks or None, self.cfg.prelora)
+        if state is not None:
+            load_fp32_state(model, state)
+        return model
+
+    def _fresh_engine(self, state):
+        torch.manual_seed(self.cfg.train.seed)  # same initial weights on every rank and every run
+        engine = build_engine(self._make_model(state), self.ds_config, self.wd)
+        self._attach_scheduler(engine)
+        return engine
+
+    def _attach_scheduler(self, engine) -> None:
+        t = self.cfg.train
+        warmup = (
+            t.lr_warmup_steps if t.lr_warmup_steps is not None else round(t.lr_warmup_epochs * self.steps_per_epoch)
+        )
+        self.scheduler = build_scheduler(engine.optimizer, self.total_steps, warmup, t.min_lr)
+        set_lr(self.scheduler, self.state.step)
+
+    def _dtype(self) -> torch.dtype:
+        if self.engine.bfloat16_enabled():
+            return torch.bfloat16
+        if self.engine.fp16_enabled():
+            return torch.float16
+        return torch.float32
+
+    # ----------------------------------------------------------------- phases
+    def _start_phase(self, name: str, ranks: dict[str, int] | None) -> None:
+        if self.state.history:
+            self.state.history[-1]["end_step"] = self.state.step
+        if ranks is not None:
+            self.state.ranks = ranks
+        self.state.phase = name
+        # epochs completed when the phase starts (a switch at an epoch end starts with the next epoch)
+        start_epoch = self.state.epoch + (1 if self._at_epoch_end else 0)
+        self.state.history.append({"name": name, "start_step": self.state.step, "start_epoch": start_epoch})
+
+    def _record_params(self) -> None:
+        trainable, total = count_params(self.engine.module)
+        self.state.history[-1].update(trainable_params=trainable, total_params=total)
+        if self.monitor:
+            self.monitor.scalars(self.state.step, {"params/trainable": trainable, "params/total": total})
+            self.monitor.log(
+                f"[{self.state.phase}] step {self.state.step}: {trainable:,} of {total:,} parameters trainable "
+                f"({100 * trainable / total:.1f}%)"
+            )
+
+    def switch_to(self, name: str, ranks: dict[str, int] | None = None) -> float:
+        """Rebuild the engine in-process for phase `name`; returns the switch time in seconds."""
+        t0 = time.perf_counter()
+        self._start_phase(name, ranks)
+        old, self.engine = self.engine, None
+        self.engine, self.frozen_fp32, _ = rebuild(old, self.frozen_fp32, self._make_model, self.ds_config, self.wd)
+        del old
+        self._attach_scheduler(self.engine)
+        elapsed = time.perf_counter() - t0
+        self.state.history[-1]["switch_s"] = elapsed
+        self._record_params()
+        if self.monitor:
+            self.monitor.text("phase", f"step {self.state.step}: -> {name} ({elapsed:.2f} s)", self.state.step)
+            self.monitor.scalars(self.state.step, {"phase/index": list(PHASES).index(name), "phase/switch_s": elapsed})
+        return elapsed
+
+    # ----------------------------------------------------------------- PreLoRA decisions
+    def _sample_due(self, epoch_end: bool) -> bool:
+        p = self.cfg.prelora
+        if not p.enabled or self.state.phase not in ("full", "warmup", "lora"):
+            return False
+        if p.window_steps is None and p.sample_every_steps is None:
+            return epoch_end
+        every = p.sample_every_steps or max(1, (p.window_steps or 1) // 4)
+        return not epoch_end and self.state.step % every == 0
+
+    def _window_due(self, epoch_end: bool) -> bool:
+        p = self.cfg.prelora
+        if p.window_steps is not None:
+            return not epoch_end and self.state.step % p.window_steps == 0
+        return epoch_end and (self.state.epoch + 1) % p.window_epochs == 0
+
+    def _sample(self, epoch_end: bool) -> None:
+        """Norm sample, window close and the convergence test (full) / LoRA norms (after the switch)."""
+        if not self._sample_due(epoch_end):
+            return
+        step = self.state.step
+        if self.state.phase != "full":
+            self._log_lora_norms()
+            return
+        sampled, loss_sum, count = norms.sample(
+            self.engine.module, self.layout, self.frozen_fp32, self.rank, *self.pending_loss
+        )
+        self.pending_loss = [0.0, 0.0]
+        if count > 0:
+            self.acc.add_sample(loss_sum, count, sampled)
+        if self.monitor:
+            scalars = {}
+            for m, vals in sampled.items():
+                scalars[f"norm/{m}"] = sum(vals) / len(vals)
+                scalars.update({f"norm_layer/{m}/{i:02d}": v for i, v in enumerate(vals)})
+            self.monitor.scalars(step, scalars)
+        if self._window_due(epoch_end) and self.acc.num_pending:
+            self.acc.close_window()
+            self._convergence_check()
+
+    def _convergence_check(self) -> None:
+        p = self.cfg.prelora
+        loss_w, norm_w = self.acc.loss_windows, self.acc.norm_windows
+        k = len(loss_w) - 1
+        record: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch, "window": k}
+        if k >= 1:
+            record["dL"] = loss_change(loss_w, k)
+            record["D"] = module_changes(norm_w, k)
+            if self.monitor:
+                self.monitor.scalars(
+                    self.state.step,
+                    {"window/dL": record["dL"], "window/delta_l": p.delta_l, "window/delta_w": p.delta_w}
+                    | {f"window/D/{m}": v for m, v in record["D"].items()},
+                )
+        passed = partial_convergence(loss_w, norm_w, p.num_windows, p.delta_w, p.delta_l)
+        epochs_done = self.state.epoch + (0 if p.window_steps is not None else 1)
+        if p.min_epochs is not None and epochs_done < p.min_epochs:
+            passed = False
+        forced = p.max_epochs is not None and epochs_done >= p.max_epochs and p.window_steps is None
+        decision = norms.check_agreement(passed or forced, "the PreLoRA switch")
+        record.update(passed=passed, forced=forced)
+        self.state.checks.append(record)
+        self.state.windows = self.acc.state_dict()
+        if decision:
+            self._switch_to_lora(forced)
+
+    def _switch_to_lora(self, forced: bool) -> None:
+        p = self.cfg.prelora
+        if self.acc.num_closed >= 2:
+            changes = layer_changes(self.acc.norm_windows)
+        else:  # forced by max_epochs before two windows exist: no evidence, the middle rank everywhere
+            changes = {m: [0.0] * len(v) for m, v in self.layout.modules.items()}
+        per_module = assign_ranks(changes, p.r_min, p.r_max)
+        ranks = ranks_by_module_name(self.layout.modules, per_module)
+        self.state.switch_step, self.state.switch_epoch = self.state.step, self.state.epoch
+        warm = p.warmup_steps if p.warmup_steps is not None else p.warmup_epochs
+        phase = "warmup" if warm > 0 else "lora"
+        elapsed = self.switch_to(phase, ranks)
+        self._write_ranks(ranks, changes, forced, elapsed)
+        self.save_checkpoint()
+
+    def _write_ranks(self, ranks: dict[str, int], changes, forced: bool, elapsed: float) -> None:
+        if self.rank != 0:
+            return
+        (self.out_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
+        step = self.state.step
+        self.monitor.histogram("ranks/histogram", list(ranks.values()), step)
+        self.monitor.scalars(step, {f"ranks/{name}": r for name, r in ranks.items()})
+        self.monitor.text(
+            "switch",
+            f"switch at step {step} (epoch {self.state.epoch}, {'forced by max_epochs' if forced else 'test passed'}), "
+            f"{elapsed:.2f} s; layer changes {json.dumps(changes)}",
+            step,
+        )
+        self.monitor.log(f"PreLoRA switch at step {step}: ranks {sorted(set(ranks.values()))} written to ranks.json")
+
+    def _maybe_freeze(self, epoch_end: bool) -> None:
+        """warmup -> lora after prelora.warmup_steps (or warmup_epochs at an epoch end)."""
+        if self.state.phase != "warmup":
+            return
+        p = self.cfg.prelora
+        start = self.state.history[-1]
+        if p.warmup_steps is not None:
+            due = not epoch_end and self.state.step - start["start_step"] >= p.warmup_steps
+        else:
+            due = epoch_end and self.state.epoch + 1 - start["start_epoch"] >= p.warmup_epochs
+        if due:
+            self.switch_to("lora")
+            self.save_checkpoint()
+
+    def _log_lora_norms(self) -> None:
+        values = norms.lora_norms(self.engine.module, self.layout, self.frozen_fp32, self.rank, self.world)
+        if self.monitor:
+            scalars = {}
+            for layer, v in values.items():
+                scalars.update({f"lora_norm/{kind}/{layer}": x for kind, x in v.items()})
+            for kind in ("base", "lora", "effective"):
+                scalars[f"lora_norm/{kind}/mean"] = sum(v[kind] for v in values.values()) / len(values)
+            self.monitor.scalars(self.state.step, scalars)
+
+    # ----------------------------------------------------------------- steps
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """One optimizer step over `accum` micro batches; returns this rank's mean loss."""
+        engine, dtype = self.engine, self._dtype()
+        lr = set_lr(self.scheduler, self.state.step)
+        total = 0.0
+        for images, targets in micro_batches:
+            images, targets = images.to(engine.device), targets.to(engine.device)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            loss = self.train_loss(engine(images.to(dtype)).float(), targets)
+            engine.backward(loss)
+            engine.step()
+            value = float(loss.detach())
+            total += value
+            self.pending_loss[0] += value * images.shape[0]
+            self.pending_loss[1] += images.shape[0]
+        self.last_lr = lr
+        return total / len(micro_batches)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Exact top-1/top-5 over the whole val set (no padded duplicates), all-reduced."""
+        engine, dtype = self.engine, self._dtype()
+        engine.eval()
+        counts = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, n, loss_sum
+        for images, targets in self.val_loader:
+            images, targets = images.to(engine.device), targets.to(engine.device)
+            logits = engine(images.to(dtype)).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top == targets[:, None]
+            counts += torch.tensor(
+                [
+                    hit[:, 0].sum().item(),
+                    hit.any(dim=1).sum().item(),
+                    len(targets),
+                    self.eval_loss(logits, targets).item() * len(targets),
+                ],
+                dtype=torch.float64,
+            )
+        engine.train()
+        if self.world > 1:
+            dist.all_reduce(counts)
+        c1, c5, n, loss = counts.tolist()
+        result = {
+            "top1": 100 * c1 / n,
+            "top5": 100 * c5 / n,
+            "loss": loss / n,
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+        }
+        self.state.val.append(result)
+        if self.monitor:
+            self.monitor.scalars(
+                self.state.step, {"val/top1": result["top1"], "val/top5": result["top5"], "val/loss": result["loss"]}
+            )
+            self.monitor.log(
+                f"epoch {self.state.epoch} step {self.state.step} [{self.state.phase}]: "
+                f"val top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% loss {result['loss']:.4f}"
+            )
+        return result
+
+    # ----------------------------------------------------------------- checkpoints
+    def _trainer_state(self) -> dict[str, Any]:
+        self.state.windows = self.acc.state_dict()
+        return {
+            "loop": self.state.__dict__,
+            "config": self.cfg.to_dict(),
+            "world_size": self.world,
+            "model": self.cfg.model.name,
+        }
+
+    def save_checkpoint(self) -> None:
+        t0 = time.perf_counter()
+        checkpoint.save(
+            self.engine,
+            self.ckpt_dir,
+            self.state.step,
+            self._trainer_state(),
+            {"pending_loss": self.pending_loss},
+            self.frozen_fp32 if self.rank == 0 else None,
+            self.rank,
+            self.cfg.train.keep_checkpoints,
+        )
+        if self.monitor:
+            self.monitor.scalars(self.state.step, {"checkpoint/save_s": time.perf_counter() - t0})
+
+    def _resume(self) -> None:
+        tag, msg = checkpoint.find_resume(self.ckpt_dir)
+        if self.rank == 0:
+            print(msg, flush=True)
+        if tag is None:
+            self._start_phase("full", None)
+            self.engine = self._fresh_engine(None)
+            return
+        tag_dir = self.ckpt_dir / tag
+        saved = checkpoint.read_trainer_state(tag_dir)
+        if saved["model"] != self.cfg.model.name:
+            raise ValueError(
+                f"checkpoint {tag_dir} is of model {saved['model']}, this run is {self.cfg.model.name}; "
+                "use another --output_dir or the same model.name."
+            )
+        self.state = LoopState(**saved["loop"])
+        if self.state.windows:
+            self.acc.load_state_dict(self.state.windows)
+        self.frozen_fp32 = checkpoint.read_frozen_fp32(tag_dir)
+        self.engine = self._fresh_engine(None)
+        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        if self.frozen_fp32:  # the module holds bf16 copies; the exact base is the kept fp32
+            load_fp32_state(self.engine.module, self.frozen_fp32)
+        rank_state = checkpoint.read_rank_state(tag_dir, self.rank)
+        if rank_state is not None:
+            self.pending_loss = rank_state["pending_loss"]
+            checkpoint.set_rng_state(rank_state["rng"])
+        set_lr(self.scheduler, self.state.step)
+
+    # ----------------------------------------------------------------- loop
+    def _epoch_batches(self):
+        """Micro batches of the current epoch from the resume position, grouped per optimizer step."""
+        sampler = self.train_loader.sampler
+        sampler.set_epoch(self.state.epoch)
+        self.train_loader.dataset.set_epoch(self.state.epoch)
+        sampler.skip(self.state.batch_in_epoch * self.micro)
+        group = []
+        for batch in self.train_loader:
+            group.append(batch)
+            if len(group) == self.accum:
+                yield group
+                group = []
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.train.checkpoint_every_steps
+        return every > 0 and self.state.step % every == 0
+
+    def _log_step(self, loss: float, dt: float) -> None:
+        step = self.state.step
+        times = self.state.step_times.setdefault(self.state.phase, [])
+        times.append(dt)
+        del times[:-MAX_STEP_TIMES]
+        if step % self.cfg.train.log_every_steps == 0 or step == self.total_steps:
+            t = torch.tensor([loss], dtype=torch.float64)
+            if self.world > 1:
+                dist.all_reduce(t)
+            mean_loss = t.item() / self.world
+            imgs = self.ds_config["train_batch_size"] / dt
+            grad_norm = self.engine.get_global_grad_norm()
+            if self.monitor:
+                scalars = {
+                    "train/loss": mean_loss,
+                    "train/lr": self.last_lr,
+                    "train/images_per_s": imgs,
+                    "train/step_s": dt,
+                    "train/memory_bytes": memory_bytes(),
+                }
+                if grad_norm is not None and math.isfinite(float(grad_norm)):
+                    scalars["train/grad_norm"] = float(grad_norm)
+                self.monitor.scalars(step, scalars)
+                self.monitor.progress(
+                    step, loss=f"{mean_loss:.4f}", lr=f"{self.last_lr:.2e}", img_s=f"{imgs:.0f}", phase=self.state.phase
+                )
+        elif self.monitor:
+            self.monitor.progress(step)
+
+    def train(self) -> dict[str, Any]:
+        self.monitor = Monitor(self.out_dir, self.rank, self.total_steps, self.state.step)
+        if not self.state.history[-1].get("trainable_params"):
+            self._record_params()
+        t_start = time.perf_counter() - self.state.wall_s
+        self.engine.train()
+        while self.state.step < self.total_steps:
+            t_last = time.perf_counter()
+            for group in self._epoch_batches():
+                loss = self.train_step(group)
+                self.state.step += 1
+                self.state.batch_in_epoch += self.accum
+                now = time.perf_counter()
+                self._log_step(loss, now - t_last)
+                self._sample(epoch_end=False)
+                self._maybe_freeze(epoch_end=False)
+                self.state.wall_s = time.perf_counter() - t_start
+                if self._checkpoint_due() and self.state.step < self.total_steps:
+                    self.save_checkpoint()
+                t_last = time.perf_counter()
+                if self.state.step >= self.total_steps:
+                    break
+            epoch_done = self.state.batch_in_epoch >= self.steps_per_epoch * self.accum
+            if epoch_done:
+                self._at_epoch_end = True
+                if (self.state.epoch + 1) % self.cfg.train.eval_every_epochs == 0:
+                    self.validate()
+                self._sample(epoch_end=True)
+                self._maybe_freeze(epoch_end=True)
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+                self._at_epoch_end = False
+                if self.state.step < self.total_steps:
+                    self.save_checkpoint()
+        if not self.state.val or self.state.val[-1]["step"] != self.state.step:
+            self.validate()
+        self.state.wall_s = time.perf_counter() - t_start
+        self.state.history[-1]["end_step"] = self.state.step
+        self.save_checkpoint()
+        summary = self.finish()
+        self.monitor.close()
+        return summary
+
+    # ----------------------------------------------------------------- outputs
+    def summary(self) -> dict[str, Any]:
+        phases = []
+        for h in self.state.history:
+            times = self.state.step_times.get(h["name"], [])
+            phases.append(
+                {
+                    "name": h["name"],
+                    "start_step": h["start_step"],
+                    "end_step": h.get("end_step", self.state.step),
+                    "trainable_params": h.get("trainable_params"),
+                    "total_params": h.get("total_params"),
+                    "median_step_s": statistics.median(times) if times else None,
+                    "switch_s": h.get("switch_s"),
+                }
+            )
+        final = self.state.val[-1] if self.state.val else {}
+        return {
+            "phases": phases,
+            "switch_step": self.state.switch_step,
+            "switch_epoch": self.state.switch_epoch,
+            "final_val_top1": final.get("top1"),
+            "final_val_top5": final.get("top5"),
+            "val": self.state.val,
+            "steps": self.state.step,
+            "epochs": self.state.epoch,
+            "wall_time_s": self.state.wall_s,
+            "world_size": self.world,
+            "train_batch_size": self.ds_config["train_batch_size"],
+            "model": self.cfg.model.name,
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """summary.json, window statistics and the merged fp32 model (rank 0 writes; gather is collective)."""
+        state = gather_fp32_state(self.engine, self.frozen_fp32)
+        summary = self.summary()
+        if self.rank == 0:
+            save_merged(self.out_dir / "model_merged.safetensors", state, lora_scales(self.engine.module))
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            windows = {"checks": self.state.checks, **self.acc.state_dict()}
+            (self.out_dir / "windows.json").write_text(json.dumps(windows, indent=1))
+        return summary
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None

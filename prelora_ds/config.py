@@ -105,6 +105,8 @@ class TrainConfig:
     """Linear LR warmup from 0; the peak LR is the DeepSpeed optimizer's `lr`."""
     min_lr: float = 1e-6
     """Floor of the cosine decay."""
+    stop_at_step: int | None = None
+    """Checkpoint and exit once this step is reached, schedule unchanged (time-sliced jobs); then --resume."""
     checkpoint_every_steps: int = 0
     """Save a DeepSpeed checkpoint every N optimizer steps (0: only at the end of each epoch and run)."""
     keep_checkpoints: int = 2
@@ -119,6 +121,10 @@ class TrainConfig:
         _require(
             self.max_steps is None or self.max_steps >= 1,
             f"train.max_steps must be >= 1 or null, got {self.max_steps}.",
+        )
+        _require(
+            self.stop_at_step is None or self.stop_at_step >= 1,
+            f"train.stop_at_step must be >= 1 or null, got {self.stop_at_step}.",
         )
         _require(self.lr_warmup_epochs >= 0, "train.lr_warmup_epochs must be >= 0.")
         _require(self.lr_warmup_steps is None or self.lr_warmup_steps >= 0, "train.lr_warmup_steps must be >= 0.")

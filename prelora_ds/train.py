@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
         img, in_chans, mean, std = input_spec(create_model(cfg.model, 2))
         data = build_datasets(cfg.data, img, in_chans, seed=cfg.train.seed, mean=mean, std=std)
+        _check_output_dir(Path(cfg.train.output_dir), args.resume)
     except ConfigError as exc:
         print(f"prelora-train: error: {exc}", file=sys.stderr)
         return 2
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.train()
     finally:
         trainer.close()
+    if summary is None:  # stopped at train.stop_at_step
+        return 0
     if rank == 0:
         print(
             f"prelora-train: done in {summary['wall_time_s']:.1f} s, final val top-1 {summary['final_val_top1']:.2f}%"
@@ -153,6 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  model:       {out_dir / 'model_merged.safetensors'}")
         print(f"  checkpoints: {out_dir / 'checkpoints'}")
     return 0
+
+
+def _check_output_dir(out_dir: Path, resume: bool) -> None:
+    """A fresh run never writes over the checkpoints of another one."""
+    from prelora_ds.checkpoint import complete_tags
+
+    tags = complete_tags(out_dir / "checkpoints")
+    if tags and not resume:
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints ({tags[-1]} is the newest); add --resume to continue that run, "
+            "or pass another --output_dir."
+        )
+    if out_dir.exists() and not os.access(out_dir, os.W_OK):
+        raise ConfigError(f"output_dir {out_dir} is not writable; pass a writable --output_dir.")
 
 
 def _prepare_again(cfg: RunConfig, world: int) -> dict:

@@ -420,6 +420,10 @@ class Trainer:
                 yield group
                 group = []
 
+    def _stop_requested(self) -> bool:
+        stop = self.cfg.train.stop_at_step
+        return stop is not None and self.state.step == stop and self.state.step < self.total_steps
+
     def _checkpoint_due(self) -> bool:
         every = self.cfg.train.checkpoint_every_steps
         return every > 0 and self.state.step % every == 0
@@ -453,7 +457,8 @@ class Trainer:
         elif self.monitor:
             self.monitor.progress(step)
 
-    def train(self) -> dict[str, Any]:
+    def train(self) -> dict[str, Any] | None:
+        """Run to the end (returns the summary) or to train.stop_at_step (returns None)."""
         self.monitor = Monitor(self.out_dir, self.rank, self.total_steps, self.state.step)
         if not self.state.history[-1].get("trainable_params"):
             self._record_params()
@@ -470,6 +475,11 @@ class Trainer:
                 self._sample(epoch_end=False)
                 self._maybe_freeze(epoch_end=False)
                 self.state.wall_s = time.perf_counter() - t_start
+                if self._stop_requested():
+                    self.save_checkpoint()
+                    self.monitor.log(f"stopped at step {self.state.step} (train.stop_at_step); continue with --resume")
+                    self.monitor.close()
+                    return None
                 if self._checkpoint_due() and self.state.step < self.total_steps:
                     self.save_checkpoint()
                 t_last = time.perf_counter()

@@ -1,0 +1,75 @@
+"""Shared helpers: real launches of real jobs (2 CPU ranks), TensorBoard readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# A tiny ViT with the real module names (blocks.N.attn.qkv, ...) on the embedded digits: seconds per run.
+TINY = [
+    "--recipe", "recipes/demo.yaml",
+    "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json",
+    "--model.kwargs", "{img_size: 16, patch_size: 4, depth: 4, embed_dim: 64, num_heads: 2}",
+    "--train.log_every_steps", "1",
+    "--train.lr_warmup_steps", "4",
+]
+# The switch flags of the issue's acceptance command: windows of 4 steps, thresholds that always pass.
+SWITCH = [
+    "--prelora.window_steps", "4", "--prelora.num_windows", "3",
+    "--prelora.delta_w", "1000", "--prelora.delta_l", "1000", "--prelora.warmup_steps", "8",
+]
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("OMP_NUM_THREADS", None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def deepspeed_cmd(*args: str, port: int | None = None) -> list[str]:
+    extra = ["--master_port", str(port)] if port else []
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", *extra, "--module", "prelora_ds.train", *args]
+
+
+def scalars(run_dir: Path, prefix: str = "") -> dict[str, list[tuple[int, float]]]:
+    """All scalar series of a run's TensorBoard events (merged over event files, e.g. across a resume)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for f in sorted((run_dir / "tb").glob("events.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            if tag.startswith(prefix):
+                series = out.setdefault(tag, {})
+                for e in acc.Scalars(tag):
+                    series[e.step] = e.value
+    return {tag: sorted(s.items()) for tag, s in out.items()}
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT

@@ -1,0 +1,143 @@
+"""Runs under a real launcher (2 CPU ranks, bf16 ZeRO-2): exercises Trainer.switch_to and writes facts.
+
+Usage: deepspeed --num_gpus 2 tests/scripts/switch_check.py OUT_DIR
+Each rank writes OUT_DIR/rank<R>.json; tests/test_switch.py asserts on them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import psutil
+import torch
+
+from prelora_ds import norms
+from prelora_ds.config import build_config
+from prelora_ds.data import build_datasets
+from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
+from prelora_ds.launch import init_distributed
+from prelora_ds.model import create_model
+from prelora_ds.phases import is_lora_param
+from prelora_ds.switch import build_engine, gather_fp32_state, load_fp32_state
+from prelora_ds.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fixed_batch_loss(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor) -> float:
+    engine = trainer.engine
+    engine.eval()
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(engine(images.to(trainer._dtype())).float(), targets)
+    engine.train()
+    return float(loss)
+
+
+def mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in a if k in b and not torch.equal(a[k], b[k])]
+
+
+def main(out: Path) -> None:
+    rank, _, world = init_distributed(600)
+    torch.set_num_threads(1)
+    cfg = build_config({
+        "data": {"dataset": "synthetic", "synthetic_train_size": 64, "synthetic_val_size": 16,
+                 "synthetic_num_classes": 10, "num_workers": 0, "mixup": 0.0, "cutmix": 0.0},
+        "model": {"name": "vit_tiny_patch16_224",
+                  "kwargs": {"img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 384, "num_heads": 6}},
+        "train": {"epochs": 1, "seed": 0, "lr_warmup_steps": 0},
+        "prelora": {"r_min": 8, "r_max": 64},
+    })
+    ds = load_ds_config(ROOT / "ds_configs" / "cpu_zero2_bf16.json")
+    ds["train_micro_batch_size_per_gpu"] = 4
+    ds = prepare_ds_config(ds, world)
+    data = build_datasets(cfg.data, 16, 3, seed=0)
+    trainer = Trainer(cfg, ds, data, out / "run", rank, world, resume=False)
+    facts: dict = {"rank": rank, "world": world}
+
+    gen = torch.Generator().manual_seed(1)
+    images, targets = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    for i in range(3):  # move the masters away from their bf16-representable initial values
+        trainer.train_step([(images[4 * (i % 2) : 4 * (i % 2) + 4], targets[4 * (i % 2) : 4 * (i % 2) + 4])])
+        trainer.state.step += 1
+
+    # norms: all-reduced ZeRO-2 fragment sums == norms of the gathered full fp32 masters
+    sampled, loss_sum, count = norms.sample(trainer.engine.module, trainer.layout, {}, rank, 1.0 + rank, 2.0)
+    before = gather_fp32_state(trainer.engine, trainer.frozen_fp32)
+    direct = {m: [float(before[f"{n}.weight"].double().norm()) for n in names]
+              for m, names in trainer.layout.modules.items()}
+    facts["norms"] = sampled
+    facts["norms_direct"] = direct
+    facts["loss_sum"], facts["loss_count"] = loss_sum, count
+
+    # the switch to warmup: masters bit for bit, function unchanged
+    loss_before = fixed_batch_loss(trainer, images, targets)
+    ranks = {n: 8 * 2 ** (i % 4) for i, n in enumerate(trainer.layout.layers)}
+    facts["switch_warmup_s"] = trainer.switch_to("warmup", ranks)
+    after = gather_fp32_state(trainer.engine, trainer.frozen_fp32)
+    facts["warmup_mismatch"] = mismatches(before, after)
+    facts["warmup_compared"] = len([k for k in before if k in after])
+    facts["loss_before"], facts["loss_after"] = loss_before, fixed_batch_loss(trainer, images, targets)
+    module = trainer.engine.module
+    facts["warmup_frozen"] = [n for n, p in module.named_parameters() if not p.requires_grad]
+    facts["warmup_lora_ranks"] = {
+        n: module.base_model.model.get_submodule(n).lora_A["default"].out_features for n in ranks
+    }
+    facts["warmup_params"] = trainer.state.history[-1]["trainable_params"]
+
+    # control: without writing the masters back, deepspeed.initialize keeps only the bf16-rounded values
+    control_model = trainer._make_model(after)
+    control = build_engine(control_model, ds, trainer.wd)
+    facts["control_mismatch"] = len(mismatches(after, gather_fp32_state(control, trainer.frozen_fp32)))
+    control.destroy()
+    del control, control_model
+    gc.collect()
+
+    trainer.train_step([(images[:4], targets[:4])])
+    trainer.state.step += 1
+    before = gather_fp32_state(trainer.engine, trainer.frozen_fp32)
+    trainer.switch_to("lora")
+    after = gather_fp32_state(trainer.engine, trainer.frozen_fp32)
+    facts["lora_mismatch"] = mismatches(before, after)
+    module = trainer.engine.module
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    facts["lora_trainable_non_lora"] = [n for n in trainable if not is_lora_param(n)]
+    facts["lora_trainable_count"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    facts["lora_params"] = trainer.state.history[-1]["trainable_params"]
+    facts["lora_frozen_fp32_keys"] = len(trainer.frozen_fp32)
+
+    # frozen base after training: unchanged, and the export merges W_fp32 + s B A
+    trainer.train_step([(images[4:], targets[4:])])
+    after_step = gather_fp32_state(trainer.engine, trainer.frozen_fp32)
+    frozen_keys = list(trainer.frozen_fp32)
+    facts["frozen_changed"] = [k for k in frozen_keys if not torch.equal(after[k], after_step[k])]
+
+    # memory: 5 more rebuilds, RSS after each (fresh model per rebuild keeps it flat)
+    rss = []
+    for i in range(5):
+        trainer.switch_to("warmup" if i % 2 == 0 else "lora")
+        gc.collect()
+        rss.append(psutil.Process().memory_info().rss)
+    facts["rss"] = rss
+
+    # agreement: the same flag passes, a forced disagreement raises on every rank
+    facts["agree_same"] = norms.check_agreement(True, "test")
+    try:
+        norms.check_agreement(rank == 0, "a forced disagreement")
+        facts["disagree_raised"] = False
+    except RuntimeError as exc:
+        facts["disagree_raised"] = True
+        facts["disagree_message"] = str(exc)
+
+    # a fresh model loads the gathered state exactly (the export path)
+    fresh = create_model(cfg.model, 10)
+    facts["fresh_missing"] = load_fp32_state(fresh, {k: v for k, v in after_step.items() if ".lora_" not in k})
+    trainer.close()
+    (out / f"rank{rank}.json").write_text(json.dumps(facts))
+
+
+if __name__ == "__main__":
+    main(Path(next(a for a in sys.argv[1:] if not a.startswith("--"))))

@@ -1,0 +1,144 @@
+"""Real jobs through every launch mode on 2 CPU ranks, the PreLoRA switch, stop and resume.
+
+U: `deepspeed --num_gpus 2` with the switch flags of the acceptance command, uninterrupted.
+S: the same run through a hostfile launch, stopped at step 18 (in `warmup`), then resumed under
+   `mpirun -np 2 prelora-train`: it must continue in the same phase with the same ranks and the
+   same per-step losses as U. P: a plain single process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import timm
+import torch
+from conftest import BIN, SWITCH, deepspeed_cmd, run, scalars, summary
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.launch
+
+COMMON = ["--recipe", "recipes/demo.yaml", "--train.max_steps", "40", *SWITCH, "--train.log_every_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("u") / "run"
+    run(deepspeed_cmd("--output_dir", str(out), *COMMON, port=29621))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped_and_resumed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("s") / "run"
+    hostfile = [str(BIN / "deepspeed"), "--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0",
+                "--master_addr", "127.0.0.1", "--master_port", "29631", "--module", "prelora_ds.train"]
+    first = run([*hostfile, "--output_dir", str(out), *COMMON, "--train.stop_at_step", "18"])
+    stopped = {
+        "stdout": first.stdout,
+        "has_summary": (out / "summary.json").exists(),
+        "latest": (out / "checkpoints" / "latest").read_text().strip(),
+        "state": json.loads((out / "checkpoints" / "step00000018" / "trainer_state.json").read_text()),
+        "ranks": json.loads((out / "ranks.json").read_text()),
+    }
+    mpirun = [str(BIN / "mpirun"), "-np", "2", str(BIN / "prelora-train")]
+    second = run([*mpirun, "--output_dir", str(out), *COMMON, "--resume"])
+    return out, stopped, second.stdout
+
+
+def test_acceptance_run_switches_full_warmup_lora(uninterrupted):
+    s = summary(uninterrupted)
+    assert [p["name"] for p in s["phases"]] == ["full", "warmup", "lora"]
+    full, warm, lora = s["phases"]
+    assert full["start_step"] == 0 and full["end_step"] == warm["start_step"] == s["switch_step"]
+    # windows close every 4 steps; 3 windows are needed, so the test can first pass at step 12
+    assert s["switch_step"] == 12
+    assert warm["end_step"] - warm["start_step"] == 8 and lora["end_step"] == 40
+    assert full["trainable_params"] == full["total_params"]
+    assert warm["trainable_params"] == warm["total_params"] > full["total_params"]
+    assert lora["trainable_params"] < 0.3 * lora["total_params"]
+    assert all(p["median_step_s"] > 0 for p in s["phases"])
+    assert s["world_size"] == 2 and s["train_batch_size"] == 64
+
+
+def test_ranks_json_powers_of_two_and_param_count(uninterrupted):
+    ranks = json.loads((uninterrupted / "ranks.json").read_text())
+    assert len(ranks) == 4 * 6  # qkv, proj, fc1, fc2 in 6 blocks
+    assert set(ranks.values()) <= {8, 16, 32, 64}
+    assert all(k.startswith("blocks.") for k in ranks) and not any("patch_embed" in k for k in ranks)
+    # the lora phase trains exactly LoRA (r x (in + out) per layer) + head + LayerNorms
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, depth=6)
+    lora = sum(r * (model.get_submodule(n).in_features + model.get_submodule(n).out_features) for n, r in ranks.items())
+    extra = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("head.", "norm.")) or ".norm" in n)
+    assert summary(uninterrupted)["phases"][2]["trainable_params"] == lora + extra
+
+
+def test_tensorboard_has_norms_losses_phases(uninterrupted):
+    tb = scalars(uninterrupted)
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "train/memory_bytes", "val/top1",
+                "norm/attn.qkv", "norm/mlp.fc2", "norm_layer/attn.qkv/00", "window/dL", "window/D/mlp.fc1",
+                "lora_norm/lora/mean", "lora_norm/effective/mean", "phase/index", "params/trainable"):
+        assert tag in tb, tag
+    assert [s for s, _ in tb["train/loss"]] == list(range(1, 41))
+    # B starts at zero: the LoRA delta is 0 right after the switch, then grows
+    lora_norm = dict(tb["lora_norm/lora/mean"])
+    assert max(lora_norm.values()) > 0
+
+
+def test_merged_model_loads_into_timm_and_reproduces_val_accuracy(uninterrupted):
+    from prelora_ds.config import DataConfig
+    from prelora_ds.data import build_datasets
+
+    state = load_file(str(uninterrupted / "model_merged.safetensors"))
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, depth=6)
+    model.load_state_dict(state)  # strict: a plain timm state dict, no LoRA keys
+    model.eval()
+    data = build_datasets(DataConfig(dataset="digits", auto_augment=None), 16, 3, seed=0,
+                          mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"])
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(data.val), 64):
+            batch = [data.val[j] for j in range(i, min(i + 64, len(data.val)))]
+            x = torch.stack([b[0] for b in batch])
+            y = torch.tensor([b[1] for b in batch])
+            correct += int((model(x).argmax(1) == y).sum())
+    top1 = 100 * correct / len(data.val)
+    assert abs(top1 - summary(uninterrupted)["final_val_top1"]) <= 100 / len(data.val) + 1e-9
+
+
+def test_stop_in_warmup_then_resume_under_mpirun_matches(uninterrupted, stopped_and_resumed):
+    out, stopped, resumed_stdout = stopped_and_resumed
+    assert not stopped["has_summary"] and stopped["latest"] == "step00000018"
+    assert stopped["state"]["loop"]["phase"] == "warmup"
+    assert "resuming from" in resumed_stdout
+    assert stopped["ranks"] == json.loads((uninterrupted / "ranks.json").read_text())
+    assert json.loads((out / "ranks.json").read_text()) == stopped["ranks"]
+    a, b = summary(uninterrupted), summary(out)
+    strip = [{k: p[k] for k in ("name", "start_step", "end_step", "trainable_params")} for p in a["phases"]]
+    assert strip == [{k: p[k] for k in ("name", "start_step", "end_step", "trainable_params")} for p in b["phases"]]
+    la, lb = dict(scalars(uninterrupted)["train/loss"]), dict(scalars(out)["train/loss"])
+    assert sorted(lb) == list(range(1, 41))
+    worst = max(abs(la[s] - lb[s]) for s in range(1, 41))
+    assert worst <= 1e-4, worst  # fp32 on CPU: same data order, same RNG, same masters
+    assert math.isclose(a["final_val_top1"], b["final_val_top1"], abs_tol=0.3)
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(stopped_and_resumed):
+    out, _, _ = stopped_and_resumed
+    proc = run([str(BIN / "prelora-train"), "--output_dir", str(out), *COMMON], check=False)
+    assert proc.returncode == 2
+    assert "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr
+
+
+def test_single_process(tmp_path):
+    out = tmp_path / "run"
+    proc = run([str(BIN / "python"), "-m", "prelora_ds.train", "--recipe", "recipes/demo.yaml", "--output_dir",
+                str(out), "--train.max_steps", "6", "--prelora.enabled", "false"])
+    s = summary(out)
+    assert s["world_size"] == 1 and s["train_batch_size"] == 32
+    assert [p["name"] for p in s["phases"]] == ["full"] and s["steps"] == 6
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000006"
+    assert "model_merged.safetensors" in proc.stdout
+    shutil.rmtree(out / "checkpoints")

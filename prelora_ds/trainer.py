@@ -63,7 +63,10 @@ class Trainer:
         rank: int,
         world: int,
         resume: bool,
+        start_phase: str = "full",
+        start_ranks: dict[str, int] | None = None,
     ) -> None:
+        """`start_phase`/`start_ranks` build a phase's structure directly (benchmarks); runs start in `full`."""
         self.cfg, self.ds_config, self.data, self.out_dir = cfg, ds_config, data, out_dir
         self.rank, self.world = rank, world
         self.ckpt_dir = out_dir / "checkpoints"
@@ -95,7 +98,7 @@ class Trainer:
         if resume:
             self._resume()
         else:
-            self._start_phase("full", None)
+            self._start_phase(start_phase, start_ranks)
             self.engine = self._fresh_engine(None)
 
     # ----------------------------------------------------------------- build

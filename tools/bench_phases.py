@@ -1,0 +1,275 @@
+"""What each PreLoRA phase costs, measured side by side against a bare DeepSpeed + PEFT loop.
+
+  python tools/bench_phases.py --model vit_base_patch16_224 --batch-size 2 --steps 5 --out bench.json
+
+Each phase runs in its own process (world size 1, ZeRO-2 from --ds-config), so a phase's peak memory
+(peak RSS on CPU, max_memory_allocated on GPU) is not polluted by an earlier one. Per phase: median step
+time after warm-up steps, peak memory, trainable/total parameters, optimizer-state bytes. `ours` runs
+`prelora_ds.trainer.Trainer.train_step` on the phase's structure (LoRA rank `--rank` on every target
+layer, the same for both); `bare` is plain `deepspeed.initialize` + `peft.get_peft_model`, no prelora_ds
+code on the step path. One more process times the in-process switches full -> warmup -> lora and RSS
+over 5 rebuilds; the `full` worker also times the norm statistics and the convergence test.
+Writes the JSON to --out and prints a markdown table of ratios (all from this one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+EXTRA = r"head|fc_norm|norm|blocks\.\d+\.norm[12]"
+
+
+def peak_mem() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def optimizer_state_bytes(engine) -> int:
+    """fp32 master partitions + the base optimizer's state tensors (Adam moments)."""
+    opt = engine.optimizer
+    total = sum(t.numel() * t.element_size() for t in getattr(opt, "single_partition_of_fp32_groups", []))
+    base = getattr(opt, "optimizer", opt)
+    for state in base.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel") and v.dim() > 0)
+    return total
+
+
+def ds_config(path: str, batch: int) -> dict:
+    cfg = json.loads(Path(path).read_text())
+    cfg.update(train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1, train_batch_size=batch)
+    return cfg
+
+
+def init_single() -> None:
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)
+
+
+def timed_steps(step, n_warm: int, n: int) -> list[float]:
+    import torch
+
+    times = []
+    for i in range(n_warm + n):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= n_warm:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker_ours(args) -> dict:
+    import torch
+
+    from prelora_ds import norms
+    from prelora_ds.config import build_config
+    from prelora_ds.convergence import partial_convergence
+    from prelora_ds.data import build_datasets
+    from prelora_ds.dsconfig import prepare_ds_config
+    from prelora_ds.model import count_params, create_model
+    from prelora_ds.phases import target_layers
+    from prelora_ds.trainer import Trainer
+
+    init_single()
+    cfg = build_config({
+        "data": {"dataset": "synthetic", "synthetic_train_size": args.batch_size * 4,
+                 "synthetic_val_size": args.batch_size, "synthetic_num_classes": 10, "num_workers": 0,
+                 "mixup": 0.0, "cutmix": 0.0},
+        "model": {"name": args.model},
+        "train": {"lr_warmup_steps": 0, "epochs": 1000},
+        "prelora": {"target_modules": TARGETS, "trainable_extra": EXTRA},
+    })
+    ds = prepare_ds_config(ds_config(args.ds_config, args.batch_size), 1)
+    with torch.device("meta"):
+        layers = target_layers(create_model(cfg.model, 10), TARGETS)
+    img = args.img_size
+    data = build_datasets(cfg.data, img, 3, seed=0)
+    ranks = {n: args.rank for n in layers} if args.phase != "full" else None
+    trainer = Trainer(cfg, ds, data, Path(args.tmp), 0, 1, resume=False, start_phase=args.phase, start_ranks=ranks)
+    gen = torch.Generator().manual_seed(0)
+    batch = [(torch.randn(args.batch_size, 3, img, img, generator=gen), torch.randint(0, 10, (args.batch_size,)))]
+    times = timed_steps(lambda: trainer.train_step(batch), args.warmup, args.steps)
+    trainable, total = count_params(trainer.engine.module)
+    out = {"median_step_s": statistics.median(times), "step_s": times, "peak_mem_bytes": peak_mem(),
+           "trainable_params": trainable, "total_params": total,
+           "optimizer_state_bytes": optimizer_state_bytes(trainer.engine)}
+    if args.phase == "full":
+        t = timed_steps(lambda: norms.sample(trainer.engine.module, trainer.layout, {}, 0, 1.0, 1.0), 1, 5)
+        out["norm_stats_s"] = statistics.median(t)
+        windows = 100  # a long history of windows at this model's layer count
+        norm_w = {m: [[1.0 + 0.01 * k] * len(v) for k in range(windows)] for m, v in trainer.layout.modules.items()}
+        loss_w = [2.0 - 0.001 * k for k in range(windows)]
+        t = timed_steps(lambda: partial_convergence(loss_w, norm_w, 3, 1.0, 5.0), 1, 5)
+        out["convergence_test_s"] = statistics.median(t)
+    trainer.close()
+    return out
+
+
+def worker_bare(args) -> dict:
+    """Plain DeepSpeed + PEFT: the same model, ranks, config and batch, no prelora_ds code."""
+    import deepspeed
+    import timm
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    init_single()
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=10)
+    if args.phase != "full":
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
+        import re
+
+        extra = re.compile(EXTRA)
+        for name, p in model.named_parameters():
+            owner = name.removeprefix("base_model.model.").replace(".base_layer.", ".").rpartition(".")[0]
+            p.requires_grad_(".lora_" in name or args.phase == "warmup" or bool(extra.fullmatch(owner)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+                                      config=ds_config(args.ds_config, args.batch_size))
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(engine.device, dtype)
+    y = torch.randint(0, 10, (args.batch_size,)).to(engine.device)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
+        engine.backward(loss)
+        engine.step()
+
+    times = timed_steps(step, args.warmup, args.steps)
+    return {"median_step_s": statistics.median(times), "step_s": times, "peak_mem_bytes": peak_mem(),
+            "trainable_params": sum(p.numel() for p in params),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "optimizer_state_bytes": optimizer_state_bytes(engine)}
+
+
+def worker_switch(args) -> dict:
+    """full -> warmup -> lora in one process, then 5 more rebuilds: switch times and RSS after each."""
+    import gc
+
+    import psutil
+    import torch
+
+    from prelora_ds.config import build_config
+    from prelora_ds.data import build_datasets
+    from prelora_ds.dsconfig import prepare_ds_config
+    from prelora_ds.trainer import Trainer
+
+    init_single()
+    cfg = build_config({
+        "data": {"dataset": "synthetic", "synthetic_train_size": args.batch_size * 4,
+                 "synthetic_val_size": args.batch_size, "synthetic_num_classes": 10, "num_workers": 0,
+                 "mixup": 0.0, "cutmix": 0.0},
+        "model": {"name": args.model}, "train": {"lr_warmup_steps": 0},
+        "prelora": {"target_modules": TARGETS, "trainable_extra": EXTRA},
+    })
+    ds = prepare_ds_config(ds_config(args.ds_config, args.batch_size), 1)
+    data = build_datasets(cfg.data, args.img_size, 3, seed=0)
+    trainer = Trainer(cfg, ds, data, Path(args.tmp), 0, 1, resume=False)
+    ranks = {n: args.rank for n in trainer.layout.layers}
+    out = {"warmup": trainer.switch_to("warmup", ranks), "lora": trainer.switch_to("lora")}
+    rss = []
+    for i in range(5):
+        trainer.switch_to("warmup" if i % 2 == 0 else "lora")
+        gc.collect()
+        rss.append(psutil.Process().memory_info().rss if not torch.cuda.is_available()
+                   else torch.cuda.memory_allocated())
+    out["rebuild_mem_bytes"] = rss
+    trainer.close()
+    return out
+
+
+def run_worker(args, kind: str, phase: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--phase", phase, "--model", args.model,
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--ds-config", args.ds_config, "--rank", str(args.rank), "--img-size", str(args.img_size),
+           "--tmp", args.tmp]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind}/{phase} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def table(result: dict) -> str:
+    full = result["phases"]["full"]
+    rows = ["| phase | step s | vs full | vs bare | peak mem GiB | vs full | trainable | share | optimizer state MiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, p in result["phases"].items():
+        bare = result["bare"][name]
+        rows.append(
+            f"| {name} | {p['median_step_s']:.3f} | {p['median_step_s'] / full['median_step_s']:.2f} | "
+            f"{p['median_step_s'] / bare['median_step_s']:.2f} | {p['peak_mem_bytes'] / 2**30:.2f} | "
+            f"{p['peak_mem_bytes'] / full['peak_mem_bytes']:.2f} | {p['trainable_params']:,} | "
+            f"{100 * p['trainable_params'] / p['total_params']:.1f}% | {p['optimizer_state_bytes'] / 2**20:.0f} |"
+        )
+    sw = result["switch_s"]
+    rows.append("")
+    rows.append(f"switch full->warmup {sw['warmup']:.2f} s, warmup->lora {sw['lora']:.2f} s; memory after 5 "
+                f"rebuilds: {', '.join(f'{m / 2**30:.2f}' for m in sw['rebuild_mem_bytes'])} GiB")
+    rows.append(f"norm statistics: {100 * full['norm_stats_s'] / full['median_step_s']:.3f}% of a full step "
+                f"(sampled at most once a step); convergence test: {1e3 * full['convergence_test_s']:.3f} ms")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="steps run before timing")
+    p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "cpu_zero2_bf16.json"))
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank on every target layer (ours and bare)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--phases", nargs="+", default=["full", "warmup", "lora"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--tmp", default="/tmp/prelora_bench")
+    p.add_argument("--worker", choices=["ours", "bare", "switch"], help=argparse.SUPPRESS)
+    p.add_argument("--phase", default="full", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        fn = {"ours": worker_ours, "bare": worker_bare, "switch": worker_switch}[args.worker]
+        print("RESULT " + json.dumps(fn(args)), flush=True)
+        return
+    import torch
+
+    result = {"model": args.model, "batch_size": args.batch_size, "img_size": args.img_size, "rank": args.rank,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "ds_config": Path(args.ds_config).name, "phases": {}, "bare": {}}
+    for phase in args.phases:  # alternate ours/bare per phase so drift hits both alike
+        result["phases"][phase] = run_worker(args, "ours", phase)
+        result["bare"][phase] = run_worker(args, "bare", phase)
+        print(f"{phase}: ours {result['phases'][phase]['median_step_s']:.3f} s, "
+              f"bare {result['bare'][phase]['median_step_s']:.3f} s", file=sys.stderr, flush=True)
+    result["switch_s"] = run_worker(args, "switch", "full")
+    md = table(result)
+    result["table_md"] = md
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,21 @@ from typing import Any
 import yaml
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` as a string; here it is a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 class ConfigError(ValueError):
     """A recipe or command-line value that cannot run; the message says how to fix it."""
 
@@ -332,13 +347,18 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 def parse_override_value(text: str) -> Any:
     """YAML scalar semantics: `true`, `12`, `1e-3`, `null`, `[0.5, 1.0]`, `{depth: 6}`."""
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Apply dotted overrides (`train.max_steps` -> value) to a nested recipe mapping (copied)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a recipe must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}.")
+    for k, v in raw.items():
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"recipe section {k!r} must be a mapping of fields, got {v!r}.")
     merged = {k: dict(v or {}) for k, v in raw.items()}
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
@@ -348,8 +368,10 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             raise ConfigError(f"unknown override section --{dotted}.{_closest(section, list(SECTIONS))}")
         if "." in key:  # nested mapping field, e.g. model.kwargs.depth
             field_name, _, sub = key.partition(".")
-            merged.setdefault(section, {}).setdefault(field_name, {})
-            merged[section][field_name] = {**merged[section][field_name], sub: value}
+            current = merged.setdefault(section, {}).get(field_name) or {}
+            if not isinstance(current, dict):
+                raise ConfigError(f"--{dotted}: {section}.{field_name}={current!r} is not a mapping; set it whole.")
+            merged[section][field_name] = {**current, sub: value}
         else:
             merged.setdefault(section, {})[key] = value
     return merged
@@ -364,7 +386,8 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
                 f"recipe {path} does not exist; pass --recipe with a YAML file such as recipes/demo.yaml."
             )
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml_load(path.read_text())
+            raw = {} if raw is None else raw
         except yaml.YAMLError as exc:
             raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
     return build_config(apply_overrides(raw, overrides or {}))

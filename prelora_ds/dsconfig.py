@@ -102,7 +102,7 @@ def prepare_ds_config(cfg: dict[str, Any], world_size: int) -> dict[str, Any]:
             "train.min_lr in the recipe (peak LR = optimizer.params.lr)."
         )
     opt = cfg.get("optimizer")
-    if not isinstance(opt, dict) or "params" not in opt or "lr" not in opt.get("params", {}):
+    if not isinstance(opt, dict) or not isinstance(opt.get("params"), dict) or "lr" not in opt["params"]:
         raise ConfigError(
             'the DeepSpeed config needs an "optimizer" section with params.lr (the peak LR), e.g. '
             '{"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.05, "torch_adam": true}}.'
@@ -112,7 +112,7 @@ def prepare_ds_config(cfg: dict[str, Any], world_size: int) -> dict[str, Any]:
             "the DeepSpeed config does not set gradient_clipping; its default changed to 1.0 in DeepSpeed "
             "0.19.3. Set it explicitly (0 disables clipping)."
         )
-    if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
+    if (cfg.get("fp16") or {}).get("enabled") and (cfg.get("bf16") or {}).get("enabled"):
         raise ConfigError("the DeepSpeed config enables both fp16 and bf16; enable one.")
     return cfg
 

@@ -60,6 +60,7 @@ def test_memory_flat_over_five_rebuilds(facts):
         rss = f["rss"]
         assert len(rss) == 5
         assert max(rss) - rss[0] < 48 * 2**20, [r / 2**20 for r in rss]
+        assert f["live_engines"] == 1  # the destroyed engines are really gone
 
 
 def test_norms_are_all_reduced_and_exact(facts):

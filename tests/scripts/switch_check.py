@@ -21,7 +21,7 @@ from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
 from prelora_ds.launch import init_distributed
 from prelora_ds.model import create_model
 from prelora_ds.phases import is_lora_param
-from prelora_ds.switch import build_engine, gather_fp32_state, load_fp32_state
+from prelora_ds.switch import build_engine, gather_fp32_state, load_fp32_state, release
 from prelora_ds.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,9 +92,9 @@ def main(out: Path) -> None:
     control_model = trainer._make_model(after)
     control = build_engine(control_model, ds, trainer.wd)
     facts["control_mismatch"] = len(mismatches(after, gather_fp32_state(control, trainer.frozen_fp32)))
-    control.destroy()
-    del control, control_model
-    gc.collect()
+    del control_model
+    release(control)
+    del control
 
     trainer.train_step([(images[:4], targets[:4])])
     trainer.state.step += 1
@@ -108,6 +108,7 @@ def main(out: Path) -> None:
     facts["lora_trainable_count"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     facts["lora_params"] = trainer.state.history[-1]["trainable_params"]
     facts["lora_frozen_fp32_keys"] = len(trainer.frozen_fp32)
+    del module  # a module reference keeps its engine alive through the engine's hooks
 
     # frozen base after training: unchanged, and the export merges W_fp32 + s B A
     trainer.train_step([(images[4:], targets[4:])])
@@ -122,7 +123,7 @@ def main(out: Path) -> None:
         gc.collect()
         rss.append(psutil.Process().memory_info().rss)
     facts["rss"] = rss
-
+    facts["live_engines"] = sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
     # agreement: the same flag passes, a forced disagreement raises on every rank
     facts["agree_same"] = norms.check_agreement(True, "test")
     try:

@@ -234,8 +234,24 @@ class Trainer:
         record.update(passed=passed, forced=forced)
         self.state.checks.append(record)
         self.state.windows = self.acc.state_dict()
+        self._write_windows()
         if decision:
             self._switch_to_lora(forced)
+
+    def _write_windows(self) -> None:
+        """windows.json: what tools/replay_convergence.py needs to replay the test at other thresholds."""
+        if self.rank != 0:
+            return
+        p = self.cfg.prelora
+        windows = {
+            "checks": self.state.checks,
+            "layers": self.layout.modules,
+            "thresholds": {"delta_w": p.delta_w, "delta_l": p.delta_l, "num_windows": p.num_windows,
+                           "window_steps": p.window_steps, "window_epochs": p.window_epochs,
+                           "r_min": p.r_min, "r_max": p.r_max},
+            **self.acc.state_dict(),
+        }
+        (self.out_dir / "windows.json").write_text(json.dumps(windows, indent=1))
 
     def _switch_to_lora(self, forced: bool) -> None:
         p = self.cfg.prelora
@@ -545,11 +561,13 @@ class Trainer:
         """summary.json, window statistics and the merged fp32 model (rank 0 writes; gather is collective)."""
         state = gather_fp32_state(self.engine, self.frozen_fp32)
         summary = self.summary()
+        summary["skipped_images"] = int(norms.all_reduce_sum([float(self.data.num_skipped)])[0])
+        if summary["skipped_images"] and self.monitor:
+            self.monitor.log(f"warning: {summary['skipped_images']} unreadable images were skipped (see the log)")
         if self.rank == 0:
             save_merged(self.out_dir / "model_merged.safetensors", state, lora_scales(self.engine.module))
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            windows = {"checks": self.state.checks, **self.acc.state_dict()}
-            (self.out_dir / "windows.json").write_text(json.dumps(windows, indent=1))
+            self._write_windows()
         return summary
 
     def close(self) -> None:

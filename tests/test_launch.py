@@ -135,10 +135,12 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(stopped_and_resumed):
 def test_single_process(tmp_path):
     out = tmp_path / "run"
     proc = run([str(BIN / "python"), "-m", "prelora_ds.train", "--recipe", "recipes/demo.yaml", "--output_dir",
-                str(out), "--train.max_steps", "6", "--prelora.enabled", "false"])
+                str(out), "--train.max_steps", "6", "--prelora.enabled", "false", "--resume"])
+    assert "no checkpoint to resume" in proc.stdout
     s = summary(out)
     assert s["world_size"] == 1 and s["train_batch_size"] == 32
     assert [p["name"] for p in s["phases"]] == ["full"] and s["steps"] == 6
+    assert s["skipped_images"] == 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000006"
     assert "model_merged.safetensors" in proc.stdout
     shutil.rmtree(out / "checkpoints")

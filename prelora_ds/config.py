@@ -239,6 +239,14 @@ class ReLoRAConfig:
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"relora.rank must be >= 1, got {self.rank}.")
+        _require(
+            not self.enabled or self.start_step is not None or self.start_epoch is not None,
+            "relora.enabled needs relora.start_epoch or relora.start_step (full-parameter training before it).",
+        )
+        _require(
+            self.start_step is None or self.start_epoch is None,
+            "set one of relora.start_step and relora.start_epoch, not both.",
+        )
         _require(self.merge_every_steps >= 1, "relora.merge_every_steps must be >= 1.")
         _require(0 <= self.prune_ratio <= 1, f"relora.prune_ratio must be in [0, 1], got {self.prune_ratio}.")
         _require(self.reset in ("magnitude", "full"), f"relora.reset={self.reset!r}: write 'magnitude' or 'full'.")

@@ -134,15 +134,29 @@ def sample(
 
 
 def lora_norms(
-    module: torch.nn.Module, layout: NormLayout, frozen_fp32: dict[str, torch.Tensor], rank: int, world: int
-) -> dict[str, dict[str, float]]:
-    """{layer: {base, lora, effective}} Frobenius norms after the switch (all-reduced)."""
+    module: torch.nn.Module,
+    layout: NormLayout,
+    frozen_fp32: dict[str, torch.Tensor],
+    rank: int,
+    world: int,
+    loss_sum: float = 0.0,
+    loss_count: float = 0.0,
+) -> tuple[dict[str, dict[str, float]], float, float]:
+    """({layer: {base, lora, effective}} Frobenius norms, global loss sum, global count), one all-reduce.
+
+    The effective norms ||W + s B A|| feed the convergence test during `relora`.
+    """
     layers = layout.layers
-    total = all_reduce_sum(lora_sumsq(module, layers, frozen_fp32, rank, world))
-    return {
+    total = all_reduce_sum(lora_sumsq(module, layers, frozen_fp32, rank, world) + [loss_sum, loss_count])
+    values = {
         layer: {k: math.sqrt(max(total[3 * i + j], 0.0)) for j, k in enumerate(("base", "lora", "effective"))}
         for i, layer in enumerate(layers)
     }
+    return values, total[-2], total[-1]
+
+
+def effective_by_module(layout: NormLayout, values: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    return {m: [values[n]["effective"] for n in names] for m, names in layout.modules.items()}
 
 
 def check_agreement(flag: bool, what: str) -> bool:

@@ -23,7 +23,13 @@ def build_scheduler(optimizer: Optimizer, total_steps: int, warmup_steps: int, m
     )
 
 
-def set_lr(scheduler: CosineLRScheduler, global_step: int) -> float:
-    """Set the optimizer's LR for optimizer step `global_step` (0-based) and return it."""
+def set_lr(scheduler: CosineLRScheduler, global_step: int, factor: float = 1.0) -> float:
+    """Set the optimizer's LR for optimizer step `global_step` (0-based) and return it.
+
+    `factor` scales the cosine value (ReLoRA's jagged re-warmup after a merge, `relora.restart_factor`).
+    """
     scheduler.step_update(global_step)
+    if factor != 1.0:
+        for group in scheduler.optimizer.param_groups:
+            group["lr"] *= factor
     return float(scheduler.optimizer.param_groups[0]["lr"])

@@ -119,13 +119,17 @@ def rebuild(
     make_model: Callable[[FP32State], torch.nn.Module],
     ds_config: dict,
     weight_decay: float,
+    transform: Callable[[FP32State], FP32State] | None = None,
 ):
     """Switch engines in-process: masters out, old engine destroyed, fresh model, new engine, masters in.
 
+    `transform(state)` may rewrite the gathered fp32 state first (e.g. merge LoRA deltas into the base);
     `make_model(state)` builds the new phase's structure on a fresh model with `state` loaded.
     Returns (new_engine, new_frozen_fp32, state).
     """
     state = gather_fp32_state(old_engine, frozen_fp32)
+    if transform is not None:
+        state = transform(state)
     release(old_engine)
     model = make_model(state)
     engine = build_engine(model, ds_config, weight_decay)

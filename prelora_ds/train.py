@@ -100,8 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg, ds_config, world_hint = resolve(args, overrides)
         from prelora_ds.data import build_datasets
         from prelora_ds.model import create_model, input_spec
+        from prelora_ds.phases import target_layers
+        from prelora_ds.relora import validate_rank
 
-        img, in_chans, mean, std = input_spec(create_model(cfg.model, 2))
+        probe = create_model(cfg.model, 2)
+        layers = target_layers(probe, cfg.prelora.target_modules)  # a regex that matches nothing fails here
+        if cfg.relora.enabled:
+            validate_rank(probe, layers, cfg.relora.rank)
+        img, in_chans, mean, std = input_spec(probe)
+        del probe
         data = build_datasets(cfg.data, img, in_chans, seed=cfg.train.seed, mean=mean, std=std)
         _check_output_dir(Path(cfg.train.output_dir), args.resume)
     except ConfigError as exc:

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from prelora_ds import checkpoint, norms
+from prelora_ds import checkpoint, norms, relora
 from prelora_ds.config import RunConfig
 from prelora_ds.convergence import WindowAccumulator, layer_changes, loss_change, module_changes, partial_convergence
 from prelora_ds.data import DataBundle, build_loaders, build_mixup, build_train_loss
 from prelora_ds.dsconfig import weight_decay
 from prelora_ds.export import lora_scales, save_merged
+from prelora_ds.export import merge_lora as merge_lora_state
 from prelora_ds.model import count_params, create_model
 from prelora_ds.monitor import Monitor, memory_bytes
 from prelora_ds.phases import PHASES, build_structure, target_layers
@@ -51,6 +52,8 @@ class LoopState:
     checks: list[dict[str, Any]] = field(default_factory=list)
     val: list[dict[str, float]] = field(default_factory=list)
     wall_s: float = 0.0
+    relora_merges: int = 0
+    merge_s: list[float] = field(default_factory=list)
 
 
 class Trainer:
@@ -155,12 +158,23 @@ class Trainer:
                 f"({100 * trainable / total:.1f}%)"
             )
 
-    def switch_to(self, name: str, ranks: dict[str, int] | None = None) -> float:
-        """Rebuild the engine in-process for phase `name`; returns the switch time in seconds."""
+    def switch_to(self, name: str, ranks: dict[str, int] | None = None, merge_lora: bool = False) -> float:
+        """Rebuild the engine in-process for phase `name`; returns the switch time in seconds.
+
+        `merge_lora`: fold the current LoRA deltas into the base (in fp32) first, for a new rank layout.
+        """
         t0 = time.perf_counter()
+        scales = lora_scales(self.engine.module) if merge_lora else {}
         self._start_phase(name, ranks)
         old, self.engine = self.engine, None
-        self.engine, self.frozen_fp32, _ = rebuild(old, self.frozen_fp32, self._make_model, self.ds_config, self.wd)
+        self.engine, self.frozen_fp32, _ = rebuild(
+            old,
+            self.frozen_fp32,
+            self._make_model,
+            self.ds_config,
+            self.wd,
+            transform=(lambda state: merge_lora_state(state, scales)) if merge_lora else None,
+        )
         del old
         self._attach_scheduler(self.engine)
         elapsed = time.perf_counter() - t0
@@ -174,7 +188,7 @@ class Trainer:
     # ----------------------------------------------------------------- PreLoRA decisions
     def _sample_due(self, epoch_end: bool) -> bool:
         p = self.cfg.prelora
-        if not p.enabled or self.state.phase not in ("full", "warmup", "lora"):
+        if not p.enabled:
             return False
         if p.window_steps is None and p.sample_every_steps is None:
             return epoch_end
@@ -188,17 +202,24 @@ class Trainer:
         return epoch_end and (self.state.epoch + 1) % p.window_epochs == 0
 
     def _sample(self, epoch_end: bool) -> None:
-        """Norm sample, window close and the convergence test (full) / LoRA norms (after the switch)."""
+        """Norm sample, window close and the convergence test (`full`, and `relora` on the effective
+        weights W + s B A); after the switch, base / LoRA / effective norms for monitoring."""
         if not self._sample_due(epoch_end):
             return
-        step = self.state.step
-        if self.state.phase != "full":
-            self._log_lora_norms()
-            return
-        sampled, loss_sum, count = norms.sample(
-            self.engine.module, self.layout, self.frozen_fp32, self.rank, *self.pending_loss
-        )
+        step, module = self.state.step, self.engine.module
+        if self.state.phase == "full":
+            sampled, loss_sum, count = norms.sample(
+                module, self.layout, self.frozen_fp32, self.rank, *self.pending_loss
+            )
+        else:
+            values, loss_sum, count = norms.lora_norms(
+                module, self.layout, self.frozen_fp32, self.rank, self.world, *self.pending_loss
+            )
+            self._log_lora_norms(values)
+            sampled = norms.effective_by_module(self.layout, values)
         self.pending_loss = [0.0, 0.0]
+        if self.state.phase not in ("full", "relora"):
+            return
         if count > 0:
             self.acc.add_sample(loss_sum, count, sampled)
         if self.monitor:
@@ -230,6 +251,8 @@ class Trainer:
         if p.min_epochs is not None and epochs_done < p.min_epochs:
             passed = False
         forced = p.max_epochs is not None and epochs_done >= p.max_epochs and p.window_steps is None
+        if self.cfg.relora.enabled and self.state.phase == "full":  # relora comes first; only record
+            passed = forced = False
         decision = norms.check_agreement(passed or forced, "the PreLoRA switch")
         record.update(passed=passed, forced=forced)
         self.state.checks.append(record)
@@ -246,9 +269,15 @@ class Trainer:
         windows = {
             "checks": self.state.checks,
             "layers": self.layout.modules,
-            "thresholds": {"delta_w": p.delta_w, "delta_l": p.delta_l, "num_windows": p.num_windows,
-                           "window_steps": p.window_steps, "window_epochs": p.window_epochs,
-                           "r_min": p.r_min, "r_max": p.r_max},
+            "thresholds": {
+                "delta_w": p.delta_w,
+                "delta_l": p.delta_l,
+                "num_windows": p.num_windows,
+                "window_steps": p.window_steps,
+                "window_epochs": p.window_epochs,
+                "r_min": p.r_min,
+                "r_max": p.r_max,
+            },
             **self.acc.state_dict(),
         }
         (self.out_dir / "windows.json").write_text(json.dumps(windows, indent=1))
@@ -264,7 +293,7 @@ class Trainer:
         self.state.switch_step, self.state.switch_epoch = self.state.step, self.state.epoch
         warm = p.warmup_steps if p.warmup_steps is not None else p.warmup_epochs
         phase = "warmup" if warm > 0 else "lora"
-        elapsed = self.switch_to(phase, ranks)
+        elapsed = self.switch_to(phase, ranks, merge_lora=self.state.phase == "relora")
         self._write_ranks(ranks, changes, forced, elapsed)
         self.save_checkpoint()
 
@@ -297,8 +326,7 @@ class Trainer:
             self.switch_to("lora")
             self.save_checkpoint()
 
-    def _log_lora_norms(self) -> None:
-        values = norms.lora_norms(self.engine.module, self.layout, self.frozen_fp32, self.rank, self.world)
+    def _log_lora_norms(self, values: dict[str, dict[str, float]]) -> None:
         if self.monitor:
             scalars = {}
             for layer, v in values.items():
@@ -307,11 +335,62 @@ class Trainer:
                 scalars[f"lora_norm/{kind}/mean"] = sum(v[kind] for v in values.values()) / len(values)
             self.monitor.scalars(self.state.step, scalars)
 
+    # ----------------------------------------------------------------- ReLoRA
+    def _relora_start_step(self) -> int | None:
+        return next((h["start_step"] for h in self.state.history if h["name"] == "relora"), None)
+
+    def _maybe_start_relora(self, epoch_end: bool) -> None:
+        """full -> relora at relora.start_step (or at the end of epoch relora.start_epoch)."""
+        r = self.cfg.relora
+        if not r.enabled or self.state.phase != "full":
+            return
+        if r.start_step is not None:
+            due = not epoch_end and self.state.step >= r.start_step
+        else:
+            due = epoch_end and self.state.epoch + 1 >= r.start_epoch
+        if due:
+            self.switch_to("relora", {n: r.rank for n in self.layout.layers})
+            self.save_checkpoint()
+
+    def _maybe_merge(self) -> None:
+        """Every relora.merge_every_steps in `relora`: merge, re-initialise, prune the Adam state."""
+        r = self.cfg.relora
+        start = self._relora_start_step()
+        if self.state.phase != "relora" or not relora.merge_due(self.state.step, start, r.merge_every_steps):
+            return
+        t0 = time.perf_counter()
+        module = self.engine.module
+        deltas = relora.merge_and_reinit(module, self.frozen_fp32, self.cfg.train.seed, self.state.relora_merges)
+        relora.link_optimizer_state(self.engine.optimizer)
+        pruned = relora.prune_optimizer_state(module, r.prune_ratio, r.reset == "full")
+        self.state.relora_merges += 1
+        elapsed = time.perf_counter() - t0
+        self.state.merge_s.append(elapsed)
+        if self.monitor:
+            self.monitor.scalars(
+                self.state.step,
+                {
+                    "relora/merges": self.state.relora_merges,
+                    "relora/merged_delta_norm": math.sqrt(sum(d * d for d in deltas.values())),
+                    "relora/pruned_share": pruned,
+                    "relora/merge_s": elapsed,
+                },
+            )
+
+    def _lr_factor(self) -> float:
+        """The jagged cosine of `relora`: a re-warmup after each merge (1 elsewhere)."""
+        if self.state.phase != "relora":
+            return 1.0
+        r = self.cfg.relora
+        return relora.restart_factor(
+            self.state.step, self._relora_start_step(), r.merge_every_steps, r.restart_warmup_steps
+        )
+
     # ----------------------------------------------------------------- steps
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """One optimizer step over `accum` micro batches; returns this rank's mean loss."""
         engine, dtype = self.engine, self._dtype()
-        lr = set_lr(self.scheduler, self.state.step)
+        lr = set_lr(self.scheduler, self.state.step, self._lr_factor())
         total = 0.0
         for images, targets in micro_batches:
             images, targets = images.to(engine.device), targets.to(engine.device)
@@ -491,6 +570,8 @@ class Trainer:
                 self.state.batch_in_epoch += self.accum
                 now = time.perf_counter()
                 self._log_step(loss, now - t_last)
+                self._maybe_start_relora(epoch_end=False)
+                self._maybe_merge()
                 self._sample(epoch_end=False)
                 self._maybe_freeze(epoch_end=False)
                 self.state.wall_s = time.perf_counter() - t_start
@@ -510,6 +591,7 @@ class Trainer:
                 if (self.state.epoch + 1) % self.cfg.train.eval_every_epochs == 0:
                     self.validate()
                 self._sample(epoch_end=True)
+                self._maybe_start_relora(epoch_end=True)
                 self._maybe_freeze(epoch_end=True)
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
@@ -545,6 +627,8 @@ class Trainer:
         return {
             "phases": phases,
             "switch_step": self.state.switch_step,
+            "relora_merges": self.state.relora_merges,
+            "relora_merge_s": statistics.median(self.state.merge_s) if self.state.merge_s else None,
             "switch_epoch": self.state.switch_epoch,
             "final_val_top1": final.get("top1"),
             "final_val_top5": final.get("top5"),

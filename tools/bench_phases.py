@@ -112,6 +112,7 @@ def worker_ours(args) -> dict:
     times = timed_steps(lambda: trainer.train_step(batch), args.warmup, args.steps)
     trainable, total = count_params(trainer.engine.module)
     out = {"median_step_s": statistics.median(times), "step_s": times, "peak_mem_bytes": peak_mem(),
+           "images_per_s": args.batch_size / statistics.median(times),
            "trainable_params": trainable, "total_params": total,
            "optimizer_state_bytes": optimizer_state_bytes(trainer.engine)}
     if args.phase == "full":
@@ -159,6 +160,7 @@ def worker_bare(args) -> dict:
 
     times = timed_steps(step, args.warmup, args.steps)
     return {"median_step_s": statistics.median(times), "step_s": times, "peak_mem_bytes": peak_mem(),
+            "images_per_s": args.batch_size / statistics.median(times),
             "trainable_params": sum(p.numel() for p in params),
             "total_params": sum(p.numel() for p in model.parameters()),
             "optimizer_state_bytes": optimizer_state_bytes(engine)}
@@ -215,14 +217,16 @@ def run_worker(args, kind: str, phase: str) -> dict:
 
 def table(result: dict) -> str:
     full = result["phases"]["full"]
-    rows = ["| phase | step s | vs full | vs bare | peak mem GiB | vs full | trainable | share | optimizer state MiB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| phase | step s | vs full | vs bare | images/s | peak mem GiB | vs full | vs bare | trainable | share "
+            "| optimizer state MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in result["phases"].items():
         bare = result["bare"][name]
         rows.append(
             f"| {name} | {p['median_step_s']:.3f} | {p['median_step_s'] / full['median_step_s']:.2f} | "
-            f"{p['median_step_s'] / bare['median_step_s']:.2f} | {p['peak_mem_bytes'] / 2**30:.2f} | "
-            f"{p['peak_mem_bytes'] / full['peak_mem_bytes']:.2f} | {p['trainable_params']:,} | "
+            f"{p['median_step_s'] / bare['median_step_s']:.2f} | {p['images_per_s']:.1f} | "
+            f"{p['peak_mem_bytes'] / 2**30:.2f} | {p['peak_mem_bytes'] / full['peak_mem_bytes']:.2f} | "
+            f"{p['peak_mem_bytes'] / bare['peak_mem_bytes']:.2f} | {p['trainable_params']:,} | "
             f"{100 * p['trainable_params'] / p['total_params']:.1f}% | {p['optimizer_state_bytes'] / 2**20:.0f} |"
         )
     sw = result["switch_s"]

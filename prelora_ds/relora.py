@@ -1,0 +1,140 @@
+"""ReLoRA's merge-and-reinitialise under ZeRO-2 (paper §4.2.4, SPEC §5), done in place.
+
+Under ZeRO-2 `optimizer.state[p]` is keyed by flat partitions, so editing it per parameter does
+nothing. Every write here goes through DeepSpeed's fragment API (`safe_get/set_full_fp32_param`,
+`safe_get/set_full_optimizer_state`), which reads and writes each rank's partition; every rank must
+call these functions in the same order (they are collectives). The merged base lives in the kept
+fp32 copy of the frozen weights, so nothing is lost to bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from deepspeed.utils import (
+    lazy_init_hp_params_optimizer_state,
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+
+from prelora_ds.phases import canonical_name
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def restart_factor(step: int, start: int, every: int, warmup: int, end: int | None = None) -> float:
+    """Jagged-cosine multiplier for optimizer step `step` (0-based): a linear re-warmup after each merge.
+
+    Merges happen once steps `start + k * every` (k >= 1) are done; the `warmup` steps after each merge
+    ramp from 1/warmup to 1. Outside `relora` (before `start + every`, from `end` on) the factor is 1.
+    """
+    if warmup <= 0 or step < start + every or (end is not None and step >= end):
+        return 1.0
+    since = (step - start) % every
+    return min(1.0, (since + 1) / warmup)
+
+
+def merge_due(step: int, start: int, every: int) -> bool:
+    """Whether the merge runs now, after optimizer step `step` (the count of steps done) completed."""
+    return step > start and (step - start) % every == 0
+
+
+def _lora_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    inner = module.base_model.model
+    return {n: m for n, m in inner.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+
+def _write(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set a trainable parameter's fp32 master and its working (possibly bf16) copy."""
+    safe_set_full_fp32_param(param, value.to(param.device))
+    with torch.no_grad():
+        param.copy_(value.to(param.device, param.dtype))
+
+
+def merge_and_reinit(
+    module: torch.nn.Module, frozen_fp32: dict[str, torch.Tensor], seed: int, merge_index: int
+) -> dict[str, float]:
+    """W += (alpha/r) B A in fp32 for every LoRA layer, then A ~ kaiming-uniform (as PEFT), B = 0.
+
+    A is drawn from a generator seeded by (seed, merge_index, layer), so every rank draws the same.
+    Returns {layer: ||s B A||} of the merged deltas.
+    """
+    deltas = {}
+    for i, (name, layer) in enumerate(_lora_layers(module).items()):
+        a_p, b_p = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        a = safe_get_full_fp32_param(a_p).float().cpu()
+        b = safe_get_full_fp32_param(b_p).float().cpu()
+        delta = layer.scaling["default"] * (b @ a)
+        key = f"{name}.weight"
+        merged = frozen_fp32[key] + delta
+        frozen_fp32[key] = merged
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(merged.to(layer.base_layer.weight.device, layer.base_layer.weight.dtype))
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + merge_index * 10_007 + i)
+        new_a = torch.empty_like(a)
+        torch.nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=gen)
+        _write(a_p, new_a)
+        _write(b_p, torch.zeros_like(b))
+        deltas[name] = float(delta.norm())
+    return deltas
+
+
+def link_optimizer_state(optimizer) -> None:
+    """(Re)link every parameter to its Adam-state fragments in the flat ZeRO-1/2 partitions.
+
+    DeepSpeed 0.19.8 links them once, right after the first parameter group's first step, when the
+    other groups have no state yet; with weight-decay groups the LoRA weights then have no fragments
+    and `safe_get_full_optimizer_state` raises. Linking is idempotent (views into the flat state).
+    """
+    groups = getattr(optimizer, "bit16_groups", None)
+    flats = getattr(optimizer, "single_partition_of_fp32_groups", None)
+    if groups is None or flats is None:
+        return
+    for lp_params, flat in zip(groups, flats, strict=True):
+        if flat in optimizer.optimizer.state:
+            lazy_init_hp_params_optimizer_state(lp_params, flat, optimizer.optimizer.state)
+
+
+def prune_optimizer_state(module: torch.nn.Module, ratio: float, full_reset: bool) -> float:
+    """Magnitude-prune (or zero) the Adam moments of every LoRA parameter; returns the share zeroed.
+
+    Call `link_optimizer_state(engine.optimizer)` first.
+    """
+    zeroed = total = 0
+    for name, p in module.named_parameters():
+        if ".lora_" not in name or not p.requires_grad:
+            continue
+        for key in ADAM_KEYS:
+            state = safe_get_full_optimizer_state(p, key)
+            if state is None:  # no step taken yet: nothing to prune
+                continue
+            state = state.float()
+            if full_reset or ratio >= 1.0:
+                pruned = torch.zeros_like(state)
+            else:
+                k = int(ratio * state.numel())
+                pruned = state.clone()
+                if k > 0:
+                    cut = state.abs().flatten().kthvalue(k).values
+                    pruned[state.abs() <= cut] = 0.0
+            safe_set_full_optimizer_state(p, pruned, key)
+            zeroed += int((pruned == 0).sum())
+            total += pruned.numel()
+    return zeroed / total if total else 0.0
+
+
+def validate_rank(module: torch.nn.Module, layers: list[str], rank: int) -> None:
+    """A uniform ReLoRA rank must not exceed any target layer's smaller dimension."""
+    from prelora_ds.config import ConfigError
+
+    for name in layers:
+        layer = module.get_submodule(canonical_name(name))
+        smallest = min(layer.in_features, layer.out_features)
+        if rank > smallest:
+            raise ConfigError(
+                f"relora.rank={rank} exceeds the smaller dimension ({smallest}) of {name} "
+                f"({layer.in_features} -> {layer.out_features}); use relora.rank <= {smallest}."
+            )

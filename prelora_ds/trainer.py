@@ -350,6 +350,9 @@ class Trainer:
             due = epoch_end and self.state.epoch + 1 >= r.start_epoch
         if due:
             self.switch_to("relora", {n: r.rank for n in self.layout.layers})
+            # the relora phase must pass the test on its own windows, not on those of `full`
+            self.acc = WindowAccumulator()
+            self.pending_loss = [0.0, 0.0]
             self.save_checkpoint()
 
     def _maybe_merge(self) -> None:

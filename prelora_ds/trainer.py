@@ -206,6 +206,8 @@ class Trainer:
         weights W + s B A); after the switch, base / LoRA / effective norms for monitoring."""
         if not self._sample_due(epoch_end):
             return
+        if self.state.phase in ("warmup", "lora") and not self._window_due(epoch_end):
+            return  # after the switch the norms are for monitoring only: once a window is enough
         step, module = self.state.step, self.engine.module
         if self.state.phase == "full":
             sampled, loss_sum, count = norms.sample(

@@ -238,7 +238,12 @@ class Trainer:
         p = self.cfg.prelora
         loss_w, norm_w = self.acc.loss_windows, self.acc.norm_windows
         k = len(loss_w) - 1
-        record: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch, "window": k}
+        record: dict[str, Any] = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "window": k,
+            "phase": self.state.phase,
+        }
         if k >= 1:
             record["dL"] = loss_change(loss_w, k)
             record["D"] = module_changes(norm_w, k)
@@ -639,6 +644,7 @@ class Trainer:
             "final_val_top5": final.get("top5"),
             "val": self.state.val,
             "steps": self.state.step,
+            "steps_per_epoch": self.steps_per_epoch,
             "epochs": self.state.epoch,
             "wall_time_s": self.state.wall_s,
             "world_size": self.world,

@@ -1,0 +1,162 @@
+"""tools/plot_run.py, tools/replay_convergence.py, tools/compare_runs.py on real run directories.
+
+One PreLoRA run (2 CPU ranks through the deepspeed launcher, switch at the acceptance flags) and one
+full-only run are made once for the module; the tools then run as subprocesses, as a user runs them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SWITCH, deepspeed_cmd, run, summary
+
+PY = str(Path(sys.executable))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURES = ["weight_norms.png", "layer_changes.png", "ranks.png", "lora_norms.png", "throughput.png", "loss_top1.png"]
+
+pytestmark = pytest.mark.launch
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def tool(name: str, *args: str) -> str:
+    return run([PY, f"tools/{name}.py", *map(str, args)], timeout=300).stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("tools")
+    prelora, full = base / "run", base / "full"
+    common = ["--recipe", "recipes/demo.yaml", "--train.log_every_steps", "1"]
+    run(deepspeed_cmd(*common, "--output_dir", str(prelora), "--train.max_steps", "40", *SWITCH, port=29651))
+    run(
+        deepspeed_cmd(
+            *common, "--output_dir", str(full), "--prelora.enabled", "false", "--train.max_steps", "10", port=29652
+        )
+    )
+    return {"prelora": prelora, "full": full}
+
+
+def check_png(path: Path) -> None:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    with Image.open(path) as img:
+        assert img.width >= 400 and img.height >= 400, f"{path} is {img.size}"
+        colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colors is not None and len(colors) > 8, f"{path} looks blank ({len(colors or [])} colours)"
+
+
+# ----------------------------------------------------------------------------- plot_run
+def test_plot_run_writes_every_figure(runs):
+    out = tool("plot_run", runs["prelora"])
+    plots = runs["prelora"] / "plots"
+    assert sorted(p.name for p in plots.glob("*.png")) == sorted(FIGURES)
+    for name in FIGURES:
+        assert str(plots / name) in out
+        check_png(plots / name)
+    assert "skipped" not in out
+
+
+def test_plot_run_skips_figures_without_data(runs):
+    out = tool("plot_run", runs["full"])
+    plots = runs["full"] / "plots"
+    for name in ("ranks.png", "lora_norms.png", "layer_changes.png"):
+        assert f"skipped {name}" in out
+        assert not (plots / name).exists()
+    for name in ("throughput.png", "loss_top1.png"):
+        check_png(plots / name)
+
+
+# ----------------------------------------------------------------------------- replay_convergence
+def replay(run_dir: Path, out: Path, *args: str) -> tuple[str, dict]:
+    stdout = tool("replay_convergence", run_dir, *args, "--json", out)
+    return stdout, json.loads(out.read_text())
+
+
+def table_rows(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| delta_w")]
+
+
+def test_replay_at_own_thresholds_matches_the_run(runs, tmp_path):
+    run_dir = runs["prelora"]
+    s = summary(run_dir)
+    stdout, data = replay(
+        run_dir, tmp_path / "own.json", "--delta_w", "1000", "--delta_l", "1000", "--num_windows", "3"
+    )
+    (row,) = data["rows"]
+    assert row["reached"] and row["switch_step"] == s["switch_step"] and row["switch_epoch"] == s["switch_epoch"]
+    assert row["ranks"] == json.loads((run_dir / "ranks.json").read_text())
+    lora = next(p for p in s["phases"] if p["name"] == "lora")
+    assert row["trainable_lora"] == lora["trainable_params"]
+    assert data["num_classes"] == 10
+    assert f"| 1000 | 1000 | 3 | {s['switch_step']} |" in stdout
+
+
+def test_replay_tiny_threshold_is_not_reached(runs, tmp_path):
+    stdout, data = replay(runs["prelora"], tmp_path / "tiny.json", "--delta_w", "1e-9")
+    last = json.loads((runs["prelora"] / "windows.json").read_text())["checks"][-1]["step"]
+    assert f"not reached (windows end at step {last})" in stdout
+    assert [r["reached"] for r in data["rows"]] == [False]
+
+
+def test_replay_grid_prints_one_row_per_combination(runs, tmp_path):
+    args = ["--delta_w", "1", "5", "--delta_l", "1", "5", "--num_windows", "2", "3"]
+    stdout, data = replay(runs["prelora"], tmp_path / "grid.json", *args)
+    assert len(table_rows(stdout)) == 8
+    combos = {(r["delta_w"], r["delta_l"], r["num_windows"]) for r in data["rows"]}
+    assert combos == {(w, lo, n) for w in (1.0, 5.0) for lo in (1.0, 5.0) for n in (2, 3)}
+
+
+def test_replay_without_merged_model_reads_classes_from_summary(runs, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("windows.json", "summary.json", "config.yaml"):
+        shutil.copy(runs["prelora"] / name, copy / name)
+    stdout, data = replay(copy, tmp_path / "copy.json")
+    assert data["num_classes"] == 10 and "summary.json" in data["num_classes_source"]
+    assert data["rows"][0]["switch_step"] == summary(runs["prelora"])["switch_step"]
+
+
+def test_replay_respects_min_epochs():
+    rc = load_tool("replay_convergence")
+    windows = {
+        "loss_windows": [2.0, 2.0, 2.0, 2.0],
+        "norm_windows": {"attn.qkv": [[1.0, 1.0]] * 4},
+        "checks": [{"window": k, "step": 4 * (k + 1), "epoch": k // 2} for k in range(4)],
+        "thresholds": {"window_steps": 4},
+    }
+    assert rc.first_passing_window(windows, 3, 1.0, 1.0, None) == 2
+    assert rc.first_passing_window(windows, 3, 1.0, 1.0, 1) == 2  # window 2 closes in epoch 1: 1 epoch done
+    assert rc.first_passing_window(windows, 3, 1.0, 1.0, 2) is None
+
+
+# ----------------------------------------------------------------------------- compare_runs
+def test_compare_runs_table_and_png(runs, tmp_path):
+    out = tmp_path / "cmp.png"
+    stdout = tool("compare_runs", runs["prelora"], runs["full"], "--out", out)
+    header, _, prelora, full = stdout.splitlines()[:4]
+    assert "lora: trainable params" in header and "wall time (s)" in header
+    s = summary(runs["prelora"])
+    assert prelora.startswith("| run |") and f"| {s['switch_step']} |" in prelora
+    assert f"{s['final_val_top1']:.2f}" in prelora and f"{s['wall_time_s']:.1f}" in prelora
+    assert full.startswith("| full |") and "no switch" in full
+    check_png(out)
+
+
+def test_steps_per_epoch_from_validation_history():
+    cr = load_tool("compare_runs")
+    assert cr.steps_per_epoch({"steps_per_epoch": 7}) == 7
+    assert cr.steps_per_epoch({"epochs": 1, "val": [{"step": 22, "epoch": 0}, {"step": 40, "epoch": 1}]}) == 22
+    assert cr.steps_per_epoch({"epochs": 0, "val": [{"step": 10, "epoch": 0}]}) is None

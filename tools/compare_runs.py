@@ -1,0 +1,209 @@
+"""Compare finished runs side by side: a markdown table on stdout and a PNG.
+
+  .venv/bin/python tools/compare_runs.py runs/full runs/exp1 runs/exp2 --out compare.png
+
+Reads each run's summary.json. Per run: wall time (`wall_time_s`), switch step, final val top-1, and per
+phase (full, relora, warmup, lora as present) the trainable parameters and the time per epoch.
+
+Time per epoch of a phase = the phase's `median_step_s` x steps per epoch (the median ignores the slow
+first steps and the switch itself). Steps per epoch is `steps_per_epoch` from summary.json when it is
+there; otherwise it is read from the validation history: a validation at the end of epoch e is at step
+(e + 1) x steps_per_epoch, and exactly the entries with `epoch` < summary `epochs` (completed epochs) are
+end-of-epoch ones (a final validation mid-epoch carries the unfinished epoch's number). A run shorter
+than one epoch (or one that never validated at an epoch end) shows n/a. `steps / epochs` is not used: it
+over-counts whenever the last epoch is partial.
+
+Run labels are the directory names (the parent is added when two names collide).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PHASE_ORDER = ["full", "relora", "warmup", "lora"]
+PHASE_COLORS = {"full": "tab:blue", "relora": "tab:purple", "warmup": "tab:orange", "lora": "tab:green"}
+
+
+@dataclass
+class RunRow:
+    label: str
+    wall_time_s: float | None
+    switch_step: int | None
+    final_top1: float | None
+    steps_per_epoch: int | None
+    trainable: dict[str, int | None]
+    median_step_s: dict[str, float | None]
+
+    def epoch_s(self, phase: str) -> float | None:
+        step_s = self.median_step_s.get(phase)
+        if step_s is None or self.steps_per_epoch is None:
+            return None
+        return step_s * self.steps_per_epoch
+
+
+# ----------------------------------------------------------------------------- reading
+def steps_per_epoch(summary: dict[str, Any]) -> int | None:
+    """summary `steps_per_epoch`, else from an end-of-epoch validation (see the module docstring)."""
+    if summary.get("steps_per_epoch"):
+        return int(summary["steps_per_epoch"])
+    completed = summary.get("epochs") or 0
+    for v in summary.get("val") or []:
+        if v["epoch"] < completed:
+            return round(v["step"] / (v["epoch"] + 1))
+    return None
+
+
+def labels_for(run_dirs: list[Path]) -> list[str]:
+    names = [d.resolve().name for d in run_dirs]
+    return [f"{d.resolve().parent.name}/{n}" if names.count(n) > 1 else n for d, n in zip(run_dirs, names, strict=True)]
+
+
+def load_row(run_dir: Path, label: str) -> RunRow:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: compare finished runs (a run writes it at its end).")
+    s = json.loads(path.read_text())
+    phases = {p["name"]: p for p in s.get("phases") or []}
+    return RunRow(
+        label=label,
+        wall_time_s=s.get("wall_time_s"),
+        switch_step=s.get("switch_step"),
+        final_top1=s.get("final_val_top1"),
+        steps_per_epoch=steps_per_epoch(s),
+        trainable={n: p.get("trainable_params") for n, p in phases.items()},
+        median_step_s={n: p.get("median_step_s") for n, p in phases.items()},
+    )
+
+
+def phases_present(rows: list[RunRow]) -> list[str]:
+    present = {p for r in rows for p in r.trainable}
+    return [p for p in PHASE_ORDER if p in present] + sorted(present - set(PHASE_ORDER))
+
+
+# ----------------------------------------------------------------------------- table
+def fmt(value: Any, spec: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def markdown_table(rows: list[RunRow]) -> str:
+    phases = phases_present(rows)
+    head = ["run", "wall time (s)", "switch step", "final val top-1 (%)", "steps/epoch"]
+    for p in phases:
+        head += [f"{p}: trainable params", f"{p}: s/epoch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.label,
+            fmt(r.wall_time_s, ".1f"),
+            fmt(r.switch_step) if r.switch_step is not None else "no switch",
+            fmt(r.final_top1, ".2f"),
+            fmt(r.steps_per_epoch),
+        ]
+        for p in phases:
+            cells += [fmt(r.trainable.get(p), ","), fmt(r.epoch_s(p), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figure
+def _bars(ax, labels: list[str], values: list[float | None], color: str, fmt_spec: str, label: str) -> None:
+    shown = [v if v is not None else 0.0 for v in values]
+    bars = ax.bar(labels, shown, color=color, label=label)
+    ax.bar_label(bars, labels=[format(v, fmt_spec) if v is not None else "n/a" for v in values], fontsize=8)
+    ax.set_ylim(0, 1.25 * max(shown + [1e-9]))
+    ax.legend(fontsize=8, loc="upper left")
+    ax.tick_params(axis="x", labelrotation=20)
+
+
+def human(n: float) -> str:
+    """2684362 -> 2.68M, 576778 -> 577k."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return f"{n:g}"
+
+
+def _grouped(ax, rows: list[RunRow], phases: list[str], value, fmt_spec: str | None) -> None:
+    """One bar group per run, centred on the run's tick: one bar per phase the run has."""
+    width = 0.8 / max(1, len(phases))
+    seen: set[str] = set()
+    for i, r in enumerate(rows):
+        present = [(p, value(r, p)) for p in phases if value(r, p) is not None]
+        if not present:
+            ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, transform=ax.get_xaxis_transform())
+        for j, (p, v) in enumerate(present):
+            x = i + (j - (len(present) - 1) / 2) * width
+            bars = ax.bar([x], [v], width, color=PHASE_COLORS.get(p, "grey"), label=None if p in seen else p)
+            ax.bar_label(bars, labels=[human(v) if fmt_spec is None else format(v, fmt_spec)], fontsize=7, padding=2)
+            seen.add(p)
+    ax.set_xticks(range(len(rows)), [r.label for r in rows], rotation=20)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.legend(fontsize=8, title="phase", loc="upper right")
+
+
+def plot(rows: list[RunRow], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r.label for r in rows]
+    phases = phases_present(rows)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    a, b, c, d, e, f = axes.flat
+    _bars(a, labels, [r.wall_time_s for r in rows], "tab:gray", ".1f", "wall time")
+    a.set_title("Wall time")
+    a.set_ylabel("seconds")
+    _grouped(b, rows, phases, lambda r, p: r.epoch_s(p), ".1f")
+    b.set_title("Time per epoch by phase (median step time x steps/epoch)")
+    b.set_ylabel("seconds per epoch")
+    _grouped(c, rows, phases, lambda r, p: r.trainable.get(p), None)
+    c.set_yscale("log")
+    counts = [v for r in rows for v in r.trainable.values() if v]
+    if counts:
+        c.set_ylim(min(counts) / 3, max(counts) * 30)
+    c.set_title("Trainable parameters by phase")
+    c.set_ylabel("parameters (log scale)")
+    _bars(d, labels, [r.final_top1 for r in rows], "tab:red", ".2f", "final val top-1")
+    d.set_title("Final validation top-1")
+    d.set_ylabel("top-1 accuracy (%)")
+    _bars(e, labels, [r.switch_step for r in rows], "tab:orange", "d", "switch step (n/a: no switch)")
+    e.set_title("PreLoRA switch step")
+    e.set_ylabel("optimizer step")
+    _grouped(f, rows, phases, lambda r, p: r.median_step_s.get(p), ".3f")
+    f.set_title("Median step time by phase")
+    f.set_ylabel("seconds per optimizer step")
+    for ax in axes.flat:
+        ax.set_xlabel("run")
+        ax.grid(axis="y", alpha=0.3)
+        if ax is not c:
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
+    fig.suptitle(f"Comparison of {len(rows)} runs")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories (each holds summary.json)")
+    parser.add_argument("--out", type=Path, default=Path("compare_runs.png"), help="PNG to write")
+    args = parser.parse_args(argv)
+    rows = [load_row(d, label) for d, label in zip(args.run_dirs, labels_for(args.run_dirs), strict=True)]
+    print(markdown_table(rows))
+    print(f"wrote {plot(rows, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

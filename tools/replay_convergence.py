@@ -1,0 +1,320 @@
+"""Replay a run's PreLoRA switch decision at other thresholds, from its windows.json (no training).
+
+  .venv/bin/python tools/replay_convergence.py runs/demo --delta_w 1 5 --delta_l 1 5 --num_windows 2 3
+  .venv/bin/python tools/replay_convergence.py runs/demo --json replay.json   # the run's own thresholds
+
+For every (delta_w, delta_l, num_windows) of the grid (each defaults to the run's own value), the first
+closed window k at which `prelora_ds.convergence.partial_convergence(loss_windows[:k+1], norm_windows[:k+1],
+N, delta_w, delta_l)` passes is the switch: the very functions the trainer calls, on the window means the
+run recorded. The run's `prelora.min_epochs` (config.yaml) is applied as the trainer applies it (no switch
+while fewer epochs are done). Ranks are `ranks.assign_ranks(convergence.layer_changes(windows up to k),
+r_min, r_max)`, printed as a count per rank (`8:10 16:4 ...`).
+
+With relora enabled, windows.json holds the windows of the `relora` phase (the trainer restarts them
+there, on the effective weights), so the replay is of those.
+
+Not replayed: `prelora.max_epochs` forcing (the trainer switches at that epoch even when the test fails;
+this tool reports only where the test itself passes). Windows stop being recorded once the run switched,
+so a stricter setting than the run's may print "not reached (windows end at step S)".
+
+Trainable parameters in the `lora` phase = sum over target layers of r * (in_features + out_features)
+(LoRA A and B, no bias) + the parameters `prelora_ds.phases.set_trainable` leaves trainable in `lora`
+(`prelora.trainable_extra`: head, norm, fc_norm, blocks.N.norm1/2), counted on the timm model built on the
+meta device from config.yaml (`model.name`, `model.kwargs`). The number of classes comes from, in order:
+--num_classes; the `head.weight` shape in model_merged.safetensors (what the run trained, read from the
+file header only); the `full` phase's total_params in summary.json (solved exactly: the parameter count
+is linear in the number of classes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prelora_ds.convergence import layer_changes, partial_convergence
+from prelora_ds.ranks import assign_ranks, ranks_by_module_name
+
+
+@dataclass
+class Replay:
+    """One grid point's outcome."""
+
+    delta_w: float
+    delta_l: float
+    num_windows: int
+    reached: bool
+    window: int | None = None
+    switch_step: int | None = None
+    switch_epoch: int | None = None
+    rank_counts: dict[int, int] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
+    trainable_lora: int | None = None
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------- inputs
+def read_windows(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "windows.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: a run writes it at its first closed window (prelora.enabled).")
+    return json.loads(path.read_text())
+
+
+def read_config(run_dir: Path):
+    from prelora_ds.config import load_recipe
+
+    return load_recipe(run_dir / "config.yaml")
+
+
+def checks_by_window(windows: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """windows.json `checks` (one record per closed window: step, epoch) keyed by index into `loss_windows`.
+
+    The windows are the current accumulator's, so they match the last len(loss_windows) checks (with
+    relora, the trainer restarts the windows when `relora` starts, but keeps the earlier checks).
+    """
+    n = len(windows.get("loss_windows", []))
+    checks = windows.get("checks", [])
+    tail = checks[len(checks) - n :] if n else []
+    if len(tail) != n or any(int(c.get("window", k)) != k for k, c in enumerate(tail)):
+        raise SystemExit(f"windows.json: the last {n} checks do not match the {n} closed windows (window 0..{n - 1}).")
+    return dict(enumerate(tail))
+
+
+# ----------------------------------------------------------------------------- the replay
+def epochs_done(check: dict[str, Any], window_steps: int | None) -> int:
+    """As the trainer counts them at a test: step windows close mid-epoch, epoch windows at its end."""
+    return int(check["epoch"]) + (0 if window_steps is not None else 1)
+
+
+def first_passing_window(
+    windows: dict[str, Any], num_windows: int, delta_w: float, delta_l: float, min_epochs: int | None
+) -> int | None:
+    """The first window k where the run's test would pass at these thresholds, or None."""
+    loss, norms = windows["loss_windows"], windows["norm_windows"]
+    checks = checks_by_window(windows)
+    window_steps = windows.get("thresholds", {}).get("window_steps")
+    for k in range(len(loss)):
+        history = {m: w[: k + 1] for m, w in norms.items()}
+        if not partial_convergence(loss[: k + 1], history, num_windows, delta_w, delta_l):
+            continue
+        if min_epochs is not None and k in checks and epochs_done(checks[k], window_steps) < min_epochs:
+            continue
+        return k
+    return None
+
+
+def ranks_at(windows: dict[str, Any], k: int, r_min: int, r_max: int) -> dict[str, int]:
+    """Full layer name -> rank, as the trainer assigns them when it switches at window k."""
+    changes = layer_changes({m: w[: k + 1] for m, w in windows["norm_windows"].items()})
+    return ranks_by_module_name(windows["layers"], assign_ranks(changes, r_min, r_max))
+
+
+def rank_counts(ranks: dict[str, int]) -> dict[int, int]:
+    return dict(sorted(Counter(ranks.values()).items()))
+
+
+# ----------------------------------------------------------------------------- parameter count
+def _head_classes_from_safetensors(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if "head.weight" not in f.keys():
+            return None
+        return int(f.get_slice("head.weight").get_shape()[0])
+
+
+def _meta_model(cfg, num_classes: int):
+    import torch
+
+    from prelora_ds.model import create_model
+
+    with torch.device("meta"):
+        return create_model(cfg.model, num_classes)
+
+
+def _classes_from_total(cfg, total: int) -> int | None:
+    """Solve total_params(C) = total: the count is linear in C (head weight rows + bias)."""
+    from prelora_ds.model import count_params
+
+    p1 = count_params(_meta_model(cfg, 1))[1]
+    per_class = count_params(_meta_model(cfg, 2))[1] - p1
+    c, rem = divmod(total - p1, per_class)
+    return c + 1 if rem == 0 and c >= 0 else None
+
+
+def resolve_num_classes(run_dir: Path, cfg, given: int | None) -> tuple[int, str]:
+    """(number of classes, where it came from); SystemExit when nothing tells."""
+    if given is not None:
+        return given, "--num_classes"
+    found = _head_classes_from_safetensors(run_dir / "model_merged.safetensors")
+    if found is not None:
+        return found, "head.weight in model_merged.safetensors"
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        phases = json.loads(summary_path.read_text()).get("phases") or []
+        full = next((p for p in phases if p["name"] == "full" and p.get("total_params")), None)
+        if full is not None:
+            found = _classes_from_total(cfg, int(full["total_params"]))
+            if found is not None:
+                return found, "total_params of the full phase in summary.json"
+    raise SystemExit(
+        f"cannot tell the number of classes of {run_dir} (no model_merged.safetensors, no summary.json): "
+        "pass --num_classes."
+    )
+
+
+class ParamCounter:
+    """Trainable parameters of the `lora` phase for given ranks, on a meta-device model (no memory)."""
+
+    def __init__(self, cfg, num_classes: int) -> None:
+        from prelora_ds.model import count_params
+        from prelora_ds.phases import PHASES, set_trainable
+
+        self.model = _meta_model(cfg, num_classes)
+        set_trainable(self.model, PHASES["lora"], cfg.prelora.trainable_extra)  # no LoRA yet: only the extras
+        self.extra = count_params(self.model)[0]
+
+    def lora(self, ranks: dict[str, int]) -> int:
+        total = 0
+        for name, r in ranks.items():
+            layer = self.model.get_submodule(name)
+            total += r * (layer.in_features + layer.out_features)
+        return total + self.extra
+
+
+# ----------------------------------------------------------------------------- grid and output
+def replay_grid(
+    windows: dict[str, Any],
+    grid: list[tuple[float, float, int]],
+    min_epochs: int | None,
+    r_min: int,
+    r_max: int,
+    counter: ParamCounter | None,
+) -> list[Replay]:
+    checks = checks_by_window(windows)
+    last = max(checks.values(), key=lambda c: c["step"], default=None)
+    rows = []
+    for dw, dl, n in grid:
+        k = first_passing_window(windows, n, dw, dl, min_epochs) if windows["loss_windows"] else None
+        if k is None:
+            end = f"windows end at step {last['step']}" if last else "no closed windows"
+            rows.append(Replay(dw, dl, n, reached=False, note=f"not reached ({end})"))
+            continue
+        ranks = ranks_at(windows, k, r_min, r_max)
+        check = checks.get(k, {})
+        rows.append(
+            Replay(
+                dw,
+                dl,
+                n,
+                reached=True,
+                window=k,
+                switch_step=check.get("step"),
+                switch_epoch=check.get("epoch"),
+                rank_counts=rank_counts(ranks),
+                ranks=ranks,
+                trainable_lora=counter.lora(ranks) if counter else None,
+            )
+        )
+    return rows
+
+
+def format_counts(counts: dict[int, int]) -> str:
+    return " ".join(f"{r}:{c}" for r, c in sorted(counts.items()))
+
+
+def format_table(rows: list[Replay]) -> str:
+    head = [
+        "delta_w %",
+        "delta_l %",
+        "N",
+        "switch step",
+        "switch epoch",
+        "window",
+        "ranks (rank:count)",
+        "trainable (lora)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.reached:
+            cells = [
+                r.switch_step,
+                r.switch_epoch,
+                r.window,
+                format_counts(r.rank_counts),
+                f"{r.trainable_lora:,}" if r.trainable_lora is not None else "n/a",
+            ]
+        else:
+            cells = [r.note, "", "", "", ""]
+        lines.append(
+            "| " + " | ".join(str(c) for c in [f"{r.delta_w:g}", f"{r.delta_l:g}", r.num_windows, *cells]) + " |"
+        )
+    return "\n".join(lines)
+
+
+def run_header(run_dir: Path, windows: dict[str, Any], min_epochs: int | None) -> str:
+    t = windows.get("thresholds", {})
+    checks = list(checks_by_window(windows).values())
+    span = f"steps {checks[0]['step']}..{checks[-1]['step']}" if checks else "none"
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        own = "the run has no summary.json yet"
+    else:
+        step = json.loads(summary_path.read_text()).get("switch_step")
+        own = "the run did not switch" if step is None else f"the run switched at step {step}"
+    return (
+        f"run {run_dir}: {len(checks)} closed windows ({span}); own thresholds delta_w={t.get('delta_w')} "
+        f"delta_l={t.get('delta_l')} N={t.get('num_windows')}, min_epochs={min_epochs}; {own}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run directory (windows.json, config.yaml)")
+    parser.add_argument("--delta_w", type=float, nargs="+", help="weight-norm thresholds, %% (default: the run's)")
+    parser.add_argument("--delta_l", type=float, nargs="+", help="loss thresholds, %% (default: the run's)")
+    parser.add_argument("--num_windows", type=int, nargs="+", help="N values, >= 2 (default: the run's)")
+    parser.add_argument("--num_classes", type=int, default=None, help="override the detected number of classes")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the table as JSON")
+    args = parser.parse_args(argv)
+    windows = read_windows(args.run_dir)
+    cfg = read_config(args.run_dir)
+    t = windows.get("thresholds", {})
+    grid_w = args.delta_w or [t.get("delta_w", cfg.prelora.delta_w)]
+    grid_l = args.delta_l or [t.get("delta_l", cfg.prelora.delta_l)]
+    grid_n = args.num_windows or [t.get("num_windows", cfg.prelora.num_windows)]
+    if min(grid_n) < 2:
+        parser.error("--num_windows values must be >= 2 (the test compares consecutive windows)")
+    if min(grid_w + grid_l) <= 0:
+        parser.error("--delta_w / --delta_l values must be > 0 (percentages)")
+    r_min, r_max = t.get("r_min", cfg.prelora.r_min), t.get("r_max", cfg.prelora.r_max)
+    min_epochs = cfg.prelora.min_epochs
+    num_classes, source = resolve_num_classes(args.run_dir, cfg, args.num_classes)
+    counter = ParamCounter(cfg, num_classes)
+    grid = [(w, lo, n) for w in grid_w for lo in grid_l for n in grid_n]
+    rows = replay_grid(windows, grid, min_epochs, r_min, r_max, counter)
+    print(run_header(args.run_dir, windows, min_epochs))
+    print(f"num_classes={num_classes} ({source}); ranks {r_min}..{r_max}; max_epochs forcing is not replayed")
+    print(format_table(rows))
+    if args.json:
+        payload = {
+            "run_dir": str(args.run_dir),
+            "num_classes": num_classes,
+            "num_classes_source": source,
+            "min_epochs": min_epochs,
+            "rows": [asdict(r) for r in rows],
+        }
+        args.json.write_text(json.dumps(payload, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

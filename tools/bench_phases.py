@@ -133,6 +133,7 @@ def worker_bare(args) -> dict:
     import timm
     import torch
     from peft import LoraConfig, get_peft_model
+    from timm.optim import param_groups_weight_decay
 
     init_single()
     torch.manual_seed(0)
@@ -146,8 +147,10 @@ def worker_bare(args) -> dict:
             owner = name.removeprefix("base_model.model.").replace(".base_layer.", ".").rpartition(".")[0]
             p.requires_grad_(".lora_" in name or args.phase == "warmup" or bool(extra.fullmatch(owner)))
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
-                                      config=ds_config(args.ds_config, args.batch_size))
+    config = ds_config(args.ds_config, args.batch_size)
+    # the same weight-decay groups as a timm training script (timm, not prelora_ds)
+    groups = param_groups_weight_decay(model, config["optimizer"]["params"].get("weight_decay", 0.0))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[g for g in groups if g["params"]], config=config)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(engine.device, dtype)
@@ -244,7 +247,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="steps run before timing")
-    p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "cpu_zero2_bf16.json"))
+    # fp32 on CPU: bf16 matmuls are emulated (~20x slower) on CPUs without AVX-512 BF16 / AMX
+    p.add_argument("--ds-config", default=None, help="default: gpu_single_bf16.json on GPU, cpu_zero2_fp32.json on CPU")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank on every target layer (ours and bare)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--phases", nargs="+", default=["full", "warmup", "lora"])
@@ -253,6 +257,11 @@ def main() -> None:
     p.add_argument("--worker", choices=["ours", "bare", "switch"], help=argparse.SUPPRESS)
     p.add_argument("--phase", default="full", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.ds_config is None:
+        import torch
+
+        name = "gpu_single_bf16.json" if torch.cuda.is_available() else "cpu_zero2_fp32.json"
+        args.ds_config = str(ROOT / "ds_configs" / name)
     if args.worker:
         fn = {"ours": worker_ours, "bare": worker_bare, "switch": worker_switch}[args.worker]
         print("RESULT " + json.dumps(fn(args)), flush=True)

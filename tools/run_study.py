@@ -1,0 +1,83 @@
+"""The trade-off study on the embedded digits: full-only vs PreLoRA thresholds vs warmup lengths.
+
+  python tools/run_study.py --seeds 0 1 --out runs/study        # every configuration, one after another
+  python tools/run_study.py --only full relaxed --seeds 0         # a subset
+
+Each configuration is one command (printed before it runs): the demo recipe on 2 CPU ranks through the
+deepspeed launcher (all GPUs when CUDA is there), same epochs and seed, only the PreLoRA settings differ.
+Afterwards `tools/compare_runs.py` tabulates all runs into OUT/table.md and OUT/compare.png, and
+OUT/study.json holds per-configuration means over seeds (wall time, share of time saved against `full`,
+final val top-1). Runs must not share the machine with other jobs: wall time is what is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# name -> overrides of recipes/demo.yaml (windows of 2 epochs, N = 3; warmup 3 epochs unless varied)
+CONFIGS: dict[str, list[str]] = {
+    "full": ["--prelora.enabled", "false"],
+    "relaxed": ["--prelora.delta_w", "5", "--prelora.delta_l", "25"],
+    "medium": ["--prelora.delta_w", "2.5", "--prelora.delta_l", "15"],
+    "strict": ["--prelora.delta_w", "1", "--prelora.delta_l", "10", "--prelora.max_epochs", "30"],
+    "medium_warmup1": ["--prelora.delta_w", "2.5", "--prelora.delta_l", "15", "--prelora.warmup_epochs", "1"],
+    "medium_warmup6": ["--prelora.delta_w", "2.5", "--prelora.delta_l", "15", "--prelora.warmup_epochs", "6"],
+}
+
+
+def launcher() -> list[str]:
+    import torch
+
+    ranks = [] if torch.cuda.is_available() else ["--num_gpus", "2"]
+    return [str(BIN / "deepspeed"), *ranks, "--module", "prelora_ds.train", "--recipe", "recipes/demo.yaml"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--out", default="runs/study")
+    args = p.parse_args()
+    out = Path(args.out)
+    dirs = []
+    for seed in args.seeds:
+        for name in args.only:
+            run_dir = out / f"{name}_s{seed}"
+            dirs.append(run_dir)
+            if (run_dir / "summary.json").exists():
+                print(f"# {run_dir} done already", flush=True)
+                continue
+            cmd = [*launcher(), "--output_dir", str(run_dir), "--train.seed", str(seed), *CONFIGS[name]]
+            print("$ " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    table = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_runs.py"), *map(str, dirs), "--out",
+                            str(out / "compare.png")], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    (out / "table.md").write_text(table)
+    summaries = {d: json.loads((d / "summary.json").read_text()) for d in dirs}
+    study = {}
+    for name in args.only:
+        runs = [s for d, s in summaries.items() if d.name.rsplit("_s", 1)[0] == name]
+        study[name] = {
+            "seeds": len(runs),
+            "wall_time_s": statistics.mean(s["wall_time_s"] for s in runs),
+            "final_val_top1": statistics.mean(s["final_val_top1"] for s in runs),
+            "switch_epoch": [s["switch_epoch"] for s in runs],
+        }
+    if "full" in study:
+        for v in study.values():
+            v["time_saved"] = 1 - v["wall_time_s"] / study["full"]["wall_time_s"]
+    (out / "study.json").write_text(json.dumps(study, indent=1))
+    print(table)
+    print(json.dumps(study, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -106,14 +106,28 @@ class Trainer:
 
     # ----------------------------------------------------------------- build
     def _make_model(self, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
-        """A fresh timm model with the current phase's structure (and `state` loaded when given)."""
+        """A fresh timm model with the current phase's structure (and `state` loaded when given).
+
+        With a `state`, every base weight is overwritten, so the model is allocated without timm's
+        random init (meta device, then `to_empty`): seconds saved per switch on ViT-L.
+        """
         phase = PHASES[self.state.phase]
-        model = create_model(self.cfg.model, self.data.num_classes)
+        if state is None:
+            model = create_model(self.cfg.model, self.data.num_classes)
+        else:
+            with torch.device("meta"):
+                model = create_model(self.cfg.model, self.data.num_classes)
+            if any(True for _ in model.buffers()):  # buffers are not in `state`: keep timm's values
+                model = create_model(self.cfg.model, self.data.num_classes)
+            else:
+                model = model.to_empty(device="cpu")
         if self.layout is None:
             self.layout = norms.NormLayout.from_layers(target_layers(model, self.cfg.prelora.target_modules))
         model = build_structure(model, phase, self.state.ranks or None, self.cfg.prelora)
         if state is not None:
-            load_fp32_state(model, state)
+            missing = [k for k in load_fp32_state(model, state) if ".lora_" not in k]
+            if missing:
+                raise RuntimeError(f"the carried state has no value for {missing[:5]}")
         return model
 
     def _fresh_engine(self, state):

@@ -79,16 +79,11 @@ def timed_steps(step, n_warm: int, n: int) -> list[float]:
     return times
 
 
-def worker_ours(args) -> dict:
-    import torch
-
-    from prelora_ds import norms
+def ours_trainer(args, phase: str = "full", ranks: dict[str, int] | None = None):
+    """prelora_ds's Trainer on synthetic images, world size 1, starting in `phase`."""
     from prelora_ds.config import build_config
-    from prelora_ds.convergence import partial_convergence
     from prelora_ds.data import build_datasets
     from prelora_ds.dsconfig import prepare_ds_config
-    from prelora_ds.model import count_params, create_model
-    from prelora_ds.phases import target_layers
     from prelora_ds.trainer import Trainer
 
     init_single()
@@ -101,12 +96,24 @@ def worker_ours(args) -> dict:
         "prelora": {"target_modules": TARGETS, "trainable_extra": EXTRA},
     })
     ds = prepare_ds_config(ds_config(args.ds_config, args.batch_size), 1)
+    data = build_datasets(cfg.data, args.img_size, 3, seed=0)
+    return Trainer(cfg, ds, data, Path(args.tmp), 0, 1, resume=False, start_phase=phase, start_ranks=ranks)
+
+
+def worker_ours(args) -> dict:
+    import torch
+
+    from prelora_ds import norms
+    from prelora_ds.config import ModelConfig
+    from prelora_ds.convergence import partial_convergence
+    from prelora_ds.model import count_params, create_model
+    from prelora_ds.phases import target_layers
+
     with torch.device("meta"):
-        layers = target_layers(create_model(cfg.model, 10), TARGETS)
-    img = args.img_size
-    data = build_datasets(cfg.data, img, 3, seed=0)
+        layers = target_layers(create_model(ModelConfig(name=args.model), 10), TARGETS)
     ranks = {n: args.rank for n in layers} if args.phase != "full" else None
-    trainer = Trainer(cfg, ds, data, Path(args.tmp), 0, 1, resume=False, start_phase=args.phase, start_ranks=ranks)
+    trainer = ours_trainer(args, args.phase, ranks)
+    img = args.img_size
     gen = torch.Generator().manual_seed(0)
     batch = [(torch.randn(args.batch_size, 3, img, img, generator=gen), torch.randint(0, 10, (args.batch_size,)))]
     times = timed_steps(lambda: trainer.train_step(batch), args.warmup, args.steps)
@@ -176,22 +183,7 @@ def worker_switch(args) -> dict:
     import psutil
     import torch
 
-    from prelora_ds.config import build_config
-    from prelora_ds.data import build_datasets
-    from prelora_ds.dsconfig import prepare_ds_config
-    from prelora_ds.trainer import Trainer
-
-    init_single()
-    cfg = build_config({
-        "data": {"dataset": "synthetic", "synthetic_train_size": args.batch_size * 4,
-                 "synthetic_val_size": args.batch_size, "synthetic_num_classes": 10, "num_workers": 0,
-                 "mixup": 0.0, "cutmix": 0.0},
-        "model": {"name": args.model}, "train": {"lr_warmup_steps": 0},
-        "prelora": {"target_modules": TARGETS, "trainable_extra": EXTRA},
-    })
-    ds = prepare_ds_config(ds_config(args.ds_config, args.batch_size), 1)
-    data = build_datasets(cfg.data, args.img_size, 3, seed=0)
-    trainer = Trainer(cfg, ds, data, Path(args.tmp), 0, 1, resume=False)
+    trainer = ours_trainer(args)
     ranks = {n: args.rank for n in trainer.layout.layers}
     out = {"warmup": trainer.switch_to("warmup", ranks), "lora": trainer.switch_to("lora")}
     rss = []

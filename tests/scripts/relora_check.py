@@ -10,15 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
+from tiny_trainer import fixed_batch, tiny_trainer
 
 from prelora_ds import relora
-from prelora_ds.config import build_config
-from prelora_ds.data import build_datasets
-from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
-from prelora_ds.launch import init_distributed
-from prelora_ds.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def lora_partition_states(engine) -> tuple[int, int, bool]:
@@ -40,24 +34,12 @@ def lora_partition_states(engine) -> tuple[int, int, bool]:
 
 
 def main(out: Path) -> None:
-    rank, _, world = init_distributed(600)
-    torch.set_num_threads(1)
-    cfg = build_config({
-        "data": {"dataset": "synthetic", "synthetic_train_size": 64, "synthetic_val_size": 16,
-                 "synthetic_num_classes": 10, "num_workers": 0, "mixup": 0.0, "cutmix": 0.0},
-        "model": {"name": "vit_tiny_patch16_224",
-                  "kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 128, "num_heads": 2}},
-        "train": {"epochs": 1, "seed": 0, "lr_warmup_steps": 0},
-        "relora": {"enabled": True, "start_step": 0, "rank": 16, "merge_every_steps": 3, "prune_ratio": 0.9},
-    })
-    ds = load_ds_config(ROOT / "ds_configs" / "cpu_zero2_bf16.json")
-    ds["train_micro_batch_size_per_gpu"] = 4
-    ds = prepare_ds_config(ds, world)
-    data = build_datasets(cfg.data, 16, 3, seed=0)
-    trainer = Trainer(cfg, ds, data, out / "run", rank, world, resume=False)
+    trainer, rank, world = tiny_trainer(
+        out, {"depth": 2, "embed_dim": 128, "num_heads": 2},
+        relora={"enabled": True, "start_step": 0, "rank": 16, "merge_every_steps": 3, "prune_ratio": 0.9},
+    )
     trainer.switch_to("relora", {n: 16 for n in trainer.layout.layers})
-    gen = torch.Generator().manual_seed(1)
-    images, targets = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    images, targets = fixed_batch()
     for i in range(3):
         trainer.train_step([(images[4 * (i % 2) : 4 * (i % 2) + 4], targets[4 * (i % 2) : 4 * (i % 2) + 4])])
         trainer.state.step += 1

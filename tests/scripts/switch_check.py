@@ -13,18 +13,13 @@ from pathlib import Path
 
 import psutil
 import torch
+from tiny_trainer import fixed_batch, tiny_trainer
 
 from prelora_ds import norms
-from prelora_ds.config import build_config
-from prelora_ds.data import build_datasets
-from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
-from prelora_ds.launch import init_distributed
 from prelora_ds.model import create_model
 from prelora_ds.phases import is_lora_param
 from prelora_ds.switch import build_engine, gather_fp32_state, load_fp32_state, release
 from prelora_ds.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def fixed_batch_loss(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor) -> float:
@@ -41,25 +36,11 @@ def mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[s
 
 
 def main(out: Path) -> None:
-    rank, _, world = init_distributed(600)
-    torch.set_num_threads(1)
-    cfg = build_config({
-        "data": {"dataset": "synthetic", "synthetic_train_size": 64, "synthetic_val_size": 16,
-                 "synthetic_num_classes": 10, "num_workers": 0, "mixup": 0.0, "cutmix": 0.0},
-        "model": {"name": "vit_tiny_patch16_224",
-                  "kwargs": {"img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 384, "num_heads": 6}},
-        "train": {"epochs": 1, "seed": 0, "lr_warmup_steps": 0},
-        "prelora": {"r_min": 8, "r_max": 64},
-    })
-    ds = load_ds_config(ROOT / "ds_configs" / "cpu_zero2_bf16.json")
-    ds["train_micro_batch_size_per_gpu"] = 4
-    ds = prepare_ds_config(ds, world)
-    data = build_datasets(cfg.data, 16, 3, seed=0)
-    trainer = Trainer(cfg, ds, data, out / "run", rank, world, resume=False)
+    trainer, rank, world = tiny_trainer(out, {"depth": 4, "embed_dim": 384, "num_heads": 6},
+                                        prelora={"r_min": 8, "r_max": 64})
     facts: dict = {"rank": rank, "world": world}
 
-    gen = torch.Generator().manual_seed(1)
-    images, targets = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    images, targets = fixed_batch()
     for i in range(3):  # move the masters away from their bf16-representable initial values
         trainer.train_step([(images[4 * (i % 2) : 4 * (i % 2) + 4], targets[4 * (i % 2) : 4 * (i % 2) + 4])])
         trainer.state.step += 1
@@ -90,7 +71,7 @@ def main(out: Path) -> None:
 
     # control: without writing the masters back, deepspeed.initialize keeps only the bf16-rounded values
     control_model = trainer._make_model(after)
-    control = build_engine(control_model, ds, trainer.wd)
+    control = build_engine(control_model, trainer.ds_config, trainer.wd)
     facts["control_mismatch"] = len(mismatches(after, gather_fp32_state(control, trainer.frozen_fp32)))
     del control_model
     release(control)
@@ -134,7 +115,7 @@ def main(out: Path) -> None:
         facts["disagree_message"] = str(exc)
 
     # a fresh model loads the gathered state exactly (the export path)
-    fresh = create_model(cfg.model, 10)
+    fresh = create_model(trainer.cfg.model, 10)
     facts["fresh_missing"] = load_fp32_state(fresh, {k: v for k, v in after_step.items() if ".lora_" not in k})
     trainer.close()
     (out / f"rank{rank}.json").write_text(json.dumps(facts))

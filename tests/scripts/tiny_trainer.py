@@ -1,0 +1,39 @@
+"""A Trainer on a tiny ViT and synthetic 16 px images, bf16 ZeRO-2, for the launched check scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prelora_ds.config import build_config
+from prelora_ds.data import build_datasets
+from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
+from prelora_ds.launch import init_distributed
+from prelora_ds.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_trainer(out: Path, model_kwargs: dict[str, Any], **sections: dict[str, Any]) -> tuple[Trainer, int, int]:
+    """(trainer, rank, world) after starting the process group; `sections` add recipe sections."""
+    rank, _, world = init_distributed(600)
+    torch.set_num_threads(1)
+    cfg = build_config({
+        "data": {"dataset": "synthetic", "synthetic_train_size": 64, "synthetic_val_size": 16,
+                 "synthetic_num_classes": 10, "num_workers": 0, "mixup": 0.0, "cutmix": 0.0},
+        "model": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, **model_kwargs}},
+        "train": {"epochs": 1, "seed": 0, "lr_warmup_steps": 0},
+        **sections,
+    })
+    ds = load_ds_config(ROOT / "ds_configs" / "cpu_zero2_bf16.json")
+    ds["train_micro_batch_size_per_gpu"] = 4
+    ds = prepare_ds_config(ds, world)
+    data = build_datasets(cfg.data, 16, 3, seed=0)
+    return Trainer(cfg, ds, data, out / "run", rank, world, resume=False), rank, world
+
+
+def fixed_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, 10, (n,), generator=gen)

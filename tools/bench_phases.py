@@ -122,6 +122,17 @@ def worker_ours(args) -> dict:
            "images_per_s": args.batch_size / statistics.median(times),
            "trainable_params": trainable, "total_params": total,
            "optimizer_state_bytes": optimizer_state_bytes(trainer.engine)}
+    if args.phase == "relora":  # one merge-and-reinit with Adam-state pruning, in place (ZeRO fragments)
+        from prelora_ds import relora
+
+        t0 = time.perf_counter()
+        relora.merge_and_reinit(trainer.engine.module, trainer.frozen_fp32, 0, 0)
+        relora.link_optimizer_state(trainer.engine.optimizer)
+        relora.prune_optimizer_state(trainer.engine.module, 0.9, False)
+        out["merge_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()  # the alternative: merge by rebuilding the engine around the merged state
+        trainer.switch_to("relora", ranks, merge_lora=True)
+        out["merge_by_rebuild_s"] = time.perf_counter() - t0
     if args.phase == "full":
         t = timed_steps(lambda: norms.sample(trainer.engine.module, trainer.layout, {}, 0, 1.0, 1.0), 1, 5)
         out["norm_stats_s"] = statistics.median(t)

@@ -127,6 +127,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every_steps: int = 10
     eval_every_epochs: int = 1
+    collective_timeout_s: float = 1800.0
+    """A collective waiting longer than this (e.g. on a dead rank) fails instead of hanging."""
     deepspeed_config: str | None = None
     """DeepSpeed JSON; `--deepspeed_config` on the command line wins."""
     output_dir: str = "runs/default"
@@ -147,6 +149,7 @@ class TrainConfig:
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 disables it).")
         _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}.")
         _require(self.log_every_steps >= 1, "train.log_every_steps must be >= 1.")
+        _require(self.collective_timeout_s > 0, "train.collective_timeout_s must be > 0 (seconds).")
         _require(self.eval_every_epochs >= 1, "train.eval_every_epochs must be >= 1.")
 
 

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from prelora_ds.launch import init_distributed
 
-    rank, local_rank, world = init_distributed(timeout_s=float(os.environ.get("PRELORA_COLLECTIVE_TIMEOUT_S", 1800)))
+    rank, local_rank, world = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cuda":

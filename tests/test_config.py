@@ -194,7 +194,10 @@ def test_override_without_field():
         ({"train.max_step": "12"}, "unknown recipe key train.max_step. Did you mean 'max_steps'?"),
         ({"prelora.r_mn": "8"}, "unknown recipe key prelora.r_mn. Did you mean 'r_min'?"),
         ({"trian.max_steps": "12"}, "unknown override section --trian.max_steps. Did you mean 'train'?"),
-        ({"train.zzzzz": "1"}, "unknown recipe key train.zzzzz. Known: checkpoint_every_steps, deepspeed_config,"),
+        (
+            {"train.zzzzz": "1"},
+            "unknown recipe key train.zzzzz. Known: checkpoint_every_steps, collective_timeout_s, deepspeed_config,",
+        ),
         ({"train.epochs": "abc"}, "train.epochs='abc' must be an integer (got str)."),
         ({"train.epochs": "2.5"}, "train.epochs=2.5 must be an integer (got float)."),
         ({"train.epochs": "true"}, "train.epochs=True must be an integer (got bool)."),

@@ -27,7 +27,7 @@ from prelora_ds.export import lora_scales, save_merged
 from prelora_ds.export import merge_lora as merge_lora_state
 from prelora_ds.model import count_params, create_model
 from prelora_ds.monitor import Monitor, memory_bytes
-from prelora_ds.phases import PHASES, build_structure, target_layers
+from prelora_ds.phases import PHASES, build_structure, canonical_name, target_layers
 from prelora_ds.ranks import assign_ranks, ranks_by_module_name
 from prelora_ds.schedule import build_scheduler, set_lr
 from prelora_ds.switch import build_engine, gather_fp32_state, load_fp32_state, rebuild
@@ -102,7 +102,7 @@ class Trainer:
             self._resume()
         else:
             self._start_phase(start_phase, start_ranks)
-            self.engine = self._fresh_engine(None)
+            self.engine = self._fresh_engine()
 
     # ----------------------------------------------------------------- build
     def _make_model(self, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
@@ -130,9 +130,19 @@ class Trainer:
                 raise RuntimeError(f"the carried state has no value for {missing[:5]}")
         return model
 
-    def _fresh_engine(self, state):
+    def _fresh_engine(self, keep_frozen: bool = True):
+        """Engine on a freshly initialised model of the current phase (a new run, or before a resume
+        loads its checkpoint). `keep_frozen`: keep the fp32 values of a frozen base (a run that starts
+        in a phase with one) before DeepSpeed casts the module to bf16."""
         torch.manual_seed(self.cfg.train.seed)  # same initial weights on every rank and every run
-        engine = build_engine(self._make_model(state), self.ds_config, self.wd)
+        model = self._make_model(None)
+        if keep_frozen:
+            self.frozen_fp32 = {
+                canonical_name(n): p.detach().float().cpu().clone()
+                for n, p in model.named_parameters()
+                if not p.requires_grad
+            }
+        engine = build_engine(model, self.ds_config, self.wd)
         self._attach_scheduler(engine)
         return engine
 
@@ -503,7 +513,7 @@ class Trainer:
             print(msg, flush=True)
         if tag is None:
             self._start_phase("full", None)
-            self.engine = self._fresh_engine(None)
+            self.engine = self._fresh_engine()
             return
         tag_dir = self.ckpt_dir / tag
         saved = checkpoint.read_trainer_state(tag_dir)
@@ -515,8 +525,8 @@ class Trainer:
         self.state = LoopState(**saved["loop"])
         if self.state.windows:
             self.acc.load_state_dict(self.state.windows)
+        self.engine = self._fresh_engine(keep_frozen=False)
         self.frozen_fp32 = checkpoint.read_frozen_fp32(tag_dir)
-        self.engine = self._fresh_engine(None)
         load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")

@@ -16,11 +16,11 @@ from deepspeed.utils import (
     lazy_init_hp_params_optimizer_state,
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
-    safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
 )
 
 from prelora_ds.phases import canonical_name
+from prelora_ds.switch import write_master
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -47,13 +47,6 @@ def _lora_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in inner.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
 
 
-def _write(param: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Set a trainable parameter's fp32 master and its working (possibly bf16) copy."""
-    safe_set_full_fp32_param(param, value.to(param.device))
-    with torch.no_grad():
-        param.copy_(value.to(param.device, param.dtype))
-
-
 def merge_and_reinit(
     module: torch.nn.Module, frozen_fp32: dict[str, torch.Tensor], seed: int, merge_index: int
 ) -> dict[str, float]:
@@ -76,8 +69,8 @@ def merge_and_reinit(
         gen = torch.Generator().manual_seed(seed * 1_000_003 + merge_index * 10_007 + i)
         new_a = torch.empty_like(a)
         torch.nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=gen)
-        _write(a_p, new_a)
-        _write(b_p, torch.zeros_like(b))
+        write_master(a_p, new_a)
+        write_master(b_p, torch.zeros_like(b))
         deltas[name] = float(delta.norm())
     return deltas
 

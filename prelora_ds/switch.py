@@ -67,15 +67,20 @@ def load_fp32_state(model: torch.nn.Module, state: FP32State) -> list[str]:
     return missing
 
 
+def write_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set a trainable parameter's fp32 master (its ZeRO partition fragments) and its working copy."""
+    value = value.to(param.device)
+    safe_set_full_fp32_param(param, value)
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
 def write_fp32_masters(engine, state: FP32State) -> None:
     """Overwrite the new engine's fp32 masters (and its low-precision copies) with exact fp32 values."""
     for name, p in engine.module.named_parameters():
         key = canonical_name(name)
         if p.requires_grad and key in state:
-            value = state[key].to(p.device)
-            safe_set_full_fp32_param(p, value)
-            with torch.no_grad():
-                p.copy_(value.to(p.dtype))
+            write_master(p, state[key])
 
 
 def frozen_fp32_of(engine, state: FP32State) -> FP32State:

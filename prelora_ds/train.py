@@ -69,7 +69,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
 
 def resolve(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[RunConfig, dict, int]:
     """Validated recipe and DeepSpeed config; no process group needed, so errors come first."""
-    from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
     from prelora_ds.launch import world_size_hint
 
     if args.output_dir:
@@ -83,7 +82,7 @@ def resolve(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[RunCon
             "train.deepspeed_config in the recipe."
         )
     world = world_size_hint()
-    ds_config = prepare_ds_config(load_ds_config(cfg.train.deepspeed_config), world)
+    ds_config = _ds_config(cfg, world)
     import torch
 
     if not torch.cuda.is_available() and ds_config.get("fp16", {}).get("enabled"):
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if world != world_hint:  # the launcher's world differs from what the env promised: re-check batch math
-        ds_config = _prepare_again(cfg, world)
+        ds_config = _ds_config(cfg, world)
 
     from prelora_ds.trainer import Trainer
 
@@ -179,7 +178,8 @@ def _check_output_dir(out_dir: Path, resume: bool) -> None:
         raise ConfigError(f"output_dir {out_dir} is not writable; pass a writable --output_dir.")
 
 
-def _prepare_again(cfg: RunConfig, world: int) -> dict:
+def _ds_config(cfg: RunConfig, world: int) -> dict:
+    """The recipe's DeepSpeed config, checked and completed for `world` ranks."""
     from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
 
     return prepare_ds_config(load_ds_config(cfg.train.deepspeed_config), world)

@@ -536,7 +536,6 @@ class Trainer:
         if rank_state is not None:
             self.pending_loss = rank_state["pending_loss"]
             checkpoint.set_rng_state(rank_state["rng"])
-        set_lr(self.scheduler, self.state.step)
 
     # ----------------------------------------------------------------- loop
     def _epoch_batches(self):

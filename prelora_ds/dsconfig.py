@@ -114,6 +114,18 @@ def prepare_ds_config(cfg: dict[str, Any], world_size: int) -> dict[str, Any]:
         )
     if (cfg.get("fp16") or {}).get("enabled") and (cfg.get("bf16") or {}).get("enabled"):
         raise ConfigError("the DeepSpeed config enables both fp16 and bf16; enable one.")
+    if (cfg.get("bf16") or {}).get("check_grad_overflow") is False:
+        raise ConfigError(
+            "bf16.check_grad_overflow=false lets a non-finite gradient into the weights; prelora_ds relies on "
+            "DeepSpeed skipping such steps (counted, and the run stops after train.max_bad_steps in a row). "
+            "Remove the key."
+        )
+    zero = cfg.get("zero_optimization") or {}
+    if zero.get("compute_grad_norm") is False:
+        raise ConfigError(
+            "zero_optimization.compute_grad_norm=false hides non-finite gradients from DeepSpeed's step skip; "
+            "remove the key."
+        )
     return cfg
 
 

@@ -107,9 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.relora.enabled:
             validate_rank(probe, layers, cfg.relora.rank)
         img, in_chans, mean, std = input_spec(probe)
+        total_params = sum(p.numel() for p in probe.parameters())
         del probe
         data = build_datasets(cfg.data, img, in_chans, seed=cfg.train.seed, mean=mean, std=std)
-        _check_output_dir(Path(cfg.train.output_dir), args.resume)
+        out_dir = Path(cfg.train.output_dir)
+        _check_output_dir(out_dir, args.resume)
+        if args.resume:
+            _check_resume_fits(out_dir, cfg, data.num_classes, ds_config)
+        _check_disk(out_dir, cfg, ds_config, total_params)
+        _check_faults()
     except ConfigError as exc:
         print(f"prelora-train: error: {exc}", file=sys.stderr)
         return 2
@@ -132,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     if world != world_hint:  # the launcher's world differs from what the env promised: re-check batch math
         ds_config = _ds_config(cfg, world)
 
-    from prelora_ds.trainer import Trainer
+    from prelora_ds.trainer import Trainer, TrainingError
 
-    out_dir = Path(cfg.train.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -146,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes",
             flush=True,
         )
-    trainer = Trainer(cfg, ds_config, data, out_dir, rank, world, resume=args.resume)
+    trainer = None
     try:
+        trainer = Trainer(cfg, ds_config, data, out_dir, rank, world, resume=args.resume)
         summary = trainer.train()
+    except TrainingError as exc:
+        print(f"prelora-train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
     if summary is None:  # stopped at train.stop_at_step
         return 0
     if rank == 0:
@@ -174,8 +184,49 @@ def _check_output_dir(out_dir: Path, resume: bool) -> None:
             f"{out_dir} already holds checkpoints ({tags[-1]} is the newest); add --resume to continue that run, "
             "or pass another --output_dir."
         )
-    if out_dir.exists() and not os.access(out_dir, os.W_OK):
-        raise ConfigError(f"output_dir {out_dir} is not writable; pass a writable --output_dir.")
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:  # a new run dir is created inside its nearest parent
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        what = "output_dir" if probe == out_dir else f"output_dir {out_dir}: its parent"
+        raise ConfigError(f"{what} {probe} is not a writable folder; pass a writable --output_dir.")
+
+
+def _check_resume_fits(out_dir: Path, cfg: RunConfig, num_classes: int, ds_config: dict) -> None:
+    """A checkpoint of another model, class count, layer selection or global batch fails here, not in DeepSpeed."""
+    from prelora_ds.checkpoint import find_resume, layout_mismatch, mismatch_message, read_trainer_state
+
+    ckpt_dir = out_dir / "checkpoints"
+    tag, _ = find_resume(ckpt_dir)
+    if tag is None:
+        return
+    problems = layout_mismatch(read_trainer_state(ckpt_dir / tag), cfg, num_classes, ds_config)
+    if problems:
+        raise ConfigError(mismatch_message(ckpt_dir / tag, problems))
+
+
+def _check_disk(out_dir: Path, cfg: RunConfig, ds_config: dict, total_params: int) -> None:
+    """Before any process group: can the output disk hold a checkpoint at all (error) and keep_checkpoints + 1
+    of them (warning)?"""
+    from prelora_ds.checkpoint import check_free_space, estimate_bytes
+
+    half = (ds_config.get("bf16") or {}).get("enabled") or (ds_config.get("fp16") or {}).get("enabled")
+    need = estimate_bytes(total_params, 2 if half else 4)
+    try:
+        warning = check_free_space(out_dir, need, cfg.train.keep_checkpoints)
+    except OSError as exc:
+        raise ConfigError(str(exc)) from exc
+    if warning and os.environ.get("RANK", "0") == "0":
+        print(f"prelora-train: {warning}", file=sys.stderr, flush=True)
+
+
+def _check_faults() -> None:
+    from prelora_ds import faults
+
+    try:
+        faults.active()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _ds_config(cfg: RunConfig, world: int) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from prelora_ds import checkpoint, norms, relora
+from prelora_ds import checkpoint, faults, norms, relora
 from prelora_ds.config import RunConfig
 from prelora_ds.convergence import WindowAccumulator, layer_changes, loss_change, module_changes, partial_convergence
 from prelora_ds.data import DataBundle, build_loaders, build_mixup, build_train_loss
@@ -33,6 +34,16 @@ from prelora_ds.schedule import build_scheduler, set_lr
 from prelora_ds.switch import build_engine, gather_fp32_state, load_fp32_state, rebuild
 
 MAX_STEP_TIMES = 5000  # per phase, for the median in summary.json
+_TIMEOUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what to do. The last complete checkpoint is kept."""
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """A collective that gave up waiting (gloo/NCCL word it differently; both say 'time(d) out')."""
+    return isinstance(exc, RuntimeError) and bool(_TIMEOUT.search(str(exc)))
 
 
 @dataclass
@@ -54,6 +65,8 @@ class LoopState:
     wall_s: float = 0.0
     relora_merges: int = 0
     merge_s: list[float] = field(default_factory=list)
+    skipped_steps: int = 0  # steps DeepSpeed skipped for a non-finite loss or gradient
+    bad_streak: int = 0  # of them, how many in a row up to the current step
 
 
 class Trainer:
@@ -98,6 +111,7 @@ class Trainer:
         self.layout: norms.NormLayout | None = None
         self.monitor: Monitor | None = None
         self._at_epoch_end = False
+        self.op = "start-up"  # what this rank is doing, named in a collective-timeout error
         if resume:
             self._resume()
         else:
@@ -130,10 +144,10 @@ class Trainer:
                 raise RuntimeError(f"the carried state has no value for {missing[:5]}")
         return model
 
-    def _fresh_engine(self, keep_frozen: bool = True):
+    def _fresh_engine(self, keep_frozen: bool = True, ds_config: dict | None = None):
         """Engine on a freshly initialised model of the current phase (a new run, or before a resume
         loads its checkpoint). `keep_frozen`: keep the fp32 values of a frozen base (a run that starts
-        in a phase with one) before DeepSpeed casts the module to bf16."""
+        in a phase with one) before DeepSpeed casts the module to bf16. `ds_config`: this engine only."""
         torch.manual_seed(self.cfg.train.seed)  # same initial weights on every rank and every run
         model = self._make_model(None)
         if keep_frozen:
@@ -142,7 +156,7 @@ class Trainer:
                 for n, p in model.named_parameters()
                 if not p.requires_grad
             }
-        engine = build_engine(model, self.ds_config, self.wd)
+        engine = build_engine(model, ds_config or self.ds_config, self.wd)
         self._attach_scheduler(engine)
         return engine
 
@@ -188,6 +202,7 @@ class Trainer:
         `merge_lora`: fold the current LoRA deltas into the base (in fp32) first, for a new rank layout.
         """
         t0 = time.perf_counter()
+        self.op = f"the engine rebuild for phase {name} at step {self.state.step} (fp32 master gather)"
         scales = lora_scales(self.engine.module) if merge_lora else {}
         self._start_phase(name, ranks)
         old, self.engine = self.engine, None
@@ -233,6 +248,7 @@ class Trainer:
         if self.state.phase in ("warmup", "lora") and not self._window_due(epoch_end):
             return  # after the switch the norms are for monitoring only: once a window is enough
         step, module = self.state.step, self.engine.module
+        self.op = f"the all-reduce of the norm statistics at step {step}"
         if self.state.phase == "full":
             sampled, loss_sum, count = norms.sample(
                 module, self.layout, self.frozen_fp32, self.rank, *self.pending_loss
@@ -284,6 +300,7 @@ class Trainer:
         forced = p.max_epochs is not None and epochs_done >= p.max_epochs and p.window_steps is None
         if self.cfg.relora.enabled and self.state.phase == "full":  # relora comes first; only record
             passed = forced = False
+        self.op = f"the all-reduce of the switch decision at step {self.state.step}"
         decision = norms.check_agreement(passed or forced, "the PreLoRA switch")
         record.update(passed=passed, forced=forced)
         self.state.checks.append(record)
@@ -393,6 +410,7 @@ class Trainer:
         if self.state.phase != "relora" or not relora.merge_due(self.state.step, start, r.merge_every_steps):
             return
         t0 = time.perf_counter()
+        self.op = f"the ReLoRA merge at step {self.state.step}"
         module = self.engine.module
         deltas = relora.merge_and_reinit(module, self.frozen_fp32, self.cfg.train.seed, self.state.relora_merges)
         relora.link_optimizer_state(self.engine.optimizer)
@@ -426,19 +444,50 @@ class Trainer:
         engine, dtype = self.engine, self._dtype()
         lr = set_lr(self.scheduler, self.state.step, self._lr_factor())
         total = 0.0
+        step = self.state.step + 1
+        self.op = f"forward/backward/optimizer step {step} (ZeRO gradient reduce and parameter all-gather)"
         for images, targets in micro_batches:
             images, targets = images.to(engine.device), targets.to(engine.device)
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
             loss = self.train_loss(engine(images.to(dtype)).float(), targets)
+            if faults.active():
+                loss = loss * faults.loss_factor(step, self.rank)
             engine.backward(loss)
             engine.step()
             value = float(loss.detach())
             total += value
-            self.pending_loss[0] += value * images.shape[0]
-            self.pending_loss[1] += images.shape[0]
+            if math.isfinite(value):  # a skipped step must not poison the convergence test's loss windows
+                self.pending_loss[0] += value * images.shape[0]
+                self.pending_loss[1] += images.shape[0]
         self.last_lr = lr
+        self._count_bad_step(step)
         return total / len(micro_batches)
+
+    def _count_bad_step(self, step: int) -> None:
+        """DeepSpeed skips a step whose gradient is non-finite (all ranks agree: its overflow flag and
+        the global norm are all-reduced). Count it; stop after train.max_bad_steps in a row."""
+        if self.engine.was_step_applied():
+            self.state.bad_streak = 0
+            return
+        self.state.skipped_steps += 1
+        self.state.bad_streak += 1
+        limit = self.cfg.train.max_bad_steps
+        if self.monitor:
+            self.monitor.scalars(step, {"train/skipped_steps": self.state.skipped_steps})
+            self.monitor.log(
+                f"step {step}: non-finite loss or gradient, step skipped by DeepSpeed "
+                f"({self.state.bad_streak} in a row, {self.state.skipped_steps} in all; the limit is {limit} in a row)"
+            )
+        if self.state.bad_streak >= limit:
+            first = step - self.state.bad_streak + 1
+            done = checkpoint.complete_tags(self.ckpt_dir)
+            raise TrainingError(
+                f"steps {first}-{step}: {self.state.bad_streak} consecutive steps with a non-finite loss or "
+                f"gradient (train.max_bad_steps={limit}); stopping without saving. The last good checkpoint is "
+                f"{self.ckpt_dir / done[-1] if done else 'none (no checkpoint was saved yet)'}. Lower the "
+                "learning rate or check the data, then run the same command with --resume."
+            )
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -462,6 +511,7 @@ class Trainer:
             )
         engine.train()
         if self.world > 1:
+            self.op = f"the all-reduce of the validation counts at step {self.state.step}"
             dist.all_reduce(counts)
         c1, c5, n, loss = counts.tolist()
         result = {
@@ -490,10 +540,15 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "world_size": self.world,
             "model": self.cfg.model.name,
+            "num_classes": self.data.num_classes,
+            "train_batch_size": self.ds_config["train_batch_size"],
+            "micro_batch": self.micro,
+            "steps_per_epoch": self.steps_per_epoch,
         }
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
+        self.op = f"the checkpoint save of step {self.state.step} (barriers between the ranks' writes)"
         checkpoint.save(
             self.engine,
             self.ckpt_dir,
@@ -508,6 +563,16 @@ class Trainer:
             self.monitor.scalars(self.state.step, {"checkpoint/save_s": time.perf_counter() - t0})
 
     def _resume(self) -> None:
+        t0 = time.perf_counter()
+        self._load_checkpoint()
+        if self.rank == 0 and self.state.step:
+            print(
+                f"resumed at step {self.state.step} (epoch {self.state.epoch}, phase {self.state.phase}) in "
+                f"{time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
+
+    def _load_checkpoint(self) -> None:
         tag, msg = checkpoint.find_resume(self.ckpt_dir)
         if self.rank == 0:
             print(msg, flush=True)
@@ -517,25 +582,79 @@ class Trainer:
             return
         tag_dir = self.ckpt_dir / tag
         saved = checkpoint.read_trainer_state(tag_dir)
-        if saved["model"] != self.cfg.model.name:
-            raise ValueError(
-                f"checkpoint {tag_dir} is of model {saved['model']}, this run is {self.cfg.model.name}; "
-                "use another --output_dir or the same model.name."
-            )
+        problems = checkpoint.layout_mismatch(saved, self.cfg, self.data.num_classes, self.ds_config)
+        if problems:
+            raise TrainingError(checkpoint.mismatch_message(tag_dir, problems))
         self.state = LoopState(**saved["loop"])
         if self.state.windows:
             self.acc.load_state_dict(self.state.windows)
-        self.engine = self._fresh_engine(keep_frozen=False)
+        saved_world = saved.get("world_size", self.world)
+        self._map_epoch_position(saved, tag)
+        ds_config, load_tag = self.ds_config, tag
+        if saved_world != self.world:
+            load_tag = self._resume_on_new_world(saved, tag)
+            universal = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+            ds_config = {**self.ds_config, "checkpoint": universal}
+        self.op = f"loading checkpoint {tag_dir}"
+        self.engine = self._fresh_engine(keep_frozen=False, ds_config=ds_config)
         self.frozen_fp32 = checkpoint.read_frozen_fp32(tag_dir)
-        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / load_tag}")
         if self.frozen_fp32:  # the module holds bf16 copies; the exact base is the kept fp32
             load_fp32_state(self.engine.module, self.frozen_fp32)
-        rank_state = checkpoint.read_rank_state(tag_dir, self.rank)
-        if rank_state is not None:
-            self.pending_loss = rank_state["pending_loss"]
-            checkpoint.set_rng_state(rank_state["rng"])
+        if saved_world == self.world:
+            rank_state = checkpoint.read_rank_state(tag_dir, self.rank)
+            if rank_state is not None:
+                self.pending_loss = rank_state["pending_loss"]
+                checkpoint.set_rng_state(rank_state["rng"])
+        else:  # the loss sums of every saved rank go to rank 0; RNG of the same rank number where one exists
+            states = [checkpoint.read_rank_state(tag_dir, r) for r in range(saved_world)]
+            if self.rank == 0:
+                self.pending_loss = [sum(st["pending_loss"][i] for st in states if st) for i in range(2)]
+            if self.rank < saved_world and states[self.rank] is not None:
+                checkpoint.set_rng_state(states[self.rank]["rng"])
+
+    def _map_epoch_position(self, saved: dict[str, Any], tag: str) -> None:
+        """The position in the epoch is kept in micro batches per rank; with another micro batch or world size
+        it is re-expressed from the images consumed (same global batch, so always a whole number of steps)."""
+        old_micro, old_world = saved.get("micro_batch", self.micro), saved.get("world_size", self.world)
+        if (old_micro, old_world) == (self.micro, self.world):
+            return
+        images = self.state.batch_in_epoch * old_micro * old_world
+        if images % (self.micro * self.world):
+            raise TrainingError(
+                f"checkpoint {tag} stopped after {images} images of epoch {self.state.epoch}, not a whole number of "
+                f"micro batches of {self.micro} on {self.world} rank(s); keep train_batch_size the same."
+            )
+        self.state.batch_in_epoch = images // (self.micro * self.world)
+
+    def _resume_on_new_world(self, saved: dict[str, Any], tag: str) -> str:
+        """A checkpoint of another world size: convert it to DeepSpeed's universal format (rank 0, once) and
+        map the position in the epoch from images consumed; returns the tag to load."""
+        saved_world = saved["world_size"]
+        t0 = time.perf_counter()
+        if self.rank == 0:
+            checkpoint.to_universal(self.ckpt_dir, tag)
+        self.op = f"waiting for rank 0 to convert {tag} to a universal checkpoint"
+        dist.barrier()
+        images = self.state.batch_in_epoch * self.micro * self.world  # already mapped to this world
+        if self.rank == 0:
+            print(
+                f"resuming {tag}, saved by {saved_world} rank(s), on {self.world} rank(s): converted to a DeepSpeed "
+                f"universal checkpoint ({self.ckpt_dir / (tag + checkpoint.UNIVERSAL_SUFFIX)}, "
+                f"{time.perf_counter() - t0:.1f} s); global batch {self.ds_config['train_batch_size']} = "
+                f"{self.micro} micro x {self.accum} accumulation x {self.world} rank(s); continuing at image "
+                f"{images} of epoch {self.state.epoch}",
+                flush=True,
+            )
+            if saved.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
+                print(
+                    f"warning: an epoch is now {self.steps_per_epoch} steps (it was {saved['steps_per_epoch']}): "
+                    "the sampler's padding differs by world size; the LR schedule follows the new count.",
+                    flush=True,
+                )
+        return tag + checkpoint.UNIVERSAL_SUFFIX
 
     # ----------------------------------------------------------------- loop
     def _epoch_batches(self):
@@ -567,6 +686,7 @@ class Trainer:
         if step % self.cfg.train.log_every_steps == 0 or step == self.total_steps:
             t = torch.tensor([loss], dtype=torch.float64)
             if self.world > 1:
+                self.op = f"the all-reduce of the logged loss at step {step}"
                 dist.all_reduce(t)
             mean_loss = t.item() / self.world
             imgs = self.ds_config["train_batch_size"] / dt
@@ -589,7 +709,26 @@ class Trainer:
             self.monitor.progress(step)
 
     def train(self) -> dict[str, Any] | None:
-        """Run to the end (returns the summary) or to train.stop_at_step (returns None)."""
+        """Run to the end (returns the summary) or to train.stop_at_step (returns None).
+
+        Raises TrainingError (message for the user) for a collective timeout, a checkpoint that could
+        not be written, or too many non-finite steps in a row."""
+        try:
+            return self._train()
+        except checkpoint.CheckpointWriteError as exc:
+            raise TrainingError(str(exc)) from exc
+        except RuntimeError as exc:
+            if not is_timeout(exc):
+                raise
+            done = checkpoint.complete_tags(self.ckpt_dir)
+            raise TrainingError(
+                f"rank {self.rank}: {self.op} timed out after train.collective_timeout_s="
+                f"{self.cfg.train.collective_timeout_s:g} s waiting for another rank (dead, hung or cut off). The "
+                f"last complete checkpoint is {self.ckpt_dir / done[-1] if done else 'none'}; restart the job "
+                f"with --resume. ({str(exc).splitlines()[0][:200]})"
+            ) from exc
+
+    def _train(self) -> dict[str, Any] | None:
         self.monitor = Monitor(self.out_dir, self.rank, self.total_steps, self.state.step)
         if not self.state.history[-1].get("trainable_params"):
             self._record_params()
@@ -601,6 +740,8 @@ class Trainer:
                 loss = self.train_step(group)
                 self.state.step += 1
                 self.state.batch_in_epoch += self.accum
+                if faults.active():
+                    faults.after_step(self.state.step, self.rank)
                 now = time.perf_counter()
                 self._log_step(loss, now - t_last)
                 self._maybe_start_relora(epoch_end=False)
@@ -673,6 +814,7 @@ class Trainer:
             "world_size": self.world,
             "train_batch_size": self.ds_config["train_batch_size"],
             "model": self.cfg.model.name,
+            "skipped_steps": self.state.skipped_steps,
         }
 
     def finish(self) -> dict[str, Any]:

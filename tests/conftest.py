@@ -38,8 +38,12 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout)
+def run(
+    cmd: list[str], timeout: int = 600, check: bool = True, env: dict[str, str] | None = None, **popen
+) -> subprocess.CompletedProcess:
+    """Run a job to its end; `env` adds variables (e.g. PRELORA_FAULTS), `popen` goes to subprocess.run."""
+    full_env = {**job_env(), **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, **popen)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -73,3 +77,28 @@ def summary(run_dir: Path) -> dict:
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+# The uninterrupted references that resumed runs (test_launch, test_relora, test_reliability) are compared to.
+SWITCH_RUN = ["--recipe", "recipes/demo.yaml", "--train.max_steps", "40", *SWITCH, "--train.log_every_steps", "1"]
+RELORA_RUN = [
+    "--recipe", "recipes/demo.yaml", "--train.max_steps", "60", "--relora.enabled", "true",
+    "--relora.start_step", "4", "--relora.rank", "16", "--relora.merge_every_steps", "5",
+    *SWITCH, "--train.log_every_steps", "1",
+]
+
+
+@pytest.fixture(scope="session")
+def switch_reference(tmp_path_factory) -> Path:
+    """Phases full 0-12, warmup 12-20, lora 20-40 on 2 ranks, uninterrupted."""
+    out = tmp_path_factory.mktemp("switch_reference") / "run"
+    run(deepspeed_cmd("--output_dir", str(out), *SWITCH_RUN, port=29621))
+    return out
+
+
+@pytest.fixture(scope="session")
+def relora_reference(tmp_path_factory) -> Path:
+    """Phases full 0-4, relora from 4 (merges every 5 steps), then warmup and lora, 60 steps on 2 ranks."""
+    out = tmp_path_factory.mktemp("relora_reference") / "run"
+    run(deepspeed_cmd("--output_dir", str(out), *RELORA_RUN, port=29681))
+    return out

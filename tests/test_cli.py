@@ -178,3 +178,81 @@ def test_main_output_dir_with_checkpoint_needs_resume(capsys, tmp_path):
     err = run_main(capsys, [*DEMO, *SMALL, "--output_dir", str(tmp_path)])
     assert f"{tmp_path} already holds checkpoints (step00000005 is the newest); add --resume" in err
     assert not (tmp_path / "config.yaml").exists()  # nothing written into the other run's directory
+
+
+# ----------------------------------------------------------------------------------------------- issue 7: bad input
+
+
+def test_main_target_regex_matching_nothing(capsys):
+    err = run_main(capsys, [*DEMO, *SMALL, "--prelora.target_modules", r"blocks\.\d+\.ffn"])
+    assert (
+        "prelora.target_modules='blocks\\\\.\\\\d+\\\\.ffn' matches no Linear module of this model; module names "
+        "look like ['blocks.0.attn.qkv', 'blocks.0.attn.proj', 'blocks.0.mlp.fc1', 'blocks.0.mlp.fc2', 'head']" in err
+    )
+
+
+def test_main_ds_config_not_json(capsys, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_micro_batch_size_per_gpu": 32,}\n')
+    err = run_main(capsys, ["--recipe", "recipes/demo.yaml", "--deepspeed_config", str(path)])
+    assert (
+        f"DeepSpeed config {path} is not valid JSON (line 1, column 39: Expecting property name enclosed in double "
+        "quotes); DeepSpeed configs are strict JSON: no comments, no trailing commas." in err
+    )
+
+
+def test_main_class_folder_without_images(capsys, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / split / "cat" / "a.png")
+        (root / split / "dog").mkdir()
+        (root / split / "dog" / "notes.txt").write_text("no images")
+    err = run_main(capsys, [*DEMO, *SMALL, "--data.dataset", "imagefolder", "--data.root", str(root)])
+    assert f"class folder(s) dog under {root / 'train'} hold no images (extensions: .jpg" in err
+    assert "add images or remove the folder(s)." in err
+
+
+def test_main_output_dir_under_a_file(capsys, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    err = run_main(capsys, [*DEMO, *SMALL, "--output_dir", str(blocker / "run")])
+    assert f"output_dir {blocker / 'run'}: its parent {blocker} is not a writable folder; pass a writable" in err
+
+
+def test_main_bad_fault_spec(capsys, monkeypatch):
+    from prelora_ds import faults
+
+    monkeypatch.setenv(faults.ENV, "kill@x")
+    faults.active.cache_clear()
+    try:
+        err = run_main(capsys, [*DEMO, *SMALL])
+    finally:
+        monkeypatch.delenv(faults.ENV)
+        faults.active.cache_clear()
+    assert "PRELORA_FAULTS: cannot read 'kill@x'; write KIND@STEP[:RANK] with KIND one of kill, kill_in_save" in err
+
+
+def test_main_rejects_bf16_overflow_check_off(capsys, tmp_path):
+    ds = write_ds(tmp_path, bf16={"enabled": True, "check_grad_overflow": False})
+    err = run_main(capsys, ["--recipe", "recipes/demo.yaml", "--deepspeed_config", ds])
+    assert "bf16.check_grad_overflow=false lets a non-finite gradient into the weights" in err
+
+
+def test_main_warns_when_keep_checkpoints_do_not_fit(capsys, monkeypatch):
+    # more checkpoints than the disk holds only warns (saves stop the run cleanly if it does fill up);
+    # a bad fault spec then stops main() before any process group, so nothing trains
+    monkeypatch.setenv("PRELORA_FAULTS", "nope")
+    from prelora_ds import faults
+
+    faults.active.cache_clear()
+    try:
+        assert main([*DEMO, *SMALL, "--train.keep_checkpoints", str(10**12)]) == 2
+    finally:
+        monkeypatch.delenv("PRELORA_FAULTS")
+        faults.active.cache_clear()
+    err = capsys.readouterr().err
+    assert "prelora-train: warning: output_dir runs/demo has" in err
+    assert f"train.keep_checkpoints={10**12} needs about" in err

@@ -15,19 +15,17 @@ import shutil
 import pytest
 import timm
 import torch
-from conftest import BIN, SWITCH, deepspeed_cmd, run, scalars, summary
+from conftest import BIN, SWITCH_RUN, run, scalars, summary
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.launch
 
-COMMON = ["--recipe", "recipes/demo.yaml", "--train.max_steps", "40", *SWITCH, "--train.log_every_steps", "1"]
+COMMON = SWITCH_RUN
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("u") / "run"
-    run(deepspeed_cmd("--output_dir", str(out), *COMMON, port=29621))
-    return out
+def uninterrupted(switch_reference):
+    return switch_reference
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import BIN, ROOT, deepspeed_cmd, run, scalars, summary
+from conftest import BIN, RELORA_RUN, ROOT, deepspeed_cmd, run, scalars, summary
 
 from prelora_ds.relora import merge_due, restart_factor
 
@@ -50,19 +50,14 @@ class TestMergeOnTwoRanks:
             assert 0.89 <= f["partition_zero_share"] <= 0.95
 
 
-ACCEPT = ["--recipe", "recipes/demo.yaml", "--train.max_steps", "60", "--relora.enabled", "true",
-          "--relora.start_step", "4", "--relora.rank", "16", "--relora.merge_every_steps", "5",
-          "--prelora.window_steps", "4", "--prelora.num_windows", "3", "--prelora.delta_w", "1000",
-          "--prelora.delta_l", "1000", "--prelora.warmup_steps", "8", "--train.log_every_steps", "1"]
+ACCEPT = RELORA_RUN
 
 
 @pytest.mark.launch
 class TestHybridRun:
     @pytest.fixture(scope="class")
-    def runs(self, tmp_path_factory):
-        base = tmp_path_factory.mktemp("hybrid")
-        full, cut = base / "full", base / "cut"
-        run(deepspeed_cmd("--output_dir", str(full), *ACCEPT, port=29681))
+    def runs(self, tmp_path_factory, relora_reference):
+        full, cut = relora_reference, tmp_path_factory.mktemp("hybrid") / "cut"
         # stop mid-cycle (relora started at 4, merges after 9 and 14: step 12 is inside a cycle), resume
         run(deepspeed_cmd("--output_dir", str(cut), *ACCEPT, "--train.stop_at_step", "12", port=29682))
         stopped = json.loads((cut / "checkpoints" / "step00000012" / "trainer_state.json").read_text())["loop"]

@@ -1,0 +1,77 @@
+"""Fault injection for drills and tests: real failures at chosen steps, switched on by an environment variable.
+
+  PRELORA_FAULTS="kill@12:1"          rank 1 SIGKILLs itself right after optimizer step 12
+  PRELORA_FAULTS="kill_in_save@16:1"  rank 1 SIGKILLs itself inside the save of step 16, after DeepSpeed wrote
+                                      its files and before the checkpoint is declared complete
+  PRELORA_FAULTS="nan@5,nan@9:0"      the loss of step 5 (every rank) / of step 9 on rank 0 is NaN
+  PRELORA_FAULTS="hang@8:1"           rank 1 stops working after step 8 (a hung node: the others wait)
+
+Several faults are comma-separated; without `:RANK` a fault hits every rank. Nothing is mocked: the
+process really dies or hangs, the NaN really flows through DeepSpeed. Unset, every hook is a no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+
+ENV = "PRELORA_FAULTS"
+KINDS = ("kill", "kill_in_save", "nan", "hang")
+_PATTERN = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?$")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int | None  # None: every rank
+
+
+def parse(text: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        m = _PATTERN.match(item)
+        if not m or m["kind"] not in KINDS:
+            raise ValueError(
+                f"{ENV}: cannot read {item!r}; write KIND@STEP[:RANK] with KIND one of {', '.join(KINDS)}, "
+                "e.g. kill@12:1."
+            )
+        faults.append(Fault(m["kind"], int(m["step"]), None if m["rank"] is None else int(m["rank"])))
+    return faults
+
+
+@functools.cache
+def active() -> tuple[Fault, ...]:
+    """The faults of this process's environment (read once; `train` checks them before any process group)."""
+    return tuple(parse(os.environ.get(ENV, "")))
+
+
+def due(kind: str, step: int, rank: int) -> bool:
+    return any(f.kind == kind and f.step == step and f.rank in (None, rank) for f in active())
+
+
+def after_step(step: int, rank: int) -> None:
+    """Hook after each optimizer step (before any checkpoint of that step)."""
+    if due("kill", step, rank):
+        print(f"[{ENV}] rank {rank}: SIGKILL after step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if due("hang", step, rank):
+        print(f"[{ENV}] rank {rank}: hanging after step {step}", flush=True)
+        while True:  # alive but never reaching the next collective; a launcher's SIGTERM still ends it
+            time.sleep(60)
+
+
+def in_save(step: int, rank: int) -> None:
+    """Hook inside `checkpoint.save`, between DeepSpeed's files and the COMPLETE marker."""
+    if due("kill_in_save", step, rank):
+        print(f"[{ENV}] rank {rank}: SIGKILL while saving step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def loss_factor(step: int, rank: int) -> float:
+    """1.0, or NaN for an injected non-finite loss at `step` (the step being computed)."""
+    return float("nan") if due("nan", step, rank) else 1.0

@@ -115,7 +115,7 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     """Complete checkpoint tags, oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p.parent.name for p in ckpt_dir.glob(f"*/{COMPLETE_FILE}"))
+    return sorted(p.parent.name for p in ckpt_dir.glob(f"step*/{COMPLETE_FILE}") if p.parent.name[4:].isdigit())
 
 
 def incomplete_tags(ckpt_dir: Path) -> list[str]:
@@ -125,7 +125,7 @@ def incomplete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(
         p.name
         for p in ckpt_dir.glob("step*")
-        if p.is_dir() and not p.name.endswith(UNIVERSAL_SUFFIX) and not (p / COMPLETE_FILE).exists()
+        if p.is_dir() and p.name[4:].isdigit() and not (p / COMPLETE_FILE).exists()
     )
 
 

@@ -49,8 +49,10 @@ def test_prune_keeps_newest_complete_and_removes_stale_partials(tmp_path):
         make(tmp_path, step)
     make(tmp_path, 12, complete=False)  # older than the newest complete: a leftover
     make(tmp_path, 20, complete=False)  # newer: may be a save in progress, untouched
-    (tmp_path / "step00000005_universal").mkdir()
-    (tmp_path / "step00000015_universal").mkdir()
+    for tag in ("step00000005_universal", "step00000015_universal"):  # conversions are never resume points
+        (tmp_path / tag).mkdir()
+        (tmp_path / tag / checkpoint.COMPLETE_FILE).write_text(tag)
+    assert checkpoint.complete_tags(tmp_path) == ["step00000005", "step00000010", "step00000015"]
     checkpoint.prune(tmp_path, keep=2)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["step00000010", "step00000015", "step00000015_universal", "step00000020"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -45,6 +46,13 @@ def saved_loop(out, step: int) -> dict:
     return json.loads((out / "checkpoints" / f"step{step:08d}" / "trainer_state.json").read_text())["loop"]
 
 
+def resumed_phase(proc, step: int) -> str:
+    """The phase a resumed job reports for the checkpoint it loaded ("resumed at step N (epoch E, phase P)")."""
+    m = re.search(rf"resumed at step {step} \(epoch \d+, phase (\w+)\)", proc.stdout)
+    assert m, proc.stdout[-2000:]
+    return m[1]
+
+
 def losses(out) -> dict[int, float]:
     return dict(scalars(out)["train/loss"])
 
@@ -57,80 +65,7 @@ def timeline(out) -> list[tuple[str, int, int]]:
     return [(p["name"], p["start_step"], p["end_step"]) for p in summary(out)["phases"]]
 
 
-def phase_at(step: int) -> str:
-    """Phase recorded in a checkpoint of the switch reference (the switch checkpoints carry the new phase)."""
-    return "full" if step < 12 else "warmup" if step < 20 else "lora"
-
-
-# ------------------------------------------------------------------ kill -9 in every phase, and inside a save
-@pytest.fixture(scope="module")
-def kill_chain(tmp_path_factory):
-    """One run killed five times: inside the save of step 10, then at random steps in full, warmup and lora."""
-    rng = random.Random(SEED)
-    out = tmp_path_factory.mktemp("kill") / "run"
-    cmd = [*SWITCH_RUN, "--train.checkpoint_every_steps", "5"]
-    kills = [rng.randint(6, 11), rng.randint(13, 19), rng.randint(21, 39)]
-    launches = [launch(out, *cmd, faults="kill_in_save@10:1", check=False)]
-    after_save_kill = {
-        "latest": latest(out),
-        "incomplete": not (out / "checkpoints" / "step00000010" / "COMPLETE").exists(),
-        "partial_files": sorted(p.name for p in (out / "checkpoints" / "step00000010").iterdir()),
-    }
-    for i, step in enumerate(kills):
-        launches.append(launch(out, *cmd, "--resume", faults=f"kill@{step}:{i % 2}", check=False))
-    launches.append(launch(out, *cmd, "--resume"))
-    return out, kills, launches, after_save_kill
-
-
-def test_kill_inside_save_leaves_latest_on_the_complete_checkpoint(kill_chain):
-    out, _, launches, state = kill_chain
-    assert launches[0].returncode != 0, "the launcher must end the job when a rank dies"
-    assert state["latest"] == "step00000005" and state["incomplete"]
-    assert any(name.endswith("_states.pt") for name in state["partial_files"])  # DeepSpeed had written files
-    assert "skipping incomplete checkpoint(s) step00000010" in launches[1].stdout
-    assert f"resuming from {out / 'checkpoints' / 'step00000005'}" in launches[1].stdout
-
-
-def test_kill_in_full_warmup_lora_resumes_from_the_last_checkpoint(kill_chain):
-    out, kills, launches, _ = kill_chain
-    saves = [5, 10, 12, 15, 20, 22, 25, 30, 35]  # every 5 steps, the two switches, the epoch end (22 steps)
-    for kill, killed, resumed in zip(kills, launches[1:4], launches[2:5], strict=True):
-        assert killed.returncode != 0, f"seed {SEED}: the job killed at step {kill} did not fail"
-        assert f"SIGKILL after step {kill}" in killed.stdout
-        resume_step = max(s for s in saves if s <= kill)
-        assert f"resuming from {out / 'checkpoints' / f'step{resume_step:08d}'}" in resumed.stdout, (SEED, kill)
-        assert saved_loop(out, resume_step)["phase"] == phase_at(resume_step)
-    assert [phase_at(k) for k in kills] == ["full", "warmup", "lora"]
-
-
-def test_killed_run_matches_the_uninterrupted_one(kill_chain, switch_reference):
-    out = kill_chain[0]
-    assert timeline(out) == timeline(switch_reference)
-    assert json.loads((out / "ranks.json").read_text()) == json.loads((switch_reference / "ranks.json").read_text())
-    a, b = losses(switch_reference), losses(out)
-    assert sorted(b) == list(range(1, 41))
-    assert worst_diff(a, b, range(1, 41)) <= FP32_RESUME_TOL, SEED
-    lr_a, lr_b = dict(scalars(switch_reference)["train/lr"]), dict(scalars(out)["train/lr"])
-    assert worst_diff(lr_a, lr_b, range(1, 41)) <= 1e-12
-
-
-def test_kill_mid_relora_cycle_keeps_merges_and_schedule(tmp_path, relora_reference):
-    rng = random.Random(SEED + 1)
-    out = tmp_path / "run"
-    cmd = [*RELORA_RUN, "--train.checkpoint_every_steps", "5"]
-    kill = rng.randint(11, 13)  # relora started at 4, merges after 9 and 14: 10-13 is mid-cycle
-    killed = launch(out, *cmd, faults=f"kill@{kill}:1", check=False)
-    assert killed.returncode != 0
-    state = saved_loop(out, 10)
-    assert state["phase"] == "relora" and state["relora_merges"] == 1
-    resumed = launch(out, *cmd, "--resume")
-    assert f"resuming from {out / 'checkpoints' / 'step00000010'}" in resumed.stdout
-    assert summary(out)["relora_merges"] == summary(relora_reference)["relora_merges"]
-    assert timeline(out) == timeline(relora_reference)
-    assert worst_diff(losses(relora_reference), losses(out), range(1, 61)) <= FP32_RESUME_TOL, (SEED, kill)
-
-
-# ------------------------------------------------------------------ 2 ranks -> 1 -> 2 -> 1
+# ------------------------------------------------------------------ kills and world-size changes, every phase
 @pytest.fixture(scope="module")
 def elastic_ds(tmp_path_factory):
     """The demo's DeepSpeed config with the global batch fixed (64) instead of the accumulation: DeepSpeed
@@ -143,52 +78,119 @@ def elastic_ds(tmp_path_factory):
     return str(path)
 
 
+HOSTFILE = [str(BIN / "deepspeed"), "--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0",
+            "--master_addr", "127.0.0.1", "--module", "prelora_ds.train"]
+MPIRUN = [str(BIN / "mpirun"), "-np", "2", str(BIN / "prelora-train")]
+
+
 @pytest.fixture(scope="module")
-def world_chain(tmp_path_factory, elastic_ds):
-    out = tmp_path_factory.mktemp("world") / "run"
-    cmd = [*SWITCH_RUN, "--deepspeed_config", elastic_ds]
-    return out, [
-        launch(out, *cmd, "--train.stop_at_step", "8", world=2),  # saved in full by 2
-        launch(out, *cmd, "--train.stop_at_step", "16", "--resume", world=1),  # full on 1, saves in warmup
-        launch(out, *cmd, "--train.stop_at_step", "26", "--resume", world=2),  # warmup on 2, saves in lora
-        launch(out, *cmd, "--resume", world=1),  # lora on 1, to the end
-    ]
+def chain(tmp_path_factory, elastic_ds):
+    """One run of the switch reference's settings, killed four times and moved between 2 and 1 ranks:
+
+    L1 2 ranks  SIGKILL inside the save of step 10 (full)
+    L2 2 ranks  (hostfile launch) resumes past the partial save, SIGKILL at a random step of full
+    L3 1 rank   resumes the 2-rank checkpoint (full), stops at 16 (warmup)
+    L4 2 ranks  (mpirun) resumes the 1-rank checkpoint (warmup), SIGKILL at a random step of warmup
+    L5 2 ranks  resumes it again, SIGKILL at a random step of lora
+    L6 1 rank   resumes the 2-rank checkpoint (lora), runs to the end
+    """
+    rng = random.Random(SEED)
+    out = tmp_path_factory.mktemp("chain") / "run"
+    cmd = ["--output_dir", str(out), *SWITCH_RUN, "--deepspeed_config", elastic_ds,
+           "--train.checkpoint_every_steps", "5"]
+    kills = {"full": rng.randint(6, 11), "warmup": rng.randint(17, 19), "lora": rng.randint(21, 39)}
+
+    def go(launcher, *extra, faults=None, check=False):
+        t0 = time.perf_counter()
+        env = {"PRELORA_FAULTS": faults} if faults else None
+        port = [] if launcher is MPIRUN else ["--master_port", str(next(_ports))]
+        if launcher is HOSTFILE:
+            full = [*HOSTFILE[:-2], *port, *HOSTFILE[-2:], *cmd, *extra]
+        elif launcher is MPIRUN:
+            full = [*MPIRUN, *cmd, *extra]
+        elif launcher == "single":
+            full = [str(BIN / "python"), "-m", "prelora_ds.train", *cmd, *extra]
+        else:
+            full = deepspeed_cmd(*cmd, *extra, port=int(port[1]))
+        proc = run(full, check=check, env=env, timeout=300)
+        proc.wall_s = time.perf_counter() - t0
+        return proc
+
+    launches = [go("deepspeed", faults="kill_in_save@10:1")]
+    after_save_kill = {
+        "latest": latest(out),
+        "incomplete": not (out / "checkpoints" / "step00000010" / "COMPLETE").exists(),
+        "partial_files": sorted(p.name for p in (out / "checkpoints" / "step00000010").iterdir()),
+    }
+    launches.append(go(HOSTFILE, "--resume", faults=f"kill@{kills['full']}:0"))
+    launches.append(go("single", "--resume", "--train.stop_at_step", "16", check=True))
+    launches.append(go(MPIRUN, "--resume", faults=f"kill@{kills['warmup']}:1"))
+    launches.append(go("deepspeed", "--resume", faults=f"kill@{kills['lora']}:0"))
+    launches.append(go("single", "--resume", check=True))
+    return out, kills, launches, after_save_kill
+
+
+def test_kill_inside_save_leaves_latest_on_the_complete_checkpoint(chain):
+    out, _, launches, state = chain
+    assert launches[0].returncode != 0, "the launcher must end the job when a rank dies"
+    assert state["latest"] == "step00000005" and state["incomplete"]
+    assert any(name.endswith("_states.pt") for name in state["partial_files"])  # DeepSpeed had written files
+    assert "skipping incomplete checkpoint(s) step00000010" in launches[1].stdout
+    assert f"resuming from {out / 'checkpoints' / 'step00000005'}" in launches[1].stdout
+    assert resumed_phase(launches[1], 5) == "full"
+
+
+def test_kill_in_full_warmup_lora_loses_only_the_steps_since_the_last_checkpoint(chain):
+    out, kills, launches, _ = chain
+    for phase, killed in zip(("full", "warmup", "lora"), (launches[1], launches[3], launches[4]), strict=True):
+        assert killed.returncode != 0, f"seed {SEED}: the job killed in {phase} did not fail"
+        assert f"SIGKILL after step {kills[phase]}" in killed.stdout
+    # saves: every 5 steps, the switches (12, 20), the epoch end (22), the stop at 16
+    full_resume = 10 if kills["full"] >= 10 else 5
+    lora_resume = max(s for s in (20, 22, 25, 30, 35) if s <= kills["lora"])
+    expected = [(launches[2], full_resume, "full"), (launches[3], 16, "warmup"), (launches[4], 16, "warmup"),
+                (launches[5], lora_resume, "lora")]
+    for resumed, step, phase in expected:
+        assert resumed_phase(resumed, step) == phase, (SEED, kills)
+
+
+def test_world_size_change_in_every_phase(chain):
+    out, kills, launches, _ = chain
+    full_resume = 10 if kills["full"] >= 10 else 5
+    lora_resume = max(s for s in (20, 22, 25, 30, 35) if s <= kills["lora"])
+    for resumed, step, before, after in [(launches[2], full_resume, 2, 1), (launches[3], 16, 1, 2),
+                                         (launches[5], lora_resume, 2, 1)]:
+        assert (
+            f"resuming step{step:08d}, saved by {before} rank(s), on {after} rank(s): converted to a DeepSpeed "
+            "universal checkpoint" in resumed.stdout
+        ), (SEED, kills)
+        assert "global batch 64" in resumed.stdout
 
 
 WORLD_TOL = 2e-3  # another reduction order (2 ranks x 1 micro batch vs 1 rank x 2): fp32 rounding only
 
 
-def test_world_size_change_in_every_phase(world_chain, switch_reference):
-    out, launches = world_chain
-    expected = [(8, 2, 1, "full"), (16, 1, 2, "warmup"), (26, 2, 1, "lora")]
-    for (step, before, after, phase), resumed in zip(expected, launches[1:], strict=True):
-        assert saved_loop(out, step)["phase"] == phase
-        assert (
-            f"resuming step{step:08d}, saved by {before} rank(s), on {after} rank(s): converted to a DeepSpeed "
-            "universal checkpoint" in resumed.stdout
-        )
-        assert "global batch 64" in resumed.stdout
+def test_interrupted_run_matches_the_uninterrupted_one(chain, switch_reference):
+    out = chain[0]
     assert timeline(out) == timeline(switch_reference)
-    assert summary(out)["world_size"] == 1
     assert json.loads((out / "ranks.json").read_text()) == json.loads((switch_reference / "ranks.json").read_text())
     a, b = losses(switch_reference), losses(out)
-    assert worst_diff(a, b, range(1, 41)) <= WORLD_TOL
+    assert sorted(b) == list(range(1, 41))
+    assert worst_diff(a, b, range(1, 41)) <= WORLD_TOL, SEED
+    lr_a, lr_b = dict(scalars(switch_reference)["train/lr"]), dict(scalars(out)["train/lr"])
+    assert worst_diff(lr_a, lr_b, range(1, 41)) <= 1e-12
+    assert abs(summary(out)["final_val_top1"] - summary(switch_reference)["final_val_top1"]) <= 0.3
 
 
-def test_world_size_change_in_relora(tmp_path, elastic_ds, relora_reference):
-    out = tmp_path / "run"
-    cmd = [*RELORA_RUN, "--deepspeed_config", elastic_ds]
-    launch(out, *cmd, "--train.stop_at_step", "12", world=2)
-    resumed = launch(out, *cmd, "--resume", world=1)
-    assert "saved by 2 rank(s), on 1 rank(s)" in resumed.stdout
-    assert saved_loop(out, 12)["phase"] == "relora"
-    assert summary(out)["relora_merges"] == summary(relora_reference)["relora_merges"]
-    assert timeline(out) == timeline(relora_reference)
-    assert worst_diff(losses(relora_reference), losses(out), range(1, 61)) <= WORLD_TOL
+def test_fresh_run_refuses_to_overwrite_checkpoints(chain):
+    out = chain[0]
+    proc = run([str(BIN / "prelora-train"), "--output_dir", str(out), *SWITCH_RUN], check=False)
+    assert proc.returncode == 2
+    assert "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr
 
 
-def test_resume_refuses_another_layout_before_starting(world_chain, elastic_ds):
-    out = world_chain[0]
+def test_resume_refuses_another_layout_before_starting(chain, elastic_ds):
+    out = chain[0]
     proc = launch(out, *SWITCH_RUN, "--deepspeed_config", elastic_ds, "--resume", "--model.kwargs",
                   "{img_size: 16, patch_size: 4, depth: 4}", world=1, check=False)
     assert proc.returncode == 2
@@ -199,15 +201,42 @@ def test_resume_refuses_another_layout_before_starting(world_chain, elastic_ds):
     )
     proc = launch(out, *SWITCH_RUN, "--resume", world=1, check=False)  # accumulation 1 on 1 rank: batch 32
     assert proc.returncode == 2
-    assert "the global batch (train_batch_size) was 64, now 32: set \"train_batch_size\": 64" in proc.stderr
+    assert 'the global batch (train_batch_size) was 64, now 32: set "train_batch_size": 64' in proc.stderr
+
+
+def test_relora_killed_mid_cycle_resumes_on_one_rank(tmp_path, elastic_ds, relora_reference):
+    """Kill a rank mid-cycle (relora started at 4, merges after 9 and 14), resume on 1 rank."""
+    rng = random.Random(SEED + 1)
+    out = tmp_path / "run"
+    cmd = [*RELORA_RUN, "--deepspeed_config", elastic_ds, "--train.checkpoint_every_steps", "5"]
+    kill = rng.randint(11, 13)
+    killed = launch(out, *cmd, faults=f"kill@{kill}:1", check=False)
+    assert killed.returncode != 0
+    state = saved_loop(out, 10)
+    assert state["phase"] == "relora" and state["relora_merges"] == 1
+    resumed = launch(out, *cmd, "--resume", world=1)
+    assert "resuming step00000010, saved by 2 rank(s), on 1 rank(s)" in resumed.stdout
+    assert resumed_phase(resumed, 10) == "relora"
+    assert summary(out)["relora_merges"] == summary(relora_reference)["relora_merges"]
+    assert timeline(out) == timeline(relora_reference)
+    a, b = losses(relora_reference), losses(out)
+    lr_a, lr_b = dict(scalars(relora_reference)["train/lr"]), dict(scalars(out)["train/lr"])
+    assert worst_diff(lr_a, lr_b, range(1, 61)) <= 1e-12  # the same jagged schedule, merges at the same steps
+    assert worst_diff(a, b, range(1, 17)) <= WORLD_TOL, (SEED, kill)  # up to the switch at 16 (measured: 5e-7)
+    # The switch ranks come from per-layer norm changes of ~1e-4 % in this short run, so a layer at a rank
+    # boundary can flip with the reduction order of another world size (seen: 2 of 24 layers); the runs then
+    # differ by the LoRA shapes of those layers, not by lost state.
+    assert worst_diff(a, b, range(17, 61)) <= 2e-2
 
 
 # ------------------------------------------------------------------ non-finite steps, hung rank, full disk
-def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+def test_non_finite_steps_then_a_full_disk(tmp_path):
+    """Non-finite steps are skipped and counted, 3 in a row stop the run (latest stays on step 5); the resume
+    then meets a full disk at the save of step 10; a third start skips that partial save and finishes."""
     out = tmp_path / "run"
-    proc = launch(out, *TINY, "--prelora.enabled", "false", "--train.max_steps", "20",
-                  "--train.checkpoint_every_steps", "5", "--train.max_bad_steps", "3",
-                  faults="nan@3:1,nan@7,nan@8:0,nan@9", check=False)
+    cmd = [*TINY, "--prelora.enabled", "false", "--train.max_steps", "12", "--train.checkpoint_every_steps", "5",
+           "--train.max_bad_steps", "3"]
+    proc = launch(out, *cmd, faults="nan@3:1,nan@7,nan@8:0,nan@9", check=False)
     assert proc.returncode != 0
     ckpt = out / "checkpoints"
     assert (
@@ -222,6 +251,20 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     states = torch.load(ckpt / "step00000005" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert all(torch.isfinite(t).all() for t in states.values())
 
+    def small_files():  # every write past 256 KiB fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    full = launch(out, *cmd, "--resume", check=False, preexec_fn=small_files)
+    assert full.returncode != 0
+    assert f"could not write checkpoint {ckpt / 'step00000010'}" in full.stderr
+    assert "the last complete one is step00000005. Free disk space" in full.stderr
+    assert latest(out) == "step00000005" and not (ckpt / "step00000010" / "COMPLETE").exists()
+    again = launch(out, *cmd, "--resume")
+    assert "skipping incomplete checkpoint(s) step00000010" in again.stdout
+    assert summary(out)["steps"] == 12 and summary(out)["skipped_steps"] == 1  # step 3; 7-9 were redone
+    kept = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step"))
+    assert kept == ["step00000010", "step00000012"]  # keep_checkpoints=2; the partial one was replaced
+
 
 def test_hung_rank_times_out_naming_the_collective(tmp_path):
     out = tmp_path / "run"
@@ -235,27 +278,6 @@ def test_hung_rank_times_out_naming_the_collective(tmp_path):
         "waiting for another rank (dead, hung or cut off)" in proc.stderr
     )
     assert time.perf_counter() - t0 < 120
-
-
-def test_disk_full_during_save_keeps_the_last_complete_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    cmd = [*TINY, "--prelora.enabled", "false", "--train.max_steps", "12", "--train.checkpoint_every_steps", "5"]
-    launch(out, *cmd, "--train.stop_at_step", "5")
-
-    def small_files():  # every write past 256 KiB fails with EFBIG, like a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
-
-    full = launch(out, *cmd, "--resume", check=False, preexec_fn=small_files)
-    assert full.returncode != 0
-    assert f"could not write checkpoint {out / 'checkpoints' / 'step00000010'}" in full.stderr
-    assert "the last complete one is step00000005. Free disk space" in full.stderr
-    assert latest(out) == "step00000005"
-    assert not (out / "checkpoints" / "step00000010" / "COMPLETE").exists()
-    again = launch(out, *cmd, "--resume")
-    assert "skipping incomplete checkpoint(s) step00000010" in again.stdout
-    assert summary(out)["steps"] == 12 and latest(out) == "step00000012"
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
-    assert kept == ["step00000010", "step00000012"]  # keep_checkpoints=2; the partial one was replaced
 
 
 def test_hostfile_line_without_slots_is_refused_by_the_launcher(tmp_path):

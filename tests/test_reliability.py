@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import BIN, RELORA_RUN, ROOT, SWITCH_RUN, TINY, deepspeed_cmd, run, scalars, summary
 
+from prelora_ds.train import main
+
 pytestmark = pytest.mark.launch
 
 SEED = int(os.environ.get("PRELORA_FAULT_SEED", random.SystemRandom().randrange(10**6)))
@@ -145,9 +147,10 @@ def test_kill_in_full_warmup_lora_loses_only_the_steps_since_the_last_checkpoint
     for phase, killed in zip(("full", "warmup", "lora"), (launches[1], launches[3], launches[4]), strict=True):
         assert killed.returncode != 0, f"seed {SEED}: the job killed in {phase} did not fail"
         assert f"SIGKILL after step {kills[phase]}" in killed.stdout
-    # saves: every 5 steps, the switches (12, 20), the epoch end (22), the stop at 16
-    full_resume = 10 if kills["full"] >= 10 else 5
-    lora_resume = max(s for s in (20, 22, 25, 30, 35) if s <= kills["lora"])
+    # saves: every 5 steps, the switches (12, 20), the epoch end (22), the stop at 16; a kill comes right after
+    # its step's update, before that step's save
+    full_resume = 10 if kills["full"] > 10 else 5
+    lora_resume = max(s for s in (20, 22, 25, 30, 35) if s < kills["lora"])
     expected = [(launches[2], full_resume, "full"), (launches[3], 16, "warmup"), (launches[4], 16, "warmup"),
                 (launches[5], lora_resume, "lora")]
     for resumed, step, phase in expected:
@@ -156,8 +159,8 @@ def test_kill_in_full_warmup_lora_loses_only_the_steps_since_the_last_checkpoint
 
 def test_world_size_change_in_every_phase(chain):
     out, kills, launches, _ = chain
-    full_resume = 10 if kills["full"] >= 10 else 5
-    lora_resume = max(s for s in (20, 22, 25, 30, 35) if s <= kills["lora"])
+    full_resume = 10 if kills["full"] > 10 else 5
+    lora_resume = max(s for s in (20, 22, 25, 30, 35) if s < kills["lora"])
     for resumed, step, before, after in [(launches[2], full_resume, 2, 1), (launches[3], 16, 1, 2),
                                          (launches[5], lora_resume, 2, 1)]:
         assert (
@@ -182,26 +185,33 @@ def test_interrupted_run_matches_the_uninterrupted_one(chain, switch_reference):
     assert abs(summary(out)["final_val_top1"] - summary(switch_reference)["final_val_top1"]) <= 0.3
 
 
-def test_fresh_run_refuses_to_overwrite_checkpoints(chain):
-    out = chain[0]
-    proc = run([str(BIN / "prelora-train"), "--output_dir", str(out), *SWITCH_RUN], check=False)
-    assert proc.returncode == 2
-    assert "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr
+def refused(argv, capsys, monkeypatch) -> str:
+    """main() in this process: these must fail before any process group (and cost no start-up)."""
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(ROOT)
+    assert main(argv) == 2
+    return capsys.readouterr().err
 
 
-def test_resume_refuses_another_layout_before_starting(chain, elastic_ds):
+def test_fresh_run_refuses_to_overwrite_checkpoints(chain, capsys, monkeypatch):
     out = chain[0]
-    proc = launch(out, *SWITCH_RUN, "--deepspeed_config", elastic_ds, "--resume", "--model.kwargs",
-                  "{img_size: 16, patch_size: 4, depth: 4}", world=1, check=False)
-    assert proc.returncode == 2
+    err = refused(["--output_dir", str(out), *SWITCH_RUN], capsys, monkeypatch)
+    assert f"{out} already holds checkpoints (step00000040 is the newest); add --resume" in err
+
+
+def test_resume_refuses_another_layout_before_starting(chain, elastic_ds, capsys, monkeypatch):
+    out = chain[0]
+    depth4 = ["--model.kwargs", "{img_size: 16, patch_size: 4, depth: 4}"]
+    err = refused(["--output_dir", str(out), *SWITCH_RUN, "--deepspeed_config", elastic_ds, "--resume", *depth4],
+                  capsys, monkeypatch)
     assert (
         f"checkpoint {out / 'checkpoints' / 'step00000040'} does not fit this run: model.kwargs was "
         "{'img_size': 16, 'patch_size': 4, 'depth': 6}, now {'img_size': 16, 'patch_size': 4, 'depth': 4}. "
-        "Resume with the values it was saved with, or pass another --output_dir to start a new run." in proc.stderr
+        "Resume with the values it was saved with, or pass another --output_dir to start a new run." in err
     )
-    proc = launch(out, *SWITCH_RUN, "--resume", world=1, check=False)  # accumulation 1 on 1 rank: batch 32
-    assert proc.returncode == 2
-    assert 'the global batch (train_batch_size) was 64, now 32: set "train_batch_size": 64' in proc.stderr
+    err = refused(["--output_dir", str(out), *SWITCH_RUN, "--resume"], capsys, monkeypatch)  # 32 on 1 rank
+    assert 'the global batch (train_batch_size) was 64, now 32: set "train_batch_size": 64' in err
 
 
 def test_relora_killed_mid_cycle_resumes_on_one_rank(tmp_path, elastic_ds, relora_reference):

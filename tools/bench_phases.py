@@ -63,11 +63,19 @@ def init_single() -> None:
     deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)
 
 
-def timed_steps(step, n_warm: int, n: int) -> list[float]:
+def timed_steps(step, n_warm: int, n: int, profile: dict | None = None) -> list[float]:
+    """Per-step seconds after `n_warm` untimed steps; with `profile` (a dict), also the functions the timed
+    steps spend their time in (cProfile, own time per step), to say where a difference comes from."""
+    import cProfile
+    import pstats
+
     import torch
 
     times = []
+    prof = cProfile.Profile() if profile is not None else None
     for i in range(n_warm + n):
+        if prof is not None and i == n_warm:
+            prof.enable()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -76,6 +84,14 @@ def timed_steps(step, n_warm: int, n: int) -> list[float]:
             torch.cuda.synchronize()
         if i >= n_warm:
             times.append(time.perf_counter() - t0)
+    if prof is not None:
+        prof.disable()
+        stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+        top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
+        profile["top_tottime_per_step_ms"] = [
+            [f"{Path(f).name}:{line}({name})", round(1e3 * v[2] / n, 3)] for (f, line, name), v in top
+        ]
+        profile["python_calls_per_step"] = round(sum(v[1] for v in stats.values()) / n)
     return times
 
 
@@ -116,9 +132,11 @@ def worker_ours(args) -> dict:
     img = args.img_size
     gen = torch.Generator().manual_seed(0)
     batch = [(torch.randn(args.batch_size, 3, img, img, generator=gen), torch.randint(0, 10, (args.batch_size,)))]
-    times = timed_steps(lambda: trainer.train_step(batch), args.warmup, args.steps)
+    prof = {} if args.profile else None
+    times = timed_steps(lambda: trainer.train_step(batch), args.warmup, args.steps, prof)
     trainable, total = count_params(trainer.engine.module)
     out = {"median_step_s": statistics.median(times), "step_s": times, "peak_mem_bytes": peak_mem(),
+           **({"profile": prof} if prof else {}),
            "images_per_s": args.batch_size / statistics.median(times),
            "trainable_params": trainable, "total_params": total,
            "optimizer_state_bytes": optimizer_state_bytes(trainer.engine)}
@@ -179,8 +197,10 @@ def worker_bare(args) -> dict:
         engine.backward(loss)
         engine.step()
 
-    times = timed_steps(step, args.warmup, args.steps)
+    prof = {} if args.profile else None
+    times = timed_steps(step, args.warmup, args.steps, prof)
     return {"median_step_s": statistics.median(times), "step_s": times, "peak_mem_bytes": peak_mem(),
+            **({"profile": prof} if prof else {}),
             "images_per_s": args.batch_size / statistics.median(times),
             "trainable_params": sum(p.numel() for p in params),
             "total_params": sum(p.numel() for p in model.parameters()),
@@ -212,7 +232,7 @@ def run_worker(args, kind: str, phase: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--phase", phase, "--model", args.model,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--ds-config", args.ds_config, "--rank", str(args.rank), "--img-size", str(args.img_size),
-           "--tmp", args.tmp]
+           "--tmp", args.tmp, *(["--profile"] if args.profile else [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -228,14 +248,22 @@ def table(result: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in result["phases"].items():
         bare = result["bare"][name]
+        ratio = result.get("bare_ratio", {}).get(name)
+        vs_bare = f"{p['median_step_s'] / bare['median_step_s']:.2f}"
+        if ratio and len(ratio["pairs"]) > 1:
+            vs_bare = f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})"
         rows.append(
             f"| {name} | {p['median_step_s']:.3f} | {p['median_step_s'] / full['median_step_s']:.2f} | "
-            f"{p['median_step_s'] / bare['median_step_s']:.2f} | {p['images_per_s']:.1f} | "
+            f"{vs_bare} | {p['images_per_s']:.1f} | "
             f"{p['peak_mem_bytes'] / 2**30:.2f} | {p['peak_mem_bytes'] / full['peak_mem_bytes']:.2f} | "
             f"{p['peak_mem_bytes'] / bare['peak_mem_bytes']:.2f} | {p['trainable_params']:,} | "
             f"{100 * p['trainable_params'] / p['total_params']:.1f}% | {p['optimizer_state_bytes'] / 2**20:.0f} |"
         )
     sw = result["switch_s"]
+    if result.get("repeats", 1) > 1:
+        rows.append("")
+        rows.append(f"step vs bare: median (min-max) of the ratios of {result['repeats']} interleaved ours/bare "
+                    "process pairs; step s: the median pair's run")
     rows.append("")
     rows.append(f"switch full->warmup {sw['warmup']:.2f} s, warmup->lora {sw['lora']:.2f} s; memory after 5 "
                 f"rebuilds: {', '.join(f'{m / 2**30:.2f}' for m in sw['rebuild_mem_bytes'])} GiB")
@@ -257,6 +285,9 @@ def main() -> None:
     p.add_argument("--phases", nargs="+", default=["full", "warmup", "lora"])
     p.add_argument("--out", default=None)
     p.add_argument("--tmp", default="/tmp/prelora_bench")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="ours/bare process pairs per phase, interleaved (ABAB); ratios are per pair, then the median")
+    p.add_argument("--profile", action="store_true", help="cProfile the timed steps of every worker (slower steps)")
     p.add_argument("--worker", choices=["ours", "bare", "switch"], help=argparse.SUPPRESS)
     p.add_argument("--phase", default="full", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -274,11 +305,20 @@ def main() -> None:
     result = {"model": args.model, "batch_size": args.batch_size, "img_size": args.img_size, "rank": args.rank,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "ds_config": Path(args.ds_config).name, "phases": {}, "bare": {}}
-    for phase in args.phases:  # alternate ours/bare per phase so drift hits both alike
-        result["phases"][phase] = run_worker(args, "ours", phase)
-        result["bare"][phase] = run_worker(args, "bare", phase)
-        print(f"{phase}: ours {result['phases'][phase]['median_step_s']:.3f} s, "
-              f"bare {result['bare'][phase]['median_step_s']:.3f} s", file=sys.stderr, flush=True)
+    result["repeats"] = args.repeats
+    result["bare_ratio"] = {}
+    for phase in args.phases:  # ours, bare, ours, bare, ...: drift and noise hit both alike
+        pairs = []
+        for _ in range(args.repeats):
+            pairs.append((run_worker(args, "ours", phase), run_worker(args, "bare", phase)))
+            print(f"{phase}: ours {pairs[-1][0]['median_step_s']:.3f} s, bare {pairs[-1][1]['median_step_s']:.3f} s",
+                  file=sys.stderr, flush=True)
+        ratios = [o["median_step_s"] / b["median_step_s"] for o, b in pairs]
+        for key, side in (("phases", 0), ("bare", 1)):  # the run with the median step time stands for the phase
+            runs = sorted((pair[side] for pair in pairs), key=lambda r: r["median_step_s"])
+            result[key][phase] = {**runs[len(runs) // 2], "repeat_step_s": [r["median_step_s"] for r in runs]}
+        result["bare_ratio"][phase] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                                       "pairs": ratios}
     result["switch_s"] = run_worker(args, "switch", "full")
     md = table(result)
     result["table_md"] = md

@@ -19,8 +19,12 @@ Runbook (from the repo root; every flag of the recipe can be overridden as --sec
   # MPI (pip install '.[mpi]')
   mpirun -np 2 prelora-train --recipe recipes/demo.yaml --output_dir runs/demo
 
-  # continue a stopped run: the same command plus --resume
+  # continue a stopped, killed or crashed run: the same command plus --resume (from the newest complete
+  # checkpoint; on another number of ranks too, when the DeepSpeed config fixes train_batch_size)
   ... --resume
+
+Faults and what to do: docs/reliability.md. Exit codes: 2 bad input (nothing started), 1 a run that stopped
+with a message (non-finite steps, collective timeout, a checkpoint that could not be written).
 """
 
 from __future__ import annotations

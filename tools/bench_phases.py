@@ -208,7 +208,7 @@ def worker_bare(args) -> dict:
 
 
 def worker_switch(args) -> dict:
-    """full -> warmup -> lora in one process, then 5 more rebuilds: switch times and RSS after each."""
+    """full -> warmup -> lora in one process, then --rebuilds more: switch times and RSS after each."""
     import gc
 
     import psutil
@@ -218,7 +218,7 @@ def worker_switch(args) -> dict:
     ranks = {n: args.rank for n in trainer.layout.layers}
     out = {"warmup": trainer.switch_to("warmup", ranks), "lora": trainer.switch_to("lora")}
     rss = []
-    for i in range(5):
+    for i in range(args.rebuilds):
         trainer.switch_to("warmup" if i % 2 == 0 else "lora")
         gc.collect()
         rss.append(psutil.Process().memory_info().rss if not torch.cuda.is_available()
@@ -232,7 +232,7 @@ def run_worker(args, kind: str, phase: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--phase", phase, "--model", args.model,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--ds-config", args.ds_config, "--rank", str(args.rank), "--img-size", str(args.img_size),
-           "--tmp", args.tmp, *(["--profile"] if args.profile else [])]
+           "--tmp", args.tmp, "--rebuilds", str(args.rebuilds), *(["--profile"] if args.profile else [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -265,8 +265,9 @@ def table(result: dict) -> str:
         rows.append(f"step vs bare: median (min-max) of the ratios of {result['repeats']} interleaved ours/bare "
                     "process pairs; step s: the median pair's run")
     rows.append("")
-    rows.append(f"switch full->warmup {sw['warmup']:.2f} s, warmup->lora {sw['lora']:.2f} s; memory after 5 "
-                f"rebuilds: {', '.join(f'{m / 2**30:.2f}' for m in sw['rebuild_mem_bytes'])} GiB")
+    mem = ", ".join(f"{m / 2**30:.2f}" for m in sw["rebuild_mem_bytes"])
+    rows.append(f"switch full->warmup {sw['warmup']:.2f} s, warmup->lora {sw['lora']:.2f} s; memory after each of "
+                f"{len(sw['rebuild_mem_bytes'])} rebuilds: {mem} GiB")
     rows.append(f"norm statistics: {100 * full['norm_stats_s'] / full['median_step_s']:.3f}% of a full step "
                 f"(sampled at most once a step); convergence test: {1e3 * full['convergence_test_s']:.3f} ms")
     return "\n".join(rows)
@@ -287,6 +288,8 @@ def main() -> None:
     p.add_argument("--tmp", default="/tmp/prelora_bench")
     p.add_argument("--repeats", type=int, default=1,
                    help="ours/bare process pairs per phase, interleaved (ABAB); ratios are per pair, then the median")
+    p.add_argument("--rebuilds", type=int, default=5, help="engine rebuilds after the two switches (memory trend)")
+    p.add_argument("--only-switch", action="store_true", help="only the switch worker (switch times, memory trend)")
     p.add_argument("--profile", action="store_true", help="cProfile the timed steps of every worker (slower steps)")
     p.add_argument("--worker", choices=["ours", "bare", "switch"], help=argparse.SUPPRESS)
     p.add_argument("--phase", default="full", help=argparse.SUPPRESS)
@@ -307,7 +310,7 @@ def main() -> None:
               "ds_config": Path(args.ds_config).name, "phases": {}, "bare": {}}
     result["repeats"] = args.repeats
     result["bare_ratio"] = {}
-    for phase in args.phases:  # ours, bare, ours, bare, ...: drift and noise hit both alike
+    for phase in [] if args.only_switch else args.phases:  # ours, bare, ours, bare, ...: drift and noise hit both alike
         pairs = []
         for _ in range(args.repeats):
             pairs.append((run_worker(args, "ours", phase), run_worker(args, "bare", phase)))
@@ -320,6 +323,11 @@ def main() -> None:
         result["bare_ratio"][phase] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
                                        "pairs": ratios}
     result["switch_s"] = run_worker(args, "switch", "full")
+    if args.only_switch:
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["switch_s"]))
+        return
     md = table(result)
     result["table_md"] = md
     if args.out:

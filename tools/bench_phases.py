@@ -216,7 +216,21 @@ def worker_switch(args) -> dict:
 
     trainer = ours_trainer(args)
     ranks = {n: args.rank for n in trainer.layout.layers}
-    out = {"warmup": trainer.switch_to("warmup", ranks), "lora": trainer.switch_to("lora")}
+    if args.profile:  # where the full -> warmup rebuild spends its time (cumulative, top 25)
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+    out = {"warmup": trainer.switch_to("warmup", ranks)}
+    if args.profile:
+        prof.disable()
+        stats = pstats.Stats(prof).stats
+        top = sorted(stats.items(), key=lambda kv: kv[1][3], reverse=True)[:25]
+        out["profile_full_to_warmup_cumulative_s"] = [
+            [f"{Path(f).name}:{line}({name})", round(v[3], 3)] for (f, line, name), v in top
+        ]
+    out["lora"] = trainer.switch_to("lora")
     rss = []
     for i in range(args.rebuilds):
         trainer.switch_to("warmup" if i % 2 == 0 else "lora")

@@ -715,9 +715,13 @@ class Trainer:
         not be written, or too many non-finite steps in a row."""
         try:
             return self._train()
-        except checkpoint.CheckpointWriteError as exc:
-            raise TrainingError(str(exc)) from exc
         except RuntimeError as exc:
+            if self.monitor:  # keep what TensorBoard has of the steps before the failure
+                self.monitor.close()
+            if isinstance(exc, TrainingError):
+                raise
+            if isinstance(exc, checkpoint.CheckpointWriteError):
+                raise TrainingError(str(exc)) from exc
             if not is_timeout(exc):
                 raise
             done = checkpoint.complete_tags(self.ckpt_dir)

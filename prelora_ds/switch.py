@@ -44,9 +44,8 @@ def gather_fp32_state(engine, frozen_fp32: FP32State) -> FP32State:
     for name, p in engine.module.named_parameters():
         key = canonical_name(name)
         if p.requires_grad:
-            full = safe_get_full_fp32_param(p)
-            value = full if full is not None else p.detach()
-            state[key] = value.detach().float().cpu().clone()
+            full = safe_get_full_fp32_param(p)  # a fresh tensor (all-reduced from the partitions): no copy
+            state[key] = full.float().cpu() if full is not None else p.detach().float().cpu().clone()
         elif key in frozen_fp32:
             state[key] = frozen_fp32[key]
         else:
@@ -138,7 +137,8 @@ def rebuild(
     release(old_engine)
     model = make_model(state)
     engine = build_engine(model, ds_config, weight_decay)
-    write_fp32_masters(engine, state)
+    if engine.bfloat16_enabled() or engine.fp16_enabled():  # in fp32 the masters were built from exact values
+        write_fp32_masters(engine, state)
     frozen = frozen_fp32_of(engine, state)
     del model
     return_freed_memory()

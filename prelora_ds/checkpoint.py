@@ -214,8 +214,6 @@ def layout_mismatch(saved: dict[str, Any], cfg, num_classes: int, ds_config: dic
         old = saved.get("config", {}).get(section, {}).get(key)
         if old is not None and old != now[section][key]:
             problems.append(f"{section}.{key} was {old!r}, now {now[section][key]!r}")
-    if saved.get("model") not in (None, cfg.model.name) and not any(p.startswith("model.name") for p in problems):
-        problems.append(f"model.name was {saved['model']!r}, now {cfg.model.name!r}")
     if saved.get("num_classes") not in (None, num_classes):
         problems.append(f"the data had {saved['num_classes']} classes, now {num_classes}")
     phase = saved.get("loop", {}).get("phase")
@@ -245,13 +243,17 @@ def estimate_bytes(total_params: int, dtype_bytes: int) -> int:
     return int(total_params * (dtype_bytes + 12) * 1.25)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest existing parent: where a run directory that does not exist yet will be made."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_free_space(out_dir: Path, need: int, keep: int) -> str | None:
     """OSError when not even one checkpoint of `need` bytes fits; a warning text when `keep` + 1 do not
     (the new one is written before the oldest is pruned); else None."""
-    probe = out_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(nearest_existing(out_dir)).free
     gib = 2**30
     if free < need:
         raise OSError(

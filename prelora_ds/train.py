@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_output_dir(out_dir: Path, resume: bool) -> None:
     """A fresh run never writes over the checkpoints of another one."""
-    from prelora_ds.checkpoint import complete_tags
+    from prelora_ds.checkpoint import complete_tags, nearest_existing
 
     tags = complete_tags(out_dir / "checkpoints")
     if tags and not resume:
@@ -188,9 +188,7 @@ def _check_output_dir(out_dir: Path, resume: bool) -> None:
             f"{out_dir} already holds checkpoints ({tags[-1]} is the newest); add --resume to continue that run, "
             "or pass another --output_dir."
         )
-    probe = out_dir
-    while not probe.exists() and probe != probe.parent:  # a new run dir is created inside its nearest parent
-        probe = probe.parent
+    probe = nearest_existing(out_dir)
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         what = "output_dir" if probe == out_dir else f"output_dir {out_dir}: its parent"
         raise ConfigError(f"{what} {probe} is not a writable folder; pass a writable --output_dir.")

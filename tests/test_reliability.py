@@ -24,20 +24,24 @@ pytestmark = pytest.mark.launch
 
 SEED = int(os.environ.get("PRELORA_FAULT_SEED", random.SystemRandom().randrange(10**6)))
 print(f"PRELORA_FAULT_SEED={SEED}", file=sys.stderr)
-FP32_RESUME_TOL = 1e-4  # same data order, RNG and fp32 masters: the curves agree to float noise
 _ports = iter(range(29700, 29800))
+HOSTFILE = [str(BIN / "deepspeed"), "--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0",
+            "--master_addr", "127.0.0.1"]
 
 
-def launch(out, *args, world=2, faults=None, check=True, **popen):
-    """The same command every time (plus --resume when asked); 1 rank is a plain process."""
-    if world == 2:
-        cmd = deepspeed_cmd("--output_dir", str(out), *args, port=next(_ports))
+def launch(out, *args, via="deepspeed", faults=None, check=True, **popen):
+    """The same command every time (plus --resume when asked), through one launch mode: 2 ranks by
+    `deepspeed --num_gpus 2`, a hostfile or `mpirun -np 2`; `single`: 1 rank, a plain process."""
+    train = ["--output_dir", str(out), *args]
+    if via == "deepspeed":
+        cmd = deepspeed_cmd(*train, port=next(_ports))
+    elif via == "hostfile":
+        cmd = [*HOSTFILE, "--master_port", str(next(_ports)), "--module", "prelora_ds.train", *train]
+    elif via == "mpirun":
+        cmd = [str(BIN / "mpirun"), "-np", "2", str(BIN / "prelora-train"), *train]
     else:
-        cmd = [str(BIN / "python"), "-m", "prelora_ds.train", "--output_dir", str(out), *args]
-    t0 = time.perf_counter()
-    proc = run(cmd, check=check, env={"PRELORA_FAULTS": faults} if faults else None, timeout=300, **popen)
-    proc.wall_s = time.perf_counter() - t0
-    return proc
+        cmd = [str(BIN / "python"), "-m", "prelora_ds.train", *train]
+    return run(cmd, check=check, env={"PRELORA_FAULTS": faults} if faults else None, timeout=300, **popen)
 
 
 def latest(out) -> str:
@@ -80,11 +84,6 @@ def elastic_ds(tmp_path_factory):
     return str(path)
 
 
-HOSTFILE = [str(BIN / "deepspeed"), "--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0",
-            "--master_addr", "127.0.0.1", "--module", "prelora_ds.train"]
-MPIRUN = [str(BIN / "mpirun"), "-np", "2", str(BIN / "prelora-train")]
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, elastic_ds):
     """One run of the switch reference's settings, killed four times and moved between 2 and 1 ranks:
@@ -98,37 +97,20 @@ def chain(tmp_path_factory, elastic_ds):
     """
     rng = random.Random(SEED)
     out = tmp_path_factory.mktemp("chain") / "run"
-    cmd = ["--output_dir", str(out), *SWITCH_RUN, "--deepspeed_config", elastic_ds,
-           "--train.checkpoint_every_steps", "5"]
+    cmd = [*SWITCH_RUN, "--deepspeed_config", elastic_ds, "--train.checkpoint_every_steps", "5"]
     kills = {"full": rng.randint(6, 11), "warmup": rng.randint(17, 19), "lora": rng.randint(21, 39)}
 
-    def go(launcher, *extra, faults=None, check=False):
-        t0 = time.perf_counter()
-        env = {"PRELORA_FAULTS": faults} if faults else None
-        port = [] if launcher is MPIRUN else ["--master_port", str(next(_ports))]
-        if launcher is HOSTFILE:
-            full = [*HOSTFILE[:-2], *port, *HOSTFILE[-2:], *cmd, *extra]
-        elif launcher is MPIRUN:
-            full = [*MPIRUN, *cmd, *extra]
-        elif launcher == "single":
-            full = [str(BIN / "python"), "-m", "prelora_ds.train", *cmd, *extra]
-        else:
-            full = deepspeed_cmd(*cmd, *extra, port=int(port[1]))
-        proc = run(full, check=check, env=env, timeout=300)
-        proc.wall_s = time.perf_counter() - t0
-        return proc
-
-    launches = [go("deepspeed", faults="kill_in_save@10:1")]
+    launches = [launch(out, *cmd, faults="kill_in_save@10:1", check=False)]
     after_save_kill = {
         "latest": latest(out),
         "incomplete": not (out / "checkpoints" / "step00000010" / "COMPLETE").exists(),
         "partial_files": sorted(p.name for p in (out / "checkpoints" / "step00000010").iterdir()),
     }
-    launches.append(go(HOSTFILE, "--resume", faults=f"kill@{kills['full']}:0"))
-    launches.append(go("single", "--resume", "--train.stop_at_step", "16", check=True))
-    launches.append(go(MPIRUN, "--resume", faults=f"kill@{kills['warmup']}:1"))
-    launches.append(go("deepspeed", "--resume", faults=f"kill@{kills['lora']}:0"))
-    launches.append(go("single", "--resume", check=True))
+    launches.append(launch(out, *cmd, "--resume", via="hostfile", faults=f"kill@{kills['full']}:0", check=False))
+    launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "16", via="single"))
+    launches.append(launch(out, *cmd, "--resume", via="mpirun", faults=f"kill@{kills['warmup']}:1", check=False))
+    launches.append(launch(out, *cmd, "--resume", faults=f"kill@{kills['lora']}:0", check=False))
+    launches.append(launch(out, *cmd, "--resume", via="single"))
     return out, kills, launches, after_save_kill
 
 
@@ -224,7 +206,7 @@ def test_relora_killed_mid_cycle_resumes_on_one_rank(tmp_path, elastic_ds, relor
     assert killed.returncode != 0
     state = saved_loop(out, 10)
     assert state["phase"] == "relora" and state["relora_merges"] == 1
-    resumed = launch(out, *cmd, "--resume", world=1)
+    resumed = launch(out, *cmd, "--resume", via="single")
     assert "resuming step00000010, saved by 2 rank(s), on 1 rank(s)" in resumed.stdout
     assert resumed_phase(resumed, 10) == "relora"
     assert summary(out)["relora_merges"] == summary(relora_reference)["relora_merges"]

@@ -63,6 +63,16 @@ def init_single() -> None:
     deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)
 
 
+def top_functions(prof, column: int, count: int, scale: float) -> list[list]:
+    """The `count` functions of a cProfile run with the largest value in pstats column `column` (2: own time,
+    3: cumulative time), as ["file:line(name)", value * scale]."""
+    import pstats
+
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+    top = sorted(stats.items(), key=lambda kv: kv[1][column], reverse=True)[:count]
+    return [[f"{Path(f).name}:{line}({name})", round(v[column] * scale, 3)] for (f, line, name), v in top]
+
+
 def timed_steps(step, n_warm: int, n: int, profile: dict | None = None) -> list[float]:
     """Per-step seconds after `n_warm` untimed steps; with `profile` (a dict), also the functions the timed
     steps spend their time in (cProfile, own time per step), to say where a difference comes from."""
@@ -86,12 +96,8 @@ def timed_steps(step, n_warm: int, n: int, profile: dict | None = None) -> list[
             times.append(time.perf_counter() - t0)
     if prof is not None:
         prof.disable()
-        stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
-        top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
-        profile["top_tottime_per_step_ms"] = [
-            [f"{Path(f).name}:{line}({name})", round(1e3 * v[2] / n, 3)] for (f, line, name), v in top
-        ]
-        profile["python_calls_per_step"] = round(sum(v[1] for v in stats.values()) / n)
+        profile["top_tottime_per_step_ms"] = top_functions(prof, 2, 15, 1e3 / n)
+        profile["python_calls_per_step"] = round(sum(v[1] for v in pstats.Stats(prof).stats.values()) / n)
     return times
 
 
@@ -218,18 +224,13 @@ def worker_switch(args) -> dict:
     ranks = {n: args.rank for n in trainer.layout.layers}
     if args.profile:  # where the full -> warmup rebuild spends its time (cumulative, top 25)
         import cProfile
-        import pstats
 
         prof = cProfile.Profile()
         prof.enable()
     out = {"warmup": trainer.switch_to("warmup", ranks)}
     if args.profile:
         prof.disable()
-        stats = pstats.Stats(prof).stats
-        top = sorted(stats.items(), key=lambda kv: kv[1][3], reverse=True)[:25]
-        out["profile_full_to_warmup_cumulative_s"] = [
-            [f"{Path(f).name}:{line}({name})", round(v[3], 3)] for (f, line, name), v in top
-        ]
+        out["profile_full_to_warmup_cumulative_s"] = top_functions(prof, 3, 25, 1.0)
     out["lora"] = trainer.switch_to("lora")
     rss = []
     for i in range(args.rebuilds):

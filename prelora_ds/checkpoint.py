@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from prelora_ds import faults
+from prelora_ds import dist, faults
 
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE"
@@ -38,15 +37,12 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, unwritable): it stays incomplete and is never resumed."""
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this rank's device only: get_rng_state_all() would create a CUDA context on every GPU of the node
+        # in every rank (hundreds of MB each on GPU 0..n), and its list would not fit another node layout
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -55,7 +51,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
 
 
 def tag_for(step: int) -> str:
@@ -86,7 +83,7 @@ def save(
     tag_dir = ckpt_dir / tag
     if rank == 0 and tag_dir.exists():  # left by an interrupted save (or an abandoned timeline): never mix files
         shutil.rmtree(tag_dir)
-    _barrier()
+    dist.barrier()
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
         torch.save({**rank_state, "rng": rng_state()}, tag_dir / f"rank{rank}.pt")
@@ -102,12 +99,12 @@ def save(
             "fix the directory's permissions), then run the same command with --resume."
         ) from exc
     faults.in_save(step, rank)
-    _barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
         _atomic_write(tag_dir / COMPLETE_FILE, tag)
         _atomic_write(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep)
-    _barrier()
+    dist.barrier()
     return tag_dir
 
 

@@ -67,10 +67,20 @@ def init_distributed(timeout_s: float) -> tuple[int, int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
     import deepspeed.ops
+    import torch
 
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        # Before the group starts: NCCL binds its communicator (and every later CUDA allocation) to the
+        # current device, which is GPU 0 on every rank unless it is set here.
+        torch.cuda.set_device(local_rank)
+        # A collective that outlives the group's timeout makes NCCL's watchdog abort the process (instead of
+        # hanging the job); torch's default, stated so that an inherited 0 cannot switch it off unnoticed.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     # The shared-memory comm op is JIT-built at group start (30-60 s on CPU) and unused by training.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
-    import torch.distributed as dist
+    from prelora_ds import dist
 
-    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    dist.init_stats_group(timeout_s)  # the package's own collectives (CPU tensors) beside DeepSpeed's group
+    return dist.rank(), local_rank, dist.world_size()

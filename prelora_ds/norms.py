@@ -3,7 +3,7 @@
 Each rank sums the squares of the fp32 master values it owns (its ZeRO partition fragment under
 ZeRO-1/2/3; the kept fp32 copy of frozen weights on rank 0 only) and one all-reduce SUM of a vector
 gives every rank the same exact norms. The training loss rides in the same all-reduce, so a sample
-costs one collective.
+costs one collective (`prelora_ds.dist`, on CPU tensors) and one device-to-host copy per device.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from prelora_ds import dist
 from prelora_ds.phases import canonical_name, layer_index, module_key
 
 
@@ -57,9 +57,23 @@ def _local_fp32_fragment(p: torch.nn.Parameter) -> torch.Tensor | None:
     return None
 
 
-def _sumsq(t: torch.Tensor) -> float:
-    t = t.detach().float()
-    return float(torch.dot(t.flatten(), t.flatten())) if t.numel() else 0.0
+def _sumsq(t: torch.Tensor) -> torch.Tensor:
+    """sum(t^2) in fp32 as a 0-dim tensor on t's device (read later, all at once: no host sync per layer)."""
+    t = t.detach().float().flatten()
+    return torch.dot(t, t) if t.numel() else t.new_zeros(())
+
+
+def _to_floats(values: list[torch.Tensor | float]) -> list[float]:
+    """Python floats of 0-dim tensors on any devices: one stacked copy to the host per device."""
+    out: list[float] = [v if isinstance(v, float) else 0.0 for v in values]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        for i, x in zip(idx, torch.stack([values[i] for i in idx]).double().cpu().tolist(), strict=True):
+            out[i] = x
+    return out
 
 
 def weight_sumsq(
@@ -67,7 +81,7 @@ def weight_sumsq(
 ) -> list[float]:
     """This rank's share of sum(W^2) for each target layer's weight (to be all-reduced with SUM)."""
     params = {canonical_name(n): p for n, p in module.named_parameters()}
-    out = []
+    out: list[torch.Tensor | float] = []
     for layer in layers:
         key = f"{layer}.weight"
         p = params[key]
@@ -78,7 +92,7 @@ def weight_sumsq(
             out.append(_sumsq(frozen_fp32.get(key, p)))
         else:
             out.append(0.0)
-    return out
+    return _to_floats(out)
 
 
 def lora_sumsq(
@@ -87,9 +101,10 @@ def lora_sumsq(
     """This rank's share of [||W||^2, ||s B A||^2, ||W + s B A||^2] per LoRA layer, flattened.
 
     Layers are dealt round-robin over ranks; W is the fp32 base (kept copy when frozen), B and A the
-    module's working copies. Under ZeRO-3 the module's copies are partitions: not supported there.
+    module's working copies, copied to the CPU (once per window after the switch: monitoring only).
+    Under ZeRO-3 the module's copies are partitions: not supported there.
     """
-    out = []
+    out: list[torch.Tensor | float] = []
     for i, layer in enumerate(layers):
         if i % world != rank:
             out.extend((0.0, 0.0, 0.0))
@@ -102,20 +117,12 @@ def lora_sumsq(
         b = mod.lora_B["default"].weight.detach().float().cpu()
         delta = mod.scaling["default"] * (b @ a)
         out.extend((_sumsq(base), _sumsq(delta), _sumsq(base + delta)))
-    return out
+    return _to_floats(out)
 
 
 def _get(module: torch.nn.Module, layer: str) -> torch.nn.Module:
     inner = getattr(getattr(module, "base_model", None), "model", module)
     return inner.get_submodule(layer)
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """SUM over ranks of a float vector (float64, so the sums do not depend on rank order in practice)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 def sample(
@@ -128,7 +135,7 @@ def sample(
 ) -> tuple[dict[str, list[float]], float, float]:
     """One all-reduced sample: (norms[module][layer], global loss sum, global sample count)."""
     local = weight_sumsq(module, layout.layers, frozen_fp32, rank) + [loss_sum, loss_count]
-    total = all_reduce_sum(local)
+    total = dist.all_reduce_sum(local)
     norms = [math.sqrt(max(v, 0.0)) for v in total[:-2]]
     return layout.split(norms), total[-2], total[-1]
 
@@ -147,7 +154,7 @@ def lora_norms(
     The effective norms ||W + s B A|| feed the convergence test during `relora`.
     """
     layers = layout.layers
-    total = all_reduce_sum(lora_sumsq(module, layers, frozen_fp32, rank, world) + [loss_sum, loss_count])
+    total = dist.all_reduce_sum(lora_sumsq(module, layers, frozen_fp32, rank, world) + [loss_sum, loss_count])
     values = {
         layer: {k: math.sqrt(max(total[3 * i + j], 0.0)) for j, k in enumerate(("base", "lora", "effective"))}
         for i, layer in enumerate(layers)
@@ -157,19 +164,3 @@ def lora_norms(
 
 def effective_by_module(layout: NormLayout, values: dict[str, dict[str, float]]) -> dict[str, list[float]]:
     return {m: [values[n]["effective"] for n in names] for m, names in layout.modules.items()}
-
-
-def check_agreement(flag: bool, what: str) -> bool:
-    """Every rank must reach the same decision; all-reduce MIN and MAX of the flag and compare."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    lo = torch.tensor([int(flag)], dtype=torch.int64)
-    hi = lo.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if lo.item() != hi.item():
-        raise RuntimeError(
-            f"ranks disagree on {what} (rank {dist.get_rank()} says {flag}); the decision must be computed "
-            "from all-reduced statistics only. Check that every rank runs the same code and config."
-        )
-    return bool(lo.item())

@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from prelora_ds import checkpoint, faults, norms, relora
+from prelora_ds import checkpoint, dist, faults, norms, relora
 from prelora_ds.config import RunConfig
 from prelora_ds.convergence import WindowAccumulator, layer_changes, loss_change, module_changes, partial_convergence
 from prelora_ds.data import DataBundle, build_loaders, build_mixup, build_train_loss
 from prelora_ds.dsconfig import weight_decay
+from prelora_ds.evaluate import TopKCounts
 from prelora_ds.export import lora_scales, save_merged
 from prelora_ds.export import merge_lora as merge_lora_state
 from prelora_ds.model import count_params, create_model
-from prelora_ds.monitor import Monitor, memory_bytes
+from prelora_ds.monitor import Monitor, memory_bytes, reset_peak_memory
 from prelora_ds.phases import PHASES, build_structure, canonical_name, target_layers
 from prelora_ds.ranks import assign_ranks, ranks_by_module_name
 from prelora_ds.schedule import build_scheduler, set_lr
@@ -105,7 +105,7 @@ class Trainer:
         self.eval_loss = torch.nn.CrossEntropyLoss()
         self.state = LoopState()
         self.frozen_fp32: dict[str, torch.Tensor] = {}
-        self.pending_loss = [0.0, 0.0]  # this rank's (sum of per-image losses, images) since the last sample
+        self.pending_loss = _zero_loss()  # this rank's (sum of per-image losses, images) since the last sample
         self.acc = WindowAccumulator()
         self.engine = None
         self.layout: norms.NormLayout | None = None
@@ -204,6 +204,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.op = f"the engine rebuild for phase {name} at step {self.state.step} (fp32 master gather)"
         scales = lora_scales(self.engine.module) if merge_lora else {}
+        self.state.history[-1]["peak_memory_bytes"] = memory_bytes()
         self._start_phase(name, ranks)
         old, self.engine = self.engine, None
         self.engine, self.frozen_fp32, _ = rebuild(
@@ -215,6 +216,7 @@ class Trainer:
             transform=(lambda state: merge_lora_state(state, scales)) if merge_lora else None,
         )
         del old
+        reset_peak_memory()  # each phase's peak is its own (the rebuild's transient peak counts in neither)
         self._attach_scheduler(self.engine)
         elapsed = time.perf_counter() - t0
         self.state.history[-1]["switch_s"] = elapsed
@@ -249,17 +251,15 @@ class Trainer:
             return  # after the switch the norms are for monitoring only: once a window is enough
         step, module = self.state.step, self.engine.module
         self.op = f"the all-reduce of the norm statistics at step {step}"
+        pending, self.pending_loss = self.pending_loss.tolist(), _zero_loss()  # the one host read of the losses
         if self.state.phase == "full":
-            sampled, loss_sum, count = norms.sample(
-                module, self.layout, self.frozen_fp32, self.rank, *self.pending_loss
-            )
+            sampled, loss_sum, count = norms.sample(module, self.layout, self.frozen_fp32, self.rank, *pending)
         else:
             values, loss_sum, count = norms.lora_norms(
-                module, self.layout, self.frozen_fp32, self.rank, self.world, *self.pending_loss
+                module, self.layout, self.frozen_fp32, self.rank, self.world, *pending
             )
             self._log_lora_norms(values)
             sampled = norms.effective_by_module(self.layout, values)
-        self.pending_loss = [0.0, 0.0]
         if self.state.phase not in ("full", "relora"):
             return
         if count > 0:
@@ -301,7 +301,7 @@ class Trainer:
         if self.cfg.relora.enabled and self.state.phase == "full":  # relora comes first; only record
             passed = forced = False
         self.op = f"the all-reduce of the switch decision at step {self.state.step}"
-        decision = norms.check_agreement(passed or forced, "the PreLoRA switch")
+        decision = dist.agree(passed or forced, "the PreLoRA switch")
         record.update(passed=passed, forced=forced)
         self.state.checks.append(record)
         self.state.windows = self.acc.state_dict()
@@ -400,7 +400,7 @@ class Trainer:
             self.switch_to("relora", {n: r.rank for n in self.layout.layers})
             # the relora phase must pass the test on its own windows, not on those of `full`
             self.acc = WindowAccumulator()
-            self.pending_loss = [0.0, 0.0]
+            self.pending_loss = _zero_loss()
             self.save_checkpoint()
 
     def _maybe_merge(self) -> None:
@@ -439,15 +439,19 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------- steps
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """One optimizer step over `accum` micro batches; returns this rank's mean loss."""
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over `accum` micro batches; returns this rank's mean loss as a 0-dim tensor on
+        the device. The losses stay on the device (no host sync per micro batch): they are read when logged
+        or sampled."""
         engine, dtype = self.engine, self._dtype()
         lr = set_lr(self.scheduler, self.state.step, self._lr_factor())
-        total = 0.0
         step = self.state.step + 1
         self.op = f"forward/backward/optimizer step {step} (ZeRO gradient reduce and parameter all-gather)"
-        for images, targets in micro_batches:
-            images, targets = images.to(engine.device), targets.to(engine.device)
+        pending = self.pending_loss.to(engine.device)
+        total = torch.zeros((), dtype=torch.float64, device=engine.device)
+        for images, targets in micro_batches:  # pinned on GPU (build_loaders): the copies overlap compute
+            images = images.to(engine.device, non_blocking=True)
+            targets = targets.to(engine.device, non_blocking=True)
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
             loss = self.train_loss(engine(images.to(dtype)).float(), targets)
@@ -455,11 +459,12 @@ class Trainer:
                 loss = loss * faults.loss_factor(step, self.rank)
             engine.backward(loss)
             engine.step()
-            value = float(loss.detach())
+            value = loss.detach().double()
             total += value
-            if math.isfinite(value):  # a skipped step must not poison the convergence test's loss windows
-                self.pending_loss[0] += value * images.shape[0]
-                self.pending_loss[1] += images.shape[0]
+            # a skipped step must not poison the convergence test's loss windows
+            n = torch.isfinite(value).double() * images.shape[0]
+            pending += torch.stack([torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0) * n, n])
+        self.pending_loss = pending
         self.last_lr = lr
         self._count_bad_step(step)
         return total / len(micro_batches)
@@ -494,33 +499,14 @@ class Trainer:
         """Exact top-1/top-5 over the whole val set (no padded duplicates), all-reduced."""
         engine, dtype = self.engine, self._dtype()
         engine.eval()
-        counts = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, n, loss_sum
+        counts = TopKCounts(engine.device)
         for images, targets in self.val_loader:
-            images, targets = images.to(engine.device), targets.to(engine.device)
-            logits = engine(images.to(dtype)).float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hit = top == targets[:, None]
-            counts += torch.tensor(
-                [
-                    hit[:, 0].sum().item(),
-                    hit.any(dim=1).sum().item(),
-                    len(targets),
-                    self.eval_loss(logits, targets).item() * len(targets),
-                ],
-                dtype=torch.float64,
-            )
+            images = images.to(engine.device, non_blocking=True)
+            targets = targets.to(engine.device, non_blocking=True)
+            counts.add(engine(images.to(dtype)).float(), targets, self.eval_loss)
         engine.train()
-        if self.world > 1:
-            self.op = f"the all-reduce of the validation counts at step {self.state.step}"
-            dist.all_reduce(counts)
-        c1, c5, n, loss = counts.tolist()
-        result = {
-            "top1": 100 * c1 / n,
-            "top5": 100 * c5 / n,
-            "loss": loss / n,
-            "step": self.state.step,
-            "epoch": self.state.epoch,
-        }
+        self.op = f"the all-reduce of the validation counts at step {self.state.step}"
+        result = {**counts.reduce(), "step": self.state.step, "epoch": self.state.epoch}
         self.state.val.append(result)
         if self.monitor:
             self.monitor.scalars(
@@ -554,7 +540,7 @@ class Trainer:
             self.ckpt_dir,
             self.state.step,
             self._trainer_state(),
-            {"pending_loss": self.pending_loss},
+            {"pending_loss": self.pending_loss.tolist()},
             self.frozen_fp32 if self.rank == 0 else None,
             self.rank,
             self.cfg.train.keep_checkpoints,
@@ -606,12 +592,13 @@ class Trainer:
         if saved_world == self.world:
             rank_state = checkpoint.read_rank_state(tag_dir, self.rank)
             if rank_state is not None:
-                self.pending_loss = rank_state["pending_loss"]
+                self.pending_loss = torch.tensor(rank_state["pending_loss"], dtype=torch.float64)
                 checkpoint.set_rng_state(rank_state["rng"])
         else:  # the loss sums of every saved rank go to rank 0; RNG of the same rank number where one exists
             states = [checkpoint.read_rank_state(tag_dir, r) for r in range(saved_world)]
             if self.rank == 0:
-                self.pending_loss = [sum(st["pending_loss"][i] for st in states if st) for i in range(2)]
+                self.pending_loss = torch.tensor([sum(st["pending_loss"][i] for st in states if st) for i in range(2)],
+                                                 dtype=torch.float64)
             if self.rank < saved_world and states[self.rank] is not None:
                 checkpoint.set_rng_state(states[self.rank]["rng"])
 
@@ -678,17 +665,14 @@ class Trainer:
         every = self.cfg.train.checkpoint_every_steps
         return every > 0 and self.state.step % every == 0
 
-    def _log_step(self, loss: float, dt: float) -> None:
+    def _log_step(self, loss: torch.Tensor, dt: float) -> None:
         step = self.state.step
         times = self.state.step_times.setdefault(self.state.phase, [])
         times.append(dt)
         del times[:-MAX_STEP_TIMES]
         if step % self.cfg.train.log_every_steps == 0 or step == self.total_steps:
-            t = torch.tensor([loss], dtype=torch.float64)
-            if self.world > 1:
-                self.op = f"the all-reduce of the logged loss at step {step}"
-                dist.all_reduce(t)
-            mean_loss = t.item() / self.world
+            self.op = f"the all-reduce of the logged loss at step {step}"
+            mean_loss = dist.all_reduce_sum([float(loss)])[0] / self.world
             imgs = self.ds_config["train_batch_size"] / dt
             grad_norm = self.engine.get_global_grad_norm()
             if self.monitor:
@@ -779,7 +763,7 @@ class Trainer:
         if not self.state.val or self.state.val[-1]["step"] != self.state.step:
             self.validate()
         self.state.wall_s = time.perf_counter() - t_start
-        self.state.history[-1]["end_step"] = self.state.step
+        self.state.history[-1].update(end_step=self.state.step, peak_memory_bytes=memory_bytes())
         self.save_checkpoint()
         summary = self.finish()
         self.monitor.close()
@@ -799,6 +783,7 @@ class Trainer:
                     "total_params": h.get("total_params"),
                     "median_step_s": statistics.median(times) if times else None,
                     "switch_s": h.get("switch_s"),
+                    "peak_memory_bytes": h.get("peak_memory_bytes"),
                 }
             )
         final = self.state.val[-1] if self.state.val else {}
@@ -825,7 +810,7 @@ class Trainer:
         """summary.json, window statistics and the merged fp32 model (rank 0 writes; gather is collective)."""
         state = gather_fp32_state(self.engine, self.frozen_fp32)
         summary = self.summary()
-        summary["skipped_images"] = int(norms.all_reduce_sum([float(self.data.num_skipped)])[0])
+        summary["skipped_images"] = int(dist.all_reduce_sum([float(self.data.num_skipped)])[0])
         if summary["skipped_images"] and self.monitor:
             self.monitor.log(f"warning: {summary['skipped_images']} unreadable images were skipped (see the log)")
         if self.rank == 0:
@@ -838,3 +823,8 @@ class Trainer:
         if self.engine is not None:
             self.engine.destroy()
             self.engine = None
+
+
+def _zero_loss() -> torch.Tensor:
+    """(sum of per-image losses, images): float64, moved to the engine's device by the first train_step."""
+    return torch.zeros(2, dtype=torch.float64)

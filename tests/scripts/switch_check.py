@@ -105,15 +105,6 @@ def main(out: Path) -> None:
         rss.append(psutil.Process().memory_info().rss)
     facts["rss"] = rss
     facts["live_engines"] = sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
-    # agreement: the same flag passes, a forced disagreement raises on every rank
-    facts["agree_same"] = norms.check_agreement(True, "test")
-    try:
-        norms.check_agreement(rank == 0, "a forced disagreement")
-        facts["disagree_raised"] = False
-    except RuntimeError as exc:
-        facts["disagree_raised"] = True
-        facts["disagree_message"] = str(exc)
-
     # a fresh model loads the gathered state exactly (the export path)
     fresh = create_model(trainer.cfg.model, 10)
     facts["fresh_missing"] = load_fp32_state(fresh, {k: v for k, v in after_step.items() if ".lora_" not in k})

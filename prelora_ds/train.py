@@ -124,16 +124,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prelora-train: error: {exc}", file=sys.stderr)
         return 2
 
+    import faulthandler
+
+    import torch
+
     from prelora_ds.launch import init_distributed
 
-    rank, local_rank, world = init_distributed(timeout_s=cfg.train.collective_timeout_s)
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() == "cuda":
-        get_accelerator().set_device(local_rank)
-    elif "OMP_NUM_THREADS" not in os.environ:  # ranks sharing a CPU: one thread pool each, not cores x ranks
-        import torch
-
+    # NCCL's watchdog aborts a rank whose collective outlived train.collective_timeout_s: print where each
+    # thread was (the package's function names) before the process goes (docs/gpu.md)
+    faulthandler.enable()
+    rank, local_rank, world = init_distributed(timeout_s=cfg.train.collective_timeout_s)  # sets the GPU first
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # ranks sharing a CPU: one thread pool each, not cores x ranks
         torch.set_num_threads(
             max(
                 1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))

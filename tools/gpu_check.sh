@@ -1,22 +1,47 @@
 #!/usr/bin/env bash
-# One prepared GPU check (one H200, no network, under 8 minutes): ViT-L/16 bf16 ZeRO-2 on the single
-# GPU at a large micro batch, every phase in its own process, against the bare DeepSpeed+PEFT loop.
+# One prepared GPU check (one GPU, no network, under 8 minutes):
+#   1. the product (tools/gpu_check.py): `prelora-train` through the deepspeed launcher on 1 GPU, bf16 ZeRO-2,
+#      ViT-S/16 at 224 px on an ImageFolder written on the spot, full -> warmup -> lora with short windows,
+#      a SIGKILL in warmup and --resume (losses compared with an uninterrupted run), the merged export
+#      loaded by timm.create_model(...).load_state_dict and scored;
+#   2. the ViT-L/16 bench: every phase in its own process at a large micro batch, against the bare
+#      DeepSpeed+PEFT loop.
 #
 # Before (on a machine with network, from the repo root):
 #   pip wheel --no-deps deepspeed==0.19.8 -w .whl      # deepspeed ships as an sdist only
 # Then on the GPU machine, from the repo root:
-#   bash tools/gpu_check.sh [OUT_DIR]                   # writes OUT_DIR/gpu_bench.json and gpu_bench.md
-set -euo pipefail
+#   bash tools/gpu_check.sh [OUT_DIR]   # OUT_DIR/gpu_check.json and gpu_check.md (product.* and gpu_bench.* too)
+set -uo pipefail
 OUT=${1:-${OUT:-runs/gpu_check}}
 BATCH=${BATCH:-128}
 mkdir -p "$OUT"
 if ! python3 -c "import deepspeed" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/deepspeed-*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  export PATH=/tmp/site/bin:$PATH
 fi
 python3 -c "import deepspeed, peft, timm, torch; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, \
 'peft', peft.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 tools/gpu_check.py --out "$OUT/product"
+product_rc=$?
 python3 tools/bench_phases.py --model vit_large_patch16_224 --batch-size "$BATCH" --steps 10 --warmup 3 \
-  --ds-config ds_configs/gpu_single_bf16.json --rank 32 --out "$OUT/gpu_bench.json" | tee "$OUT/gpu_bench.md"
+  --ds-config ds_configs/gpu_single_bf16.json --rank 32 --out "$OUT/gpu_bench.json" > "$OUT/gpu_bench.md"
+bench_rc=$?
+cat "$OUT/gpu_bench.md"
+python3 - "$OUT" "$product_rc" "$bench_rc" <<'PY'
+import json, sys
+from pathlib import Path
+out, product_rc, bench_rc = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def read(p):
+    return json.loads(p.read_text()) if p.exists() else None
+merged = {"product_rc": product_rc, "bench_rc": bench_rc, "product": read(out / "product" / "product.json"),
+          "bench": read(out / "gpu_bench.json")}
+(out / "gpu_check.json").write_text(json.dumps(merged, indent=1))
+md = ["# GPU check", "", "## The product (tools/gpu_check.py)", ""]
+md += [(out / "product" / "product.md").read_text() if (out / "product" / "product.md").exists() else "no result", ""]
+md += ["## ViT-L/16 phases (tools/bench_phases.py)", "", (out / "gpu_bench.md").read_text()]
+(out / "gpu_check.md").write_text("\n".join(md))
+PY
+exit $(( product_rc || bench_rc ))

@@ -26,15 +26,17 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def restart_factor(step: int, start: int, every: int, warmup: int, end: int | None = None) -> float:
-    """Jagged-cosine multiplier for optimizer step `step` (0-based): a linear re-warmup after each merge.
+    """Jagged-cosine multiplier for optimizer step `step` (0-based): a linear re-warmup from 0 after each merge.
 
-    Merges happen once steps `start + k * every` (k >= 1) are done; the `warmup` steps after each merge
-    ramp from 1/warmup to 1. Outside `relora` (before `start + every`, from `end` on) the factor is 1.
+    Merges happen once steps `start + k * every` (k >= 1) are done; the `warmup` steps after each merge run
+    at 0, 1/warmup, ..., (warmup-1)/warmup of the cosine, then 1 (as ReLoRA's restarts). The first step after
+    a merge only refills the Adam moments of the fresh factors. Outside `relora` (before `start + every`,
+    from `end` on) the factor is 1.
     """
     if warmup <= 0 or step < start + every or (end is not None and step >= end):
         return 1.0
     since = (step - start) % every
-    return min(1.0, (since + 1) / warmup)
+    return min(1.0, since / warmup)
 
 
 def merge_due(step: int, start: int, every: int) -> bool:
@@ -92,7 +94,16 @@ def link_optimizer_state(optimizer) -> None:
 
 
 def prune_optimizer_state(module: torch.nn.Module, ratio: float, full_reset: bool) -> float:
-    """Magnitude-prune (or zero) the Adam moments of every LoRA parameter; returns the share zeroed.
+    """Reset the Adam first moment of every LoRA parameter; returns the share of first-moment entries zeroed.
+
+    `exp_avg` (the direction Adam remembers) is magnitude-pruned: its `ratio` smallest entries are zeroed
+    (all of them with `full_reset` or `ratio >= 1`). `exp_avg_sq` (the per-entry step scale) is kept. A
+    zeroed second moment under a surviving first moment makes Adam's next update `m / eps`: right after a
+    merge B = 0, so A's gradient is exactly 0 and nothing refills v (measured on the demo: A's first update
+    3400x the last pre-merge one). A zeroed pair is not safe either: the ZeRO-2 flat partition keeps one
+    `step` for all its entries, so the zeroed pair gets no fresh bias correction and steps up to 2-6x a
+    normal update for hundreds of steps. With v kept, every post-merge update is at most what the same m
+    gives with v zeroed, and the pruned entries restart at (1 - beta1) g / sqrt(v). docs/relora.md.
 
     Call `link_optimizer_state(engine.optimizer)` first.
     """
@@ -100,22 +111,21 @@ def prune_optimizer_state(module: torch.nn.Module, ratio: float, full_reset: boo
     for name, p in module.named_parameters():
         if ".lora_" not in name or not p.requires_grad:
             continue
-        for key in ADAM_KEYS:
-            state = safe_get_full_optimizer_state(p, key)
-            if state is None:  # no step taken yet: nothing to prune
-                continue
-            state = state.float()
-            if full_reset or ratio >= 1.0:
-                pruned = torch.zeros_like(state)
-            else:
-                k = int(ratio * state.numel())
-                pruned = state.clone()
-                if k > 0:
-                    cut = state.abs().flatten().kthvalue(k).values
-                    pruned[state.abs() <= cut] = 0.0
-            safe_set_full_optimizer_state(p, pruned, key)
-            zeroed += int((pruned == 0).sum())
-            total += pruned.numel()
+        state = safe_get_full_optimizer_state(p, "exp_avg")
+        if state is None:  # no step taken yet: nothing to prune
+            continue
+        state = state.float()
+        if full_reset or ratio >= 1.0:
+            pruned = torch.zeros_like(state)
+        else:
+            k = int(ratio * state.numel())
+            pruned = state.clone()
+            if k > 0:
+                cut = state.abs().flatten().kthvalue(k).values
+                pruned[state.abs() <= cut] = 0.0
+        safe_set_full_optimizer_state(p, pruned, "exp_avg")
+        zeroed += int((pruned == 0).sum())
+        total += pruned.numel()
     return zeroed / total if total else 0.0
 
 

@@ -1,4 +1,4 @@
-"""A Trainer on a tiny ViT and synthetic 16 px images, bf16 ZeRO-2, for the launched check scripts."""
+"""A Trainer on a tiny ViT and synthetic 16 px images, ZeRO-2 (bf16 unless told), for the launched check scripts."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ from prelora_ds.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tiny_trainer(out: Path, model_kwargs: dict[str, Any], **sections: dict[str, Any]) -> tuple[Trainer, int, int]:
-    """(trainer, rank, world) after starting the process group; `sections` add recipe sections."""
+def tiny_trainer(
+    out: Path, model_kwargs: dict[str, Any], ds_name: str = "cpu_zero2_bf16.json", **sections: dict[str, Any]
+) -> tuple[Trainer, int, int]:
+    """(trainer, rank, world) after starting the process group (once per process); `ds_name` names a
+    ds_configs/ file; `sections` add recipe sections."""
     rank, _, world = init_distributed(600)
     torch.set_num_threads(1)
     cfg = build_config({
@@ -27,7 +30,7 @@ def tiny_trainer(out: Path, model_kwargs: dict[str, Any], **sections: dict[str, 
         "train": {"epochs": 1, "seed": 0, "lr_warmup_steps": 0},
         **sections,
     })
-    ds = load_ds_config(ROOT / "ds_configs" / "cpu_zero2_bf16.json")
+    ds = load_ds_config(ROOT / "ds_configs" / ds_name)
     ds["train_micro_batch_size_per_gpu"] = 4
     ds = prepare_ds_config(ds, world)
     data = build_datasets(cfg.data, 16, 3, seed=0)

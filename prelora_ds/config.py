@@ -240,8 +240,10 @@ class ReLoRAConfig:
     merge_every_steps: int = 1000
     prune_ratio: float = 0.9
     reset: str = "magnitude"
-    """'magnitude' (prune `prune_ratio` of the Adam state by magnitude) or 'full' (zero it)."""
+    """The Adam first moment of the LoRA weights at a merge: 'magnitude' (zero its `prune_ratio` smallest
+    entries) or 'full' (zero all of it). The second moment is kept in both (docs/relora.md)."""
     restart_warmup_steps: int = 50
+    """After each merge the LR restarts from 0 and ramps linearly back to the cosine over this many steps."""
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"relora.rank must be >= 1, got {self.rank}.")

@@ -198,6 +198,7 @@ def to_universal(ckpt_dir: Path, tag: str) -> Path:
 LAYOUT_KEYS = (
     ("model", "name"),
     ("model", "kwargs"),
+    ("model", "qkv"),
     ("prelora", "target_modules"),
     ("prelora", "trainable_extra"),
 )

@@ -68,6 +68,9 @@ class DataConfig:
     hflip: float = 0.5
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     """RandomResizedCrop area range."""
+    crop_pct: float = 1.0
+    """Evaluation: resize the shorter side to img_size / crop_pct, then center-crop img_size (ImageNet
+    convention 0.875: 256 -> 224, the paper authors' evaluation; timm's ViT configs use 0.9)."""
     mixup: float = 0.8
     cutmix: float = 1.0
     label_smoothing: float = 0.1
@@ -77,6 +80,7 @@ class DataConfig:
             self.dataset in DATASETS,
             f"data.dataset={self.dataset!r} is unknown; write one of {', '.join(DATASETS)}.",
         )
+        _require(0 < self.crop_pct <= 1, f"data.crop_pct must be in (0, 1], got {self.crop_pct}; 0.875 is ImageNet's.")
         _require(
             self.dataset != "imagefolder" or bool(self.root),
             "data.dataset=imagefolder needs data.root: a folder with train/ and val/ class folders "
@@ -94,15 +98,26 @@ class DataConfig:
         _require(self.synthetic_num_classes >= 2, "data.synthetic_num_classes must be >= 2.")
 
 
+QKV_LAYOUTS = ("fused", "split")
+
+
 @dataclass
 class ModelConfig:
     name: str = "vit_large_patch16_224"
     """Any timm ViT (`timm.list_models('vit_*')`)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Passed to `timm.create_model` (img_size, patch_size, depth, embed_dim, drop_path_rate, ...)."""
+    qkv: str = "fused"
+    """'fused': timm's one `attn.qkv` Linear. 'split': separate `attn.q_proj`, `attn.k_proj`, `attn.v_proj`
+    (the paper's model; timm's own split attention), the same function; exports stay fused timm state dicts."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name is empty; write a timm model name such as vit_large_patch16_224.")
+        _require(self.qkv in QKV_LAYOUTS, f"model.qkv={self.qkv!r} is unknown; write one of {', '.join(QKV_LAYOUTS)}.")
+        _require(
+            self.qkv == "fused" or "attn_layer" not in self.kwargs,
+            "model.qkv=split sets timm's attn_layer itself; remove attn_layer from model.kwargs.",
+        )
         _require(
             "num_classes" not in self.kwargs,
             "model.kwargs.num_classes is set by the dataset; remove it from the recipe.",
@@ -170,6 +185,9 @@ class PreLoRAConfig:
     """Norm sampling interval in steps; default: every epoch, or every step with window_steps."""
     num_windows: int = 3
     """N: the test compares the last N windows (N-1 consecutive pairs)."""
+    window_value: str = "mean"
+    """A window's norm W^k: 'mean' of its samples, or 'last' (the sample at the window's end: the authors'
+    code, with one sample per window of 1000 steps)."""
     delta_w: float = 1.0
     """Threshold on the per-module mean weight-norm change, in percent."""
     delta_l: float = 5.0
@@ -183,6 +201,8 @@ class PreLoRAConfig:
     """The same in optimizer steps; replaces `warmup_epochs` when set."""
     r_min: int = 8
     r_max: int = 64
+    lora_lr_scale: float = 1.0
+    """LR factor of the base-frozen `lora` phase (on top of the schedule; the authors' hybrid used 0.1)."""
     alpha_ratio: float = 2.0
     """lora_alpha = alpha_ratio * rank, so the LoRA scale alpha/r is the same for every layer."""
     lora_dropout: float = 0.0
@@ -196,6 +216,11 @@ class PreLoRAConfig:
         except re.error as exc:
             raise ConfigError(f"prelora.target_modules / trainable_extra is not a valid regex: {exc}.") from exc
         _require(self.window_epochs >= 1, f"prelora.window_epochs must be >= 1, got {self.window_epochs}.")
+        _require(
+            self.window_value in ("mean", "last"),
+            f"prelora.window_value={self.window_value!r} is unknown; write mean or last.",
+        )
+        _require(self.lora_lr_scale > 0, f"prelora.lora_lr_scale must be > 0, got {self.lora_lr_scale}.")
         _require(
             self.window_steps is None or self.window_steps >= 1,
             f"prelora.window_steps must be >= 1 or null, got {self.window_steps}.",

@@ -157,14 +157,20 @@ class WindowAccumulator:
     ``loss_sum`` / ``loss_count`` (sum of per-example losses and their count since the last sample) and
     ``norms[module][l]``. At :meth:`close_window` the window's loss is ``sum(loss_sum) / sum(loss_count)``
     (sample-weighted, so a short last epoch weighs less) and each layer's norm is the plain mean of its
-    samples. The first sample fixes the modules and layer counts; any later mismatch raises.
+    samples (`window_value="mean"`) or its last sample (`"last"`: one value at the window's end, the
+    authors' protocol). Both are kept, so a run can be replayed with either. The first sample fixes the
+    modules and layer counts; any later mismatch raises.
     """
 
     _VERSION = 1
+    VALUES = ("mean", "last")
 
-    def __init__(self) -> None:
+    def __init__(self, window_value: str = "mean") -> None:
+        if window_value not in self.VALUES:
+            raise ValueError(f"window_value must be one of {self.VALUES}, got {window_value!r}.")
+        self.window_value = window_value
         self._loss_windows: list[float] = []
-        self._norm_windows: dict[str, list[list[float]]] = {}
+        self._windows: dict[str, dict[str, list[list[float]]]] = {v: {} for v in self.VALUES}
         self._layout: dict[str, int] | None = None  # module -> number of layers
         self._reset_open()
 
@@ -172,6 +178,7 @@ class WindowAccumulator:
         self._loss_sum = 0.0
         self._loss_count = 0.0
         self._norm_sums: dict[str, list[float]] = {}
+        self._last: dict[str, list[float]] = {}
         self._num_samples = 0
 
     @property
@@ -180,7 +187,11 @@ class WindowAccumulator:
 
     @property
     def norm_windows(self) -> dict[str, list[list[float]]]:
-        return {m: [list(w) for w in ws] for m, ws in self._norm_windows.items()}
+        """norm_windows[module][k][l] under this accumulator's `window_value`."""
+        return self.windows_of(self.window_value)
+
+    def windows_of(self, value: str) -> dict[str, list[list[float]]]:
+        return {m: [list(w) for w in ws] for m, ws in self._windows[value].items()}
 
     @property
     def num_closed(self) -> int:
@@ -216,6 +227,7 @@ class WindowAccumulator:
             acc = self._norm_sums.setdefault(m, [0.0] * len(v))
             for i, x in enumerate(v):
                 acc[i] += float(x)
+            self._last[m] = [float(x) for x in v]
         self._num_samples += 1
 
     def close_window(self) -> None:
@@ -226,7 +238,8 @@ class WindowAccumulator:
             raise ValueError("close_window(): the window's samples have loss_count 0, so its mean loss is undefined.")
         self._loss_windows.append(self._loss_sum / self._loss_count)
         for m, sums in self._norm_sums.items():
-            self._norm_windows.setdefault(m, []).append([s / self._num_samples for s in sums])
+            self._windows["mean"].setdefault(m, []).append([s / self._num_samples for s in sums])
+            self._windows["last"].setdefault(m, []).append(list(self._last[m]))
         self._reset_open()
 
     def state_dict(self) -> dict[str, Any]:
@@ -234,11 +247,15 @@ class WindowAccumulator:
         return {
             "version": self._VERSION,
             "loss_windows": list(self._loss_windows),
+            "window_value": self.window_value,
             "norm_windows": self.norm_windows,
+            "norm_windows_mean": self.windows_of("mean"),
+            "norm_windows_last": self.windows_of("last"),
             "open": {
                 "loss_sum": self._loss_sum,
                 "loss_count": self._loss_count,
                 "norm_sums": {m: list(v) for m, v in self._norm_sums.items()},
+                "last": {m: list(v) for m, v in self._last.items()},
                 "num_samples": self._num_samples,
             },
         }
@@ -248,7 +265,13 @@ class WindowAccumulator:
         if state.get("version") != self._VERSION:
             raise ValueError(f"unknown WindowAccumulator state version {state.get('version')!r}.")
         loss = [float(x) for x in state["loss_windows"]]
-        norms = {str(m): [[float(x) for x in w] for w in ws] for m, ws in state["norm_windows"].items()}
+
+        def windows(key: str) -> dict[str, list[list[float]]]:
+            return {str(m): [[float(x) for x in w] for w in ws] for m, ws in state[key].items()}
+
+        # states written before `window_value` existed hold the means only
+        norms = windows("norm_windows_mean" if "norm_windows_mean" in state else "norm_windows")
+        last = windows("norm_windows_last") if "norm_windows_last" in state else norms
         op = state["open"]
         sums = {str(m): [float(x) for x in v] for m, v in op["norm_sums"].items()}
         num_samples = int(op["num_samples"])
@@ -269,9 +292,13 @@ class WindowAccumulator:
         if len(layouts) == 2 and layouts[0] != layouts[1]:
             raise ValueError(f"state's open window layout {layouts[1]} differs from its closed windows' {layouts[0]}.")
         self._loss_windows = loss
-        self._norm_windows = norms
+        self._windows = {"mean": norms, "last": last}
         self._layout = layouts[0] if layouts else None
         self._loss_sum = float(op["loss_sum"])
         self._loss_count = float(op["loss_count"])
         self._norm_sums = sums
+        # an open window from before `window_value` existed: its mean stands in for its last sample
+        self._last = {str(m): [float(x) for x in v] for m, v in op.get("last", {}).items()} or {
+            m: [x / num_samples for x in v] for m, v in sums.items()
+        }
         self._num_samples = num_samples

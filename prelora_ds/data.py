@@ -32,6 +32,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from .config import ConfigError, DataConfig
+from .preempt import ignore_in_worker
 
 __all__ = [
     "DataBundle",
@@ -277,7 +278,7 @@ def build_transforms(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """timm (train, val) transforms: RandomResizedCrop + flip + auto-augment, and resize + center crop (crop_pct 1)."""
+    """timm (train, val) transforms: RandomResizedCrop + flip + auto-augment, and resize + center crop (`crop_pct`)."""
     mean_c = _channel_stats(mean, in_chans, "mean")
     std_c = _channel_stats(std, in_chans, "std")
     common: dict[str, Any] = dict(
@@ -292,7 +293,7 @@ def build_transforms(
         re_prob=0.0,
         **common,
     )
-    val = create_transform(is_training=False, crop_pct=1.0, **common)
+    val = create_transform(is_training=False, crop_pct=cfg.crop_pct, **common)
     return train, val
 
 
@@ -478,6 +479,7 @@ def build_loaders(
         pin_memory=pin,
         drop_last=True,  # every step sees a full (and, for mixup, even) micro batch on every rank
         generator=torch.Generator().manual_seed(seed + rank),  # worker base seeds never draw from the global RNG
+        worker_init_fn=ignore_in_worker,  # a scheduler's SIGTERM to every process must not kill the workers
         persistent_workers=False,  # workers must see each epoch's SeededDataset.set_epoch
     )
     val = DataLoader(
@@ -488,6 +490,7 @@ def build_loaders(
         pin_memory=pin,
         drop_last=False,
         generator=torch.Generator().manual_seed(seed + rank),
+        worker_init_fn=ignore_in_worker,
         persistent_workers=False,
     )
     return train, val

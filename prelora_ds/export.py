@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from prelora_ds.model import fuse_qkv
+
 LORA_A = ".lora_A.default.weight"
 LORA_B = ".lora_B.default.weight"
 
@@ -36,6 +38,7 @@ def lora_scales(module: torch.nn.Module) -> dict[str, float]:
 
 
 def save_merged(path: Path, state: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, torch.Tensor]:
-    merged = {k: v.contiguous() for k, v in merge_lora(state, scales).items()}
+    """The merged model as a plain fused timm state dict, whichever q/k/v layout trained (`model.qkv`)."""
+    merged = {k: v.contiguous() for k, v in fuse_qkv(merge_lora(state, scales)).items()}
     save_file(merged, str(path), metadata={"format": "pt", "producer": "prelora_ds"})
     return merged

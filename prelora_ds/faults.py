@@ -5,6 +5,12 @@
                                       its files and before the checkpoint is declared complete
   PRELORA_FAULTS="nan@5,nan@9:0"      the loss of step 5 (every rank) / of step 9 on rank 0 is NaN
   PRELORA_FAULTS="hang@8:1"           rank 1 stops working after step 8 (a hung node: the others wait)
+  PRELORA_FAULTS="term@8:0"           rank 0 sends SIGTERM to its launcher (mpiexec, which forwards it to every
+                                      rank; the deepspeed launcher's per-node process, which terminates every
+                                      rank; itself in a plain process)
+  PRELORA_FAULTS="term_self@8:1"      rank 1 gets SIGTERM, the other ranks none (a signal that reached one node)
+  PRELORA_FAULTS="usr1_self@8:0"      rank 0 gets SIGUSR1 (SLURM's --signal=USR1@<seconds>), the others none
+  PRELORA_FAULTS="term_in_save@8:0"   rank 0 gets SIGTERM inside the save of step 8 (a second signal while stopping)
 
 Several faults are comma-separated; without `:RANK` a fault hits every rank. Nothing is mocked: the
 process really dies or hangs, the NaN really flows through DeepSpeed. Unset, every hook is a no-op.
@@ -16,12 +22,11 @@ import functools
 import os
 import re
 import signal
-import time
 from dataclasses import dataclass
 
 ENV = "PRELORA_FAULTS"
-KINDS = ("kill", "kill_in_save", "nan", "hang")
-_PATTERN = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?$")
+KINDS = ("kill", "kill_in_save", "nan", "hang", "term", "term_self", "usr1_self", "term_in_save")
+_PATTERN = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,20 @@ def after_step(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if due("hang", step, rank):
         print(f"[{ENV}] rank {rank}: hanging after step {step}", flush=True)
-        while True:  # alive but never reaching the next collective; a launcher's SIGTERM still ends it
-            time.sleep(60)
+        # alive but never reaching the next collective; a launcher's SIGTERM still ends it (the pre-emption
+        # handler only records signals, so end here the way the default action would)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+        signal.sigwait([signal.SIGTERM])
+        os._exit(128 + signal.SIGTERM)
+    if due("term", step, rank):
+        target = _launcher_pid()
+        print(f"[{ENV}] rank {rank}: SIGTERM to {'the launcher' if target != os.getpid() else 'itself'} "
+              f"(pid {target}) after step {step}", flush=True)
+        os.kill(target, signal.SIGTERM)
+    for kind, sig in (("term_self", signal.SIGTERM), ("usr1_self", signal.SIGUSR1)):
+        if due(kind, step, rank):
+            print(f"[{ENV}] rank {rank}: {sig.name} to this rank only after step {step}", flush=True)
+            os.kill(os.getpid(), sig)
 
 
 def in_save(step: int, rank: int) -> None:
@@ -70,8 +87,25 @@ def in_save(step: int, rank: int) -> None:
     if due("kill_in_save", step, rank):
         print(f"[{ENV}] rank {rank}: SIGKILL while saving step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    if due("term_in_save", step, rank):
+        print(f"[{ENV}] rank {rank}: SIGTERM while saving step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def loss_factor(step: int, rank: int) -> float:
     """1.0, or NaN for an injected non-finite loss at `step` (the step being computed)."""
     return float("nan") if due("nan", step, rank) else 1.0
+
+
+def _launcher_pid() -> int:
+    """The process a scheduler would signal: mpiexec/mpirun (which forwards signals to every rank), the deepspeed
+    launcher's per-node process or torchrun (which terminate their ranks), or this process when it runs alone."""
+    import psutil
+
+    proc = psutil.Process().parent()
+    while proc is not None:
+        cmd = " ".join(proc.cmdline())
+        if proc.name().startswith(("mpiexec", "mpirun")) or "deepspeed.launcher.launch" in cmd or "torchrun" in cmd:
+            return proc.pid
+        proc = proc.parent()
+    return os.getpid()

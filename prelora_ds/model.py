@@ -4,15 +4,44 @@ from __future__ import annotations
 
 import timm
 import torch
+from timm.layers import AttentionRope
 from timm.optim import param_groups_weight_decay
 
 from prelora_ds.config import ConfigError, ModelConfig
 
+SPLIT = ("q_proj", "k_proj", "v_proj")
+
+
+class SplitQKVAttention(AttentionRope):
+    """timm's split-projection attention (`q_proj`, `k_proj`, `v_proj`, `proj`) without rope: the function of
+    timm's fused `Attention`. A class, since timm's VisionTransformer takes `attn_layer` as a class."""
+
+    def __init__(self, dim: int, **kwargs) -> None:
+        super().__init__(dim, qkv_fused=False, **kwargs)
+
 
 def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
-    """A fresh fp32 timm model; called again at every engine rebuild (reusing a module leaks, SPEC §4)."""
+    """A fresh fp32 timm model; called again at every engine rebuild (reusing a module leaks, docs/design.md).
+
+    `model.qkv: split` builds the same VisionTransformer with timm's split attention (`AttentionRope`, no rope:
+    q, k, v as separate Linears) and gives it the fused model's initial weights, so a seed draws the same
+    function in either layout.
+    """
+    if cfg.qkv == "fused":
+        return _timm_model(cfg, num_classes)
+    fused = _timm_model(cfg, num_classes)  # draws the initial weights exactly as the fused layout does
+    if next(fused.parameters()).is_meta:  # a rebuild: the weights come from a state afterwards
+        return _timm_model(cfg, num_classes, attn_layer=SplitQKVAttention)
+    with torch.device("meta"):
+        split = _timm_model(cfg, num_classes, attn_layer=SplitQKVAttention)
+    split = split.to_empty(device="cpu")
+    split.load_state_dict(split_qkv(fused.state_dict()))  # strict: every parameter and buffer is set
+    return split
+
+
+def _timm_model(cfg: ModelConfig, num_classes: int, **extra) -> torch.nn.Module:
     try:
-        return timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **cfg.kwargs)
+        return timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **cfg.kwargs, **extra)
     except RuntimeError as exc:  # timm's "Unknown model" error
         raise ConfigError(f"model.name={cfg.name!r}: {exc}. See timm.list_models('vit_*').") from exc
     except TypeError as exc:
@@ -49,3 +78,29 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def split_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fused timm state dict (`attn.qkv.weight` [3D, D], rows q, k, v) -> the split layout's keys."""
+    out = {}
+    for key, value in state.items():
+        prefix, dot, leaf = key.rpartition(".attn.qkv.")
+        if not dot:
+            out[key] = value
+            continue
+        for name, part in zip(SPLIT, value.chunk(3, dim=0), strict=True):
+            out[f"{prefix}.attn.{name}.{leaf}"] = part
+    return out
+
+
+def fuse_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The split layout's state dict -> a plain fused timm state dict (what `timm.create_model` loads)."""
+    out = {}
+    for key, value in state.items():
+        prefix, dot, leaf = key.rpartition(".attn.q_proj.")
+        if dot:
+            parts = [state[f"{prefix}.attn.{name}.{leaf}"] for name in SPLIT]
+            out[f"{prefix}.attn.qkv.{leaf}"] = torch.cat(parts, dim=0)
+        elif ".attn.k_proj." not in key and ".attn.v_proj." not in key:
+            out[key] = value
+    return out

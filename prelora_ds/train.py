@@ -24,7 +24,8 @@ Runbook (from the repo root; every flag of the recipe can be overridden as --sec
   ... --resume
 
 Faults and what to do: docs/reliability.md. Exit codes: 2 bad input (nothing started), 1 a run that stopped
-with a message (non-finite steps, collective timeout, a checkpoint that could not be written).
+with a message (non-finite steps, collective timeout, a checkpoint that could not be written), 75 pre-empted
+(SIGTERM, SIGINT or SIGUSR1: every rank stopped after the same step and checkpointed it; requeue with --resume).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
         probe = create_model(cfg.model, 2)
         layers = target_layers(probe, cfg.prelora.target_modules)  # a regex that matches nothing fails here
+        _check_split_targets(cfg, layers)
         if cfg.relora.enabled:
             validate_rank(probe, layers, cfg.relora.rank)
         img, in_chans, mean, std = input_spec(probe)
@@ -157,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes",
             flush=True,
         )
+    from prelora_ds import preempt
+
     trainer = None
+    stop_request = preempt.StopRequest().install()  # from here a scheduler's signal stops after a step, with a save
     try:
-        trainer = Trainer(cfg, ds_config, data, out_dir, rank, world, resume=args.resume)
+        trainer = Trainer(cfg, ds_config, data, out_dir, rank, world, resume=args.resume, stop_request=stop_request)
         summary = trainer.train()
     except TrainingError as exc:
         print(f"prelora-train: error: {exc}", file=sys.stderr, flush=True)
@@ -167,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-    if summary is None:  # stopped at train.stop_at_step
-        return 0
+        stop_request.uninstall()
+    if summary is None:  # pre-empted (requeue), or stopped at train.stop_at_step
+        return preempt.EXIT_CODE if trainer.preempted else 0
     if rank == 0:
         print(
             f"prelora-train: done in {summary['wall_time_s']:.1f} s, final val top-1 {summary['final_val_top1']:.2f}%"
@@ -178,6 +184,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  model:       {out_dir / 'model_merged.safetensors'}")
         print(f"  checkpoints: {out_dir / 'checkpoints'}")
     return 0
+
+
+def _check_split_targets(cfg: RunConfig, layers: list[str]) -> None:
+    """A target regex written for timm's fused `attn.qkv` would silently leave q, k and v out of a split model."""
+    import re
+
+    fused_target = re.fullmatch(cfg.prelora.target_modules, "blocks.0.attn.qkv")
+    if cfg.model.qkv == "split" and fused_target and not any(".attn.q_proj" in n for n in layers):
+        raise ConfigError(
+            f"model.qkv=split has attn.q_proj, attn.k_proj and attn.v_proj, which prelora.target_modules="
+            f"{cfg.prelora.target_modules!r} does not match (it targets the fused attn.qkv); write "
+            r"--prelora.target_modules 'blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.fc[12])'."
+        )
 
 
 def _check_output_dir(out_dir: Path, resume: bool) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from prelora_ds import checkpoint, dist, faults, norms, relora
+from prelora_ds import checkpoint, dist, faults, norms, preempt, relora
 from prelora_ds.config import RunConfig
 from prelora_ds.convergence import WindowAccumulator, layer_changes, loss_change, module_changes, partial_convergence
 from prelora_ds.data import DataBundle, build_loaders, build_mixup, build_train_loss
@@ -81,8 +81,10 @@ class Trainer:
         resume: bool,
         start_phase: str = "full",
         start_ranks: dict[str, int] | None = None,
+        stop_request: preempt.StopRequest | None = None,
     ) -> None:
-        """`start_phase`/`start_ranks` build a phase's structure directly (benchmarks); runs start in `full`."""
+        """`start_phase`/`start_ranks` build a phase's structure directly (benchmarks); runs start in `full`.
+        `stop_request`: the installed signal handlers of the process (pre-emption); one that never fires by default."""
         self.cfg, self.ds_config, self.data, self.out_dir = cfg, ds_config, data, out_dir
         self.rank, self.world = rank, world
         self.ckpt_dir = out_dir / "checkpoints"
@@ -106,11 +108,14 @@ class Trainer:
         self.state = LoopState()
         self.frozen_fp32: dict[str, torch.Tensor] = {}
         self.pending_loss = _zero_loss()  # this rank's (sum of per-image losses, images) since the last sample
-        self.acc = WindowAccumulator()
+        self.acc = WindowAccumulator(cfg.prelora.window_value)
         self.engine = None
         self.layout: norms.NormLayout | None = None
         self.monitor: Monitor | None = None
         self._at_epoch_end = False
+        self.stop_request = stop_request or preempt.StopRequest()
+        self.preempted: preempt.StopDecision | None = None  # set when a signal stopped the run
+        self.saved_step: int | None = None  # the step of the last checkpoint this process saved
         self.op = "start-up"  # what this rank is doing, named in a collective-timeout error
         if resume:
             self._resume()
@@ -399,7 +404,7 @@ class Trainer:
         if due:
             self.switch_to("relora", {n: r.rank for n in self.layout.layers})
             # the relora phase must pass the test on its own windows, not on those of `full`
-            self.acc = WindowAccumulator()
+            self.acc = WindowAccumulator(self.cfg.prelora.window_value)
             self.pending_loss = _zero_loss()
             self.save_checkpoint()
 
@@ -430,7 +435,9 @@ class Trainer:
             )
 
     def _lr_factor(self) -> float:
-        """The jagged cosine of `relora`: a re-warmup after each merge (1 elsewhere)."""
+        """The jagged cosine of `relora` (a re-warmup after each merge); `prelora.lora_lr_scale` in `lora`."""
+        if self.state.phase == "lora":
+            return self.cfg.prelora.lora_lr_scale
         if self.state.phase != "relora":
             return 1.0
         r = self.cfg.relora
@@ -534,6 +541,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
+        self.saved_step = self.state.step
         self.op = f"the checkpoint save of step {self.state.step} (barriers between the ranks' writes)"
         checkpoint.save(
             self.engine,
@@ -692,6 +700,32 @@ class Trainer:
         elif self.monitor:
             self.monitor.progress(step)
 
+    def _stop(self, decision: preempt.StopDecision) -> None:
+        """Checkpoint this step (unless a switch just did) and end the run early: pre-empted, or train.stop_at_step."""
+        step = self.state.step
+        if self.saved_step != step:
+            self.save_checkpoint()
+        where = self.ckpt_dir / checkpoint.tag_for(step)
+        if decision.stop:
+            self.preempted = decision
+            elapsed = time.time() - decision.first_signal_time
+            self.monitor.scalars(step, {"preempt/signal_to_saved_s": elapsed})
+            if self.rank == 0:  # for a scheduler script: the deepspeed launcher exits 1 when it was signalled itself
+                marker = {"signal": decision.signal_name, "step": step, "phase": self.state.phase,
+                          "checkpoint": str(where), "signal_to_saved_s": elapsed, "exit_code": preempt.EXIT_CODE}
+                (self.out_dir / preempt.MARKER).write_text(json.dumps(marker, indent=1))
+            budget = "within" if elapsed < preempt.LAUNCHER_GRACE_S else "NOT within"
+            self.monitor.log(
+                f"pre-empted by {decision.signal_name}: every rank stopped after step {step} ({self.state.phase}); "
+                f"checkpoint {where} complete {elapsed:.1f} s after the first signal ({budget} the deepspeed "
+                f"launcher's {preempt.LAUNCHER_GRACE_S:.0f} s before SIGKILL). Continue with the same command and "
+                f"--resume (exit code {preempt.EXIT_CODE}: requeue)."
+            )
+        else:
+            self.monitor.log(f"stopped at step {step} (train.stop_at_step); continue with --resume")
+        self.monitor.close()
+        return None
+
     def train(self) -> dict[str, Any] | None:
         """Run to the end (returns the summary) or to train.stop_at_step (returns None).
 
@@ -718,6 +752,8 @@ class Trainer:
 
     def _train(self) -> dict[str, Any] | None:
         self.monitor = Monitor(self.out_dir, self.rank, self.total_steps, self.state.step)
+        if self.rank == 0:
+            (self.out_dir / preempt.MARKER).unlink(missing_ok=True)  # this run continues it
         if not self.state.history[-1].get("trainable_params"):
             self._record_params()
         t_start = time.perf_counter() - self.state.wall_s
@@ -737,11 +773,10 @@ class Trainer:
                 self._sample(epoch_end=False)
                 self._maybe_freeze(epoch_end=False)
                 self.state.wall_s = time.perf_counter() - t_start
-                if self._stop_requested():
-                    self.save_checkpoint()
-                    self.monitor.log(f"stopped at step {self.state.step} (train.stop_at_step); continue with --resume")
-                    self.monitor.close()
-                    return None
+                self.op = f"the all-reduce of the stop request after step {self.state.step}"
+                decision = self.stop_request.agreed()  # every step: a signal stops every rank after the same step
+                if decision.stop or self._stop_requested():
+                    return self._stop(decision)
                 if self._checkpoint_due() and self.state.step < self.total_steps:
                     self.save_checkpoint()
                 t_last = time.perf_counter()

@@ -96,6 +96,19 @@ def switch_reference(tmp_path_factory) -> Path:
     return out
 
 
+# The paper's structure: separate q, k, v projections and the six targets (model.qkv: split).
+SIX_TARGETS = r"blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.fc[12])"
+SPLIT_RUN = [*SWITCH_RUN, "--model.qkv", "split", "--prelora.target_modules", SIX_TARGETS]
+
+
+@pytest.fixture(scope="session")
+def split_reference(tmp_path_factory) -> Path:
+    """SWITCH_RUN with split q/k/v and the six targets (full 0-12, warmup 12-20, lora 20-40), uninterrupted."""
+    out = tmp_path_factory.mktemp("split_reference") / "run"
+    run(deepspeed_cmd("--output_dir", str(out), *SPLIT_RUN, port=29651))
+    return out
+
+
 @pytest.fixture(scope="session")
 def relora_reference(tmp_path_factory) -> Path:
     """Phases full 0-4, relora from 4 (merges every 5 steps), then warmup and lora, 60 steps on 2 ranks."""

@@ -111,6 +111,7 @@ def test_estimate_covers_weights_masters_and_adam():
         ("kill@12:1", [faults.Fault("kill", 12, 1)]),
         ("nan@3, hang@8:0", [faults.Fault("nan", 3, None), faults.Fault("hang", 8, 0)]),
         ("kill_in_save@10", [faults.Fault("kill_in_save", 10, None)]),
+        ("usr1_self@8:0,term_in_save@8:0", [faults.Fault("usr1_self", 8, 0), faults.Fault("term_in_save", 8, 0)]),
     ],
 )
 def test_fault_specs(text, expected):

@@ -191,6 +191,13 @@ def test_main_target_regex_matching_nothing(capsys):
     )
 
 
+def test_main_split_qkv_with_a_fused_target_regex(capsys):
+    """model.qkv=split with the default (fused) targets would silently train no LoRA on q, k and v."""
+    err = run_main(capsys, [*DEMO, *SMALL, "--model.qkv", "split"])
+    assert "model.qkv=split has attn.q_proj, attn.k_proj and attn.v_proj, which prelora.target_modules=" in err
+    assert r"write --prelora.target_modules 'blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.fc[12])'" in err
+
+
 def test_main_ds_config_not_json(capsys, tmp_path):
     path = tmp_path / "ds.json"
     path.write_text('{"train_micro_batch_size_per_gpu": 32,}\n')

@@ -16,8 +16,10 @@ import time
 
 import pytest
 import torch
-from conftest import BIN, RELORA_RUN, ROOT, SWITCH, SWITCH_RUN, TINY, deepspeed_cmd, run, scalars, summary
+import yaml
+from conftest import BIN, RELORA_RUN, ROOT, SPLIT_RUN, SWITCH, SWITCH_RUN, TINY, deepspeed_cmd, run, scalars, summary
 
+from prelora_ds import preempt
 from prelora_ds.train import main
 
 pytestmark = pytest.mark.launch
@@ -219,6 +221,101 @@ def test_relora_killed_mid_cycle_resumes_on_one_rank(tmp_path, elastic_ds, relor
     # boundary can flip with the reduction order of another world size (seen: 2 of 24 layers); the runs then
     # differ by the LoRA shapes of those layers, not by lost state.
     assert worst_diff(a, b, range(17, 61)) <= 2e-2
+
+
+# ------------------------------------------------------------------ pre-emption: SIGTERM, SIGINT, SIGUSR1
+def stopped_at(out, proc, phase: str) -> int:
+    """The agreed stop step of a pre-empted job, after checking what every rank left behind."""
+    marker = json.loads((out / "preempted.json").read_text())
+    step = marker["step"]
+    tag = out / "checkpoints" / f"step{step:08d}"
+    assert latest(out) == tag.name and (tag / "COMPLETE").exists()
+    assert (tag / "rank0.pt").exists() and (tag / "rank1.pt").exists()  # both ranks saved that step
+    assert saved_loop(out, step)["step"] == step and marker["phase"] == phase == saved_loop(out, step)["phase"]
+    assert f"pre-empted by {marker['signal']}: every rank stopped after step {step} ({phase})" in proc.stdout
+    assert marker["signal_to_saved_s"] < 30
+    return step
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+    """The split q/k/v reference's run (the paper's six targets) pre-empted three times, then run to its end:
+
+    P1 deepspeed  rank 0 SIGTERMs the launcher's per-node process after step 6 (full): it terminates both ranks
+    P2 deepspeed  resumes; SIGTERM reaches rank 1 only, after step 15 (warmup)
+    P3 mpirun     resumes; rank 0 SIGTERMs mpiexec after step 27 (lora): it forwards the signal to both ranks
+    P4 deepspeed  resumes to the end
+    """
+    out = tmp_path_factory.mktemp("preempted") / "run"
+    faults = "term@6:0,term_self@15:1,term@27:0"
+    runs = [launch(out, *SPLIT_RUN, faults=faults, check=False)]
+    steps = [stopped_at(out, runs[-1], "full")]
+    runs.append(launch(out, *SPLIT_RUN, "--resume", faults=faults, check=False))
+    steps.append(stopped_at(out, runs[-1], "warmup"))
+    runs.append(launch(out, *SPLIT_RUN, "--resume", via="mpirun", faults=faults, check=False))
+    steps.append(stopped_at(out, runs[-1], "lora"))
+    runs.append(launch(out, *SPLIT_RUN, "--resume", faults=faults))
+    return out, runs, steps
+
+
+def test_preempted_ranks_stop_after_one_agreed_step_with_a_checkpoint(preempted):
+    out, runs, steps = preempted
+    # a signal to the launcher reaches the ranks some steps later; one to a rank is seen before the next agreement
+    assert 6 <= steps[0] <= 8 and steps[1] == 15 and 27 <= steps[2] <= 29, steps
+    assert runs[0].returncode == 1  # the deepspeed launcher exits 1 when it was signalled itself: see preempted.json
+    assert runs[1].returncode == preempt.EXIT_CODE  # the ranks' own exit code when they stop first
+    assert runs[2].returncode == preempt.EXIT_CODE  # mpiexec passes it on
+    for run_, step in zip(runs[1:], steps, strict=True):
+        assert resumed_phase(run_, step)
+    assert not (out / "preempted.json").exists()  # the last run went on to the end
+
+
+def test_preempted_run_matches_the_uninterrupted_one(preempted, split_reference):
+    out, _, _ = preempted
+    assert timeline(out) == timeline(split_reference)
+    a, b = losses(split_reference), losses(out)
+    assert worst_diff(a, b, range(1, 41)) == 0.0  # same ranks, same order of reductions: bit for bit
+    assert summary(out)["final_val_top1"] == summary(split_reference)["final_val_top1"]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert ranks == json.loads((split_reference / "ranks.json").read_text())
+    assert {n.split(".", 2)[2] for n in ranks} == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj",
+                                                   "mlp.fc1", "mlp.fc2"}
+
+
+def test_split_export_is_a_fused_timm_model_computing_what_was_trained(preempted):
+    """The merged export of the split run loads into a plain (fused) timm model and gives the logits of the
+    trained PEFT model, rebuilt from the final checkpoint's fp32 module."""
+    import timm
+    from safetensors.torch import load_file
+
+    from prelora_ds.config import build_config
+    from prelora_ds.model import create_model
+    from prelora_ds.phases import PHASES, build_structure
+
+    out, _, _ = preempted
+    cfg = build_config(yaml.safe_load((out / "config.yaml").read_text()))
+    trained = build_structure(create_model(cfg.model, 10), PHASES["lora"],
+                              json.loads((out / "ranks.json").read_text()), cfg.prelora)
+    module = torch.load(out / "checkpoints" / latest(out) / "mp_rank_00_model_states.pt", weights_only=False)
+    trained.load_state_dict(module["module"])  # strict: every base, LoRA and head value of the run
+    plain = timm.create_model(cfg.model.name, num_classes=10, **cfg.model.kwargs)
+    plain.load_state_dict(load_file(str(out / "model_merged.safetensors")))  # strict, fused attn.qkv
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), trained.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_preempted_in_relora_resumes_exactly(tmp_path, relora_reference):
+    """SIGUSR1 to rank 0, then a second signal (SIGTERM) inside the save: the save completes, nothing breaks."""
+    out = tmp_path / "run"
+    first = launch(out, *RELORA_RUN, faults="usr1_self@11:0,term_in_save@11:0", check=False)
+    assert first.returncode == preempt.EXIT_CODE
+    assert stopped_at(out, first, "relora") == 11  # between the merges after steps 9 and 14
+    assert "SIGTERM while saving step 11" in first.stdout and "got SIGTERM again: still stopping" in first.stderr
+    resumed = launch(out, *RELORA_RUN, "--resume")
+    assert resumed_phase(resumed, 11) == "relora"
+    assert timeline(out) == timeline(relora_reference)
+    assert worst_diff(losses(relora_reference), losses(out), range(1, 61)) == 0.0
 
 
 # ------------------------------------------------------------------ non-finite steps, hung rank, full disk

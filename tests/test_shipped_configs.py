@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import timm
 import torch
 from conftest import ROOT
 from deepspeed.launcher.runner import fetch_hostfile
 
 from prelora_ds.config import load_recipe
 from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
-from prelora_ds.phases import target_layers
+from prelora_ds.model import create_model
+from prelora_ds.phases import PHASES, build_structure, target_layers
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -57,17 +57,38 @@ def test_ds_config_is_explicit(ds_path):
     assert raw["zero_optimization"]["stage"] == 2
 
 
-def test_vit_l_targets_and_lora_share():
-    """ViT-L/16 (built on the meta device): 96 target layers, none in patch_embed; LoRA <= 10% of params."""
-    cfg = load_recipe(ROOT / "recipes/vit_l_exp2.yaml", {"data.root": "x"})
+def vit_l_structure(recipe: str = "vit_l_exp2"):
+    """The recipe's ViT-L/16 (split q/k/v) on the meta device (no weights) and its target layers."""
+    cfg = load_recipe(ROOT / f"recipes/{recipe}.yaml", {"data.root": "x"})
     with torch.device("meta"):
-        model = timm.create_model(cfg.model.name, num_classes=1000)
-    layers = target_layers(model, cfg.prelora.target_modules)
-    assert len(layers) == 96 and not any("patch_embed" in n for n in layers)
+        model = create_model(cfg.model, 1000)
+    return cfg, model, target_layers(model, cfg.prelora.target_modules)
+
+
+@pytest.mark.parametrize("recipe", [r.stem for r in RECIPES if r.stem.startswith("vit_l")])
+def test_vit_l_recipes_are_the_papers_structure(recipe):
+    """Separate q, k, v plus attn.proj, fc1, fc2 in each of the 24 blocks; never patch_embed; eval crop 0.875."""
+    cfg, model, layers = vit_l_structure(recipe)
+    assert cfg.model.qkv == "split" and cfg.data.crop_pct == 0.875
+    kinds = {n.split(".", 2)[2] for n in layers}
+    assert kinds == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj", "mlp.fc1", "mlp.fc2"}
+    assert len(layers) == 24 * 6 and not any("patch_embed" in n for n in layers)
+
+
+def test_vit_l_lora_parameters_match_the_papers_count(capsys):
+    """The paper: ReLoRA at rank 256 trains 114M parameters; 24 x 256 x 18,432 = 113,246,208 only with separate
+    q, k, v. Counted on PEFT's injection (the package's own path), on the meta device."""
+    cfg, model, layers = vit_l_structure("vit_l_relora")
     total = sum(p.numel() for p in model.parameters())
-    r = cfg.prelora.r_max  # the worst case: every layer at r_max
-    lora = sum(r * (model.get_submodule(n).in_features + model.get_submodule(n).out_features) for n in layers)
-    assert lora / total <= 0.10, lora / total
+    relora = build_structure(model, PHASES["relora"], {n: cfg.relora.rank for n in layers}, cfg.prelora)
+    lora = sum(p.numel() for n, p in relora.named_parameters() if ".lora_" in n)
+    assert cfg.relora.rank == 256 and lora == 24 * 256 * 18_432 == 113_246_208
+    shares = {}
+    for r in (cfg.prelora.r_min, cfg.prelora.r_max):  # after the switch every layer is at 8..64
+        shares[r] = r * 18_432 * 24 / total
+    print(f"ViT-L/16 {total:,} parameters; LoRA share after the switch: {100 * shares[8]:.1f} % (all rank 8) to "
+          f"{100 * shares[64]:.1f} % (all rank 64); the paper: about 10 %")
+    assert 0.011 < shares[8] < 0.012 and 0.092 < shares[64] < 0.094
 
 
 @pytest.mark.parametrize("name,hosts,slots", [("localhost", 1, 2), ("a100_16x4", 16, 4)])

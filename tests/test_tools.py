@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SWITCH, deepspeed_cmd, run, summary
+from conftest import ROOT, deepspeed_cmd, run, summary
+
+from prelora_ds.convergence import layer_changes
+from prelora_ds.ranks import assign_ranks, ranks_by_module_name
 
 PY = str(Path(sys.executable))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -35,17 +38,16 @@ def tool(name: str, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("tools")
-    prelora, full = base / "run", base / "full"
+def runs(tmp_path_factory, split_reference) -> dict[str, Path]:
+    """The PreLoRA run is the session's split q/k/v reference (the paper's six targets)."""
+    full = tmp_path_factory.mktemp("tools") / "full"
     common = ["--recipe", "recipes/demo.yaml", "--train.log_every_steps", "1"]
-    run(deepspeed_cmd(*common, "--output_dir", str(prelora), "--train.max_steps", "40", *SWITCH, port=29651))
     run(
         deepspeed_cmd(
             *common, "--output_dir", str(full), "--prelora.enabled", "false", "--train.max_steps", "10", port=29652
         )
     )
-    return {"prelora": prelora, "full": full}
+    return {"prelora": split_reference, "full": full}
 
 
 def check_png(path: Path) -> None:
@@ -102,6 +104,21 @@ def test_replay_at_own_thresholds_matches_the_run(runs, tmp_path):
     assert row["trainable_lora"] == lora["trainable_params"]
     assert data["num_classes"] == 10
     assert f"| 1000 | 1000 | 3 | {s['switch_step']} |" in stdout
+
+
+def test_replay_with_either_window_value(runs, tmp_path):
+    """Both window values are recorded; `last` takes each window's last sample, so it gives other changes."""
+    windows = json.loads((runs["prelora"] / "windows.json").read_text())
+    assert windows["norm_windows"] == windows["norm_windows_mean"] != windows["norm_windows_last"]
+    args = ["--delta_w", "1000", "--delta_l", "1000"]
+    _, mean = replay(runs["prelora"], tmp_path / "mean.json", *args)
+    _, last = replay(runs["prelora"], tmp_path / "last.json", *args, "--window_value", "last")
+    assert (mean["window_value"], last["window_value"]) == ("mean", "last")
+    assert mean["rows"][0]["switch_step"] == last["rows"][0]["switch_step"]  # thresholds of 1000 % always pass
+    assert mean["rows"][0]["ranks"] == json.loads((runs["prelora"] / "ranks.json").read_text())
+    k = last["rows"][0]["window"]  # the last samples' changes decide the ranks of the `last` replay
+    changes = layer_changes({m: w[: k + 1] for m, w in windows["norm_windows_last"].items()})
+    assert last["rows"][0]["ranks"] == ranks_by_module_name(windows["layers"], assign_ranks(changes))
 
 
 def test_replay_tiny_threshold_is_not_reached(runs, tmp_path):

@@ -3,12 +3,13 @@
   .venv/bin/python tools/replay_convergence.py runs/demo --delta_w 1 5 --delta_l 1 5 --num_windows 2 3
   .venv/bin/python tools/replay_convergence.py runs/demo --json replay.json   # the run's own thresholds
 
-For every (delta_w, delta_l, num_windows) of the grid (each defaults to the run's own value), the first
-closed window k at which `prelora_ds.convergence.partial_convergence(loss_windows[:k+1], norm_windows[:k+1],
-N, delta_w, delta_l)` passes is the switch: the very functions the trainer calls, on the window means the
-run recorded. The run's `prelora.min_epochs` (config.yaml) is applied as the trainer applies it (no switch
-while fewer epochs are done). Ranks are `ranks.assign_ranks(convergence.layer_changes(windows up to k),
-r_min, r_max)`, printed as a count per rank (`8:10 16:4 ...`).
+For every (delta_w, delta_l, num_windows) of the grid (each defaults to the run's own value), the first closed
+window k at which `prelora_ds.convergence.partial_convergence(loss_windows[:k+1], norm_windows[:k+1], N,
+delta_w, delta_l)` passes is the switch: the very functions the trainer calls, on the windows the run recorded
+(`--window_value mean|last`: each window's mean of samples or its last sample; both are recorded). The run's
+`prelora.min_epochs` (config.yaml) is applied as the trainer applies it (no switch while fewer epochs are
+done). Ranks are `ranks.assign_ranks(convergence.layer_changes(windows up to k), r_min, r_max)`,
+printed as a count per rank (`8:10 16:4 ...`).
 
 With relora enabled, windows.json holds the windows of the `relora` phase (the trainer restarts them
 there, on the effective weights), so the replay is of those.
@@ -282,10 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delta_l", type=float, nargs="+", help="loss thresholds, %% (default: the run's)")
     parser.add_argument("--num_windows", type=int, nargs="+", help="N values, >= 2 (default: the run's)")
     parser.add_argument("--num_classes", type=int, default=None, help="override the detected number of classes")
+    parser.add_argument(
+        "--window_value", choices=("mean", "last"), default=None,
+        help="a window's norm: the mean of its samples or its last sample (default: the run's prelora.window_value)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the table as JSON")
     args = parser.parse_args(argv)
     windows = read_windows(args.run_dir)
     cfg = read_config(args.run_dir)
+    value = args.window_value or cfg.prelora.window_value
+    key = f"norm_windows_{value}"
+    if key not in windows:
+        if value != cfg.prelora.window_value:
+            parser.error(f"{args.run_dir}/windows.json predates prelora.window_value: it has only its own windows")
+        key = "norm_windows"
+    windows["norm_windows"] = windows[key]  # the windows every replay below reads
     t = windows.get("thresholds", {})
     grid_w = args.delta_w or [t.get("delta_w", cfg.prelora.delta_w)]
     grid_l = args.delta_l or [t.get("delta_l", cfg.prelora.delta_l)]
@@ -300,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     counter = ParamCounter(cfg, num_classes)
     grid = [(w, lo, n) for w in grid_w for lo in grid_l for n in grid_n]
     rows = replay_grid(windows, grid, min_epochs, r_min, r_max, counter)
-    print(run_header(args.run_dir, windows, min_epochs))
+    print(run_header(args.run_dir, windows, min_epochs) + f"; window value: {value}")
     print(f"num_classes={num_classes} ({source}); ranks {r_min}..{r_max}; max_epochs forcing is not replayed")
     print(format_table(rows))
     if args.json:
@@ -309,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_classes": num_classes,
             "num_classes_source": source,
             "min_epochs": min_epochs,
+            "window_value": value,
             "rows": [asdict(r) for r in rows],
         }
         args.json.write_text(json.dumps(payload, indent=1))

@@ -2,6 +2,7 @@
 
   python tools/run_study.py --seeds 0 1 --out runs/study        # every configuration, one after another
   python tools/run_study.py --only full relaxed --seeds 0         # a subset
+  python tools/run_study.py --only full relaxed_split medium_split strict_split   # split q/k/v, six targets
 
 Each configuration is one command (printed before it runs): the demo recipe on 2 CPU ranks through the
 deepspeed launcher (all GPUs when CUDA is there), same epochs and seed, only the PreLoRA settings differ.
@@ -31,6 +32,10 @@ CONFIGS: dict[str, list[str]] = {
     "medium_warmup1": ["--prelora.delta_w", "2.5", "--prelora.delta_l", "15", "--prelora.warmup_epochs", "1"],
     "medium_warmup6": ["--prelora.delta_w", "2.5", "--prelora.delta_l", "15", "--prelora.warmup_epochs", "6"],
 }
+# the threshold arm again at the paper's structure: separate q, k, v and the six targets (docs/fidelity.md)
+SIX_TARGETS = r"blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.fc[12])"
+SPLIT = ["--model.qkv", "split", "--prelora.target_modules", SIX_TARGETS]
+CONFIGS |= {f"{name}_split": [*CONFIGS[name], *SPLIT] for name in ("relaxed", "medium", "strict")}
 
 
 def launcher() -> list[str]:

@@ -513,7 +513,7 @@ class Trainer:
             counts.add(engine(images.to(dtype)).float(), targets, self.eval_loss)
         engine.train()
         self.op = f"the all-reduce of the validation counts at step {self.state.step}"
-        result = {**counts.reduce(), "step": self.state.step, "epoch": self.state.epoch}
+        result = {**counts.reduce(), "step": self.state.step, "epoch": self.state.epoch, "wall_s": self.state.wall_s}
         self.state.val.append(result)
         if self.monitor:
             self.monitor.scalars(

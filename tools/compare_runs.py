@@ -194,14 +194,54 @@ def plot(rows: list[RunRow], out: Path) -> Path:
     return out
 
 
+def plot_time_to_accuracy(run_dirs: list[Path], labels: list[str], out: Path) -> Path | None:
+    """Val top-1 against training wall time (each validation's `wall_s`), the switch marked: what a user
+    waits for an accuracy. None when no run recorded `wall_s` (runs older than the field)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    drawn = 0
+    for run_dir, label in zip(run_dirs, labels, strict=True):
+        s = json.loads((run_dir / "summary.json").read_text())
+        val = [v for v in s.get("val") or [] if "wall_s" in v]
+        if not val:
+            continue
+        (line,) = ax.plot([v["wall_s"] for v in val], [v["top1"] for v in val], marker=".", label=label)
+        switch = next((v for v in val if s.get("switch_step") is not None and v["step"] >= s["switch_step"]), None)
+        if switch is not None:
+            ax.axvline(switch["wall_s"], color=line.get_color(), ls=":", alpha=0.6)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("training wall time (s)")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title("Time to accuracy (dotted: the PreLoRA switch)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories (each holds summary.json)")
     parser.add_argument("--out", type=Path, default=Path("compare_runs.png"), help="PNG to write")
+    parser.add_argument("--curve", type=Path, default=None, help="also a PNG of val top-1 against wall time")
     args = parser.parse_args(argv)
-    rows = [load_row(d, label) for d, label in zip(args.run_dirs, labels_for(args.run_dirs), strict=True)]
+    labels = labels_for(args.run_dirs)
+    rows = [load_row(d, label) for d, label in zip(args.run_dirs, labels, strict=True)]
     print(markdown_table(rows))
     print(f"wrote {plot(rows, args.out)}")
+    if args.curve:
+        curve = plot_time_to_accuracy(args.run_dirs, labels, args.curve)
+        print(f"wrote {curve}" if curve else "no time-to-accuracy curve: the runs recorded no val wall_s")
     return 0
 
 

@@ -3,6 +3,7 @@
   python tools/run_study.py --seeds 0 1 --out runs/study        # every configuration, one after another
   python tools/run_study.py --only full relaxed --seeds 0         # a subset
   python tools/run_study.py --only full relaxed_split medium_split strict_split   # split q/k/v, six targets
+  python tools/run_study.py --only full_vits relaxed_vits        # a compute-bound scale (ViT-S-sized, 32 px)
 
 Each configuration is one command (printed before it runs): the demo recipe on 2 CPU ranks through the
 deepspeed launcher (all GPUs when CUDA is there), same epochs and seed, only the PreLoRA settings differ.
@@ -36,6 +37,12 @@ CONFIGS: dict[str, list[str]] = {
 SIX_TARGETS = r"blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.fc[12])"
 SPLIT = ["--model.qkv", "split", "--prelora.target_modules", SIX_TARGETS]
 CONFIGS |= {f"{name}_split": [*CONFIGS[name], *SPLIT] for name in ("relaxed", "medium", "strict")}
+# a scale where a step is compute-bound on this CPU (the demo's tiny step is fixed-cost bound): a ViT-S-sized
+# model (384 wide, 12 blocks, 6 heads) on the digits at 32 px, 10 epochs, windows of 1 epoch, switch by epoch 5
+VITS = ["--model.kwargs", "{img_size: 32, patch_size: 4, depth: 12, embed_dim: 384, num_heads: 6}",
+        "--train.epochs", "10", "--train.lr_warmup_epochs", "1", "--prelora.window_epochs", "1",
+        "--prelora.warmup_epochs", "1", "--prelora.max_epochs", "5"]
+CONFIGS |= {"full_vits": [*CONFIGS["full"], *VITS], "relaxed_vits": [*CONFIGS["relaxed"], *VITS]}
 
 
 def launcher() -> list[str]:
@@ -64,7 +71,8 @@ def main() -> None:
             print("$ " + " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     table = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_runs.py"), *map(str, dirs), "--out",
-                            str(out / "compare.png")], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+                            str(out / "compare.png"), "--curve", str(out / "time_to_accuracy.png")],
+                           cwd=ROOT, check=True, capture_output=True, text=True).stdout
     (out / "table.md").write_text(table)
     summaries = {d: json.loads((d / "summary.json").read_text()) for d in dirs}
     study = {}

@@ -172,6 +172,15 @@ def test_compare_runs_table_and_png(runs, tmp_path):
     check_png(out)
 
 
+def test_compare_runs_time_to_accuracy_curve(runs, tmp_path):
+    curve = tmp_path / "tta.png"
+    stdout = tool("compare_runs", runs["prelora"], runs["full"], "--out", tmp_path / "cmp.png", "--curve", curve)
+    assert f"wrote {curve}" in stdout
+    check_png(curve)
+    val = summary(runs["prelora"])["val"]
+    assert all(0 < a["wall_s"] < b["wall_s"] for a, b in zip(val, val[1:], strict=False))  # the clock of the run
+
+
 def test_steps_per_epoch_from_validation_history():
     cr = load_tool("compare_runs")
     assert cr.steps_per_epoch({"steps_per_epoch": 7}) == 7

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import sys
 import time
@@ -42,6 +43,7 @@ def worker(rank: int, world: int, calls: int, port: int, out: dict) -> None:
         times.sort()
         out["median_us"] = 1e6 * statistics.median(times)
         out["p99_us"] = 1e6 * times[int(0.99 * len(times))]
+    dist.barrier()  # neither rank tears the groups down while the other still uses them
     tdist.destroy_process_group()
 
 
@@ -49,8 +51,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--calls", type=int, default=2000)
-    p.add_argument("--port", type=int, default=29555)
+    p.add_argument("--port", type=int, default=None, help="rendezvous port (default: a free one)")
     args = p.parse_args()
+    if args.port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            args.port = sock.getsockname()[1]
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(worker, args=(args.world, args.calls, args.port, out), nprocs=args.world)

@@ -182,7 +182,8 @@ class PreLoRAConfig:
     window_steps: int | None = None
     """Window size S in optimizer steps; when set it replaces `window_epochs` (short runs)."""
     sample_every_steps: int | None = None
-    """Norm sampling interval in steps; default: every epoch, or every step with window_steps."""
+    """Norm sampling interval in steps, with window_steps only (default: window_steps // 4); windows of
+    epochs sample once at the end of every epoch."""
     num_windows: int = 3
     """N: the test compares the last N windows (N-1 consecutive pairs)."""
     window_value: str = "mean"
@@ -228,6 +229,13 @@ class PreLoRAConfig:
         _require(
             self.sample_every_steps is None or self.sample_every_steps >= 1,
             "prelora.sample_every_steps must be >= 1 or null.",
+        )
+        _require(
+            self.sample_every_steps is None or self.window_steps is not None,
+            f"prelora.sample_every_steps={self.sample_every_steps} needs windows of steps, but prelora.window_steps "
+            "is null: windows of epochs close at an epoch's end, where step-based samples never fall, so no window "
+            "would ever close. Remove sample_every_steps (windows of epochs sample once per epoch) or set "
+            "prelora.window_steps.",
         )
         _require(
             self.num_windows >= 2,

@@ -456,17 +456,21 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def build_loaders(
-    bundle: DataBundle, micro_batch: int, rank: int, world_size: int, seed: int, num_workers: int
-) -> tuple[DataLoader, DataLoader]:
-    """(train, val) loaders for this rank. Train: shuffled, padded across ranks, full micro batches only."""
-    n_train = len(bundle.train)  # type: ignore[arg-type]
+def check_train_size(n_train: int, micro_batch: int, world_size: int) -> None:
+    """Every rank needs at least one full micro batch (train.py checks this before any process group starts)."""
     if n_train < micro_batch * world_size:
         raise ConfigError(
             f"the train set has {n_train} images, fewer than micro_batch ({micro_batch}) x world_size "
             f"({world_size}) = {micro_batch * world_size}, so no rank gets a full batch; lower "
             "train_micro_batch_size_per_gpu, use fewer GPUs or a larger dataset."
         )
+
+
+def build_loaders(
+    bundle: DataBundle, micro_batch: int, rank: int, world_size: int, seed: int, num_workers: int
+) -> tuple[DataLoader, DataLoader]:
+    """(train, val) loaders for this rank. Train: shuffled, padded across ranks, full micro batches only."""
+    check_train_size(len(bundle.train), micro_batch, world_size)  # type: ignore[arg-type]
     pin = torch.cuda.is_available()
     train_sampler = ResumableDistributedSampler(
         bundle.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = parse_args(argv)
         cfg, ds_config, world_hint = resolve(args, overrides)
-        from prelora_ds.data import build_datasets
+        from prelora_ds.data import build_datasets, check_train_size
         from prelora_ds.model import create_model, input_spec
         from prelora_ds.phases import target_layers
         from prelora_ds.relora import validate_rank
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         total_params = sum(p.numel() for p in probe.parameters())
         del probe
         data = build_datasets(cfg.data, img, in_chans, seed=cfg.train.seed, mean=mean, std=std)
+        check_train_size(len(data.train), ds_config["train_micro_batch_size_per_gpu"], world_hint)
         out_dir = Path(cfg.train.output_dir)
         _check_output_dir(out_dir, args.resume)
         if args.resume:

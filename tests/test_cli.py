@@ -191,6 +191,12 @@ def test_main_target_regex_matching_nothing(capsys):
     )
 
 
+def test_main_train_set_smaller_than_one_batch_per_rank(capsys):
+    """Found before the process group starts (it used to surface in every rank's build_loaders as a traceback)."""
+    err = run_main(capsys, [*DEMO, *SMALL, "--data.dataset", "synthetic", "--data.synthetic_train_size", "8"])
+    assert "the train set has 8 images, fewer than micro_batch (32) x world_size (1) = 32" in err
+
+
 def test_main_split_qkv_with_a_fused_target_regex(capsys):
     """model.qkv=split with the default (fused) targets would silently train no LoRA on q, k and v."""
     err = run_main(capsys, [*DEMO, *SMALL, "--model.qkv", "split"])
@@ -229,13 +235,13 @@ def test_main_output_dir_under_a_file(capsys, tmp_path):
     assert f"output_dir {blocker / 'run'}: its parent {blocker} is not a writable folder; pass a writable" in err
 
 
-def test_main_bad_fault_spec(capsys, monkeypatch):
+def test_main_bad_fault_spec(capsys, monkeypatch, tmp_path):
     from prelora_ds import faults
 
     monkeypatch.setenv(faults.ENV, "kill@x")
     faults.active.cache_clear()
-    try:
-        err = run_main(capsys, [*DEMO, *SMALL])
+    try:  # its own output_dir: the recipe's runs/demo may hold a finished demo's checkpoints
+        err = run_main(capsys, [*DEMO, *SMALL, "--output_dir", str(tmp_path / "run")])
     finally:
         monkeypatch.delenv(faults.ENV)
         faults.active.cache_clear()
@@ -248,7 +254,7 @@ def test_main_rejects_bf16_overflow_check_off(capsys, tmp_path):
     assert "bf16.check_grad_overflow=false lets a non-finite gradient into the weights" in err
 
 
-def test_main_warns_when_keep_checkpoints_do_not_fit(capsys, monkeypatch):
+def test_main_warns_when_keep_checkpoints_do_not_fit(capsys, monkeypatch, tmp_path):
     # more checkpoints than the disk holds only warns (saves stop the run cleanly if it does fill up);
     # a bad fault spec then stops main() before any process group, so nothing trains
     monkeypatch.setenv("PRELORA_FAULTS", "nope")
@@ -256,10 +262,11 @@ def test_main_warns_when_keep_checkpoints_do_not_fit(capsys, monkeypatch):
 
     faults.active.cache_clear()
     try:
-        assert main([*DEMO, *SMALL, "--train.keep_checkpoints", str(10**12)]) == 2
+        out_dir = ["--output_dir", str(tmp_path / "run")]
+        assert main([*DEMO, *SMALL, "--train.keep_checkpoints", str(10**12), *out_dir]) == 2
     finally:
         monkeypatch.delenv("PRELORA_FAULTS")
         faults.active.cache_clear()
     err = capsys.readouterr().err
-    assert "prelora-train: warning: output_dir runs/demo has" in err
+    assert f"prelora-train: warning: output_dir {tmp_path / 'run'} has" in err
     assert f"train.keep_checkpoints={10**12} needs about" in err

@@ -256,3 +256,11 @@ def test_unknown_key_in_recipe_file(tmp_path):
 def test_imagefolder_with_root_is_accepted():
     cfg = cfg_with(**{"data.dataset": "imagefolder", "data.root": "/datasets/imagenet"})
     assert (cfg.data.dataset, cfg.data.root) == ("imagefolder", "/datasets/imagenet")
+
+
+def test_step_sampling_needs_windows_of_steps():
+    """Windows of epochs close at an epoch's end, where no step-based sample falls: they would never close."""
+    expected = r"prelora.sample_every_steps=5 needs windows of steps.*set prelora.window_steps"
+    with pytest.raises(ConfigError, match=expected):
+        build_config({"prelora": {"sample_every_steps": 5}})
+    assert build_config({"prelora": {"sample_every_steps": 5, "window_steps": 20}}).prelora.sample_every_steps == 5

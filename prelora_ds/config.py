@@ -99,6 +99,8 @@ class DataConfig:
 
 
 QKV_LAYOUTS = ("fused", "split")
+# The paper's six targets on `model.qkv: split` (q, k, v, output projection, fc1, fc2 of every block)
+SPLIT_TARGETS = r"blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.fc[12])"
 
 
 @dataclass

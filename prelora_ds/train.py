@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prelora_ds.config import ConfigError, RunConfig, load_recipe, parse_override_value
+from prelora_ds.config import SPLIT_TARGETS, ConfigError, RunConfig, load_recipe, parse_override_value
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -196,7 +196,7 @@ def _check_split_targets(cfg: RunConfig, layers: list[str]) -> None:
         raise ConfigError(
             f"model.qkv=split has attn.q_proj, attn.k_proj and attn.v_proj, which prelora.target_modules="
             f"{cfg.prelora.target_modules!r} does not match (it targets the fused attn.qkv); write "
-            r"--prelora.target_modules 'blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.fc[12])'."
+            f"--prelora.target_modules '{SPLIT_TARGETS}'."
         )
 
 

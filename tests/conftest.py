@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from prelora_ds.config import SPLIT_TARGETS
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -97,8 +99,7 @@ def switch_reference(tmp_path_factory) -> Path:
 
 
 # The paper's structure: separate q, k, v projections and the six targets (model.qkv: split).
-SIX_TARGETS = r"blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.fc[12])"
-SPLIT_RUN = [*SWITCH_RUN, "--model.qkv", "split", "--prelora.target_modules", SIX_TARGETS]
+SPLIT_RUN = [*SWITCH_RUN, "--model.qkv", "split", "--prelora.target_modules", SPLIT_TARGETS]
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,12 @@ from __future__ import annotations
 import timm
 import torch
 
-from prelora_ds.config import ModelConfig, PreLoRAConfig
+from prelora_ds.config import SPLIT_TARGETS, ModelConfig, PreLoRAConfig
 from prelora_ds.export import lora_scales, save_merged
 from prelora_ds.model import create_model, fuse_qkv, split_qkv
 from prelora_ds.phases import PHASES, build_structure, canonical_name, target_layers
 
 KWARGS = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 2}
-SIX = r"blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.fc[12])"
 
 
 def model(qkv: str, seed: int = 0) -> torch.nn.Module:
@@ -46,9 +45,9 @@ def test_merged_export_of_a_split_lora_model_is_a_plain_fused_timm_model(tmp_pat
     """Per-layer LoRA on q, k, v, proj, fc1, fc2 (B made non-zero), merged in fp32 and fused: a timm model that
     `timm.create_model(name).load_state_dict` takes computes what the trained PEFT model computes."""
     split = model("split")
-    layers = target_layers(split, SIX)
+    layers = target_layers(split, SPLIT_TARGETS)
     ranks = {n: (8 if "q_proj" in n else 16) for n in layers}
-    peft = build_structure(split, PHASES["warmup"], ranks, PreLoRAConfig(target_modules=SIX)).eval()
+    peft = build_structure(split, PHASES["warmup"], ranks, PreLoRAConfig(target_modules=SPLIT_TARGETS)).eval()
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, p in peft.named_parameters():

@@ -75,6 +75,8 @@ def run(cmd: list[str], log: Path, faults: str | None = None) -> tuple[int, floa
 
 
 def losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step over every event file (not plot_run.read_scalars: that module imports matplotlib,
+    which the GPU machine's image may not have)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[int, float] = {}

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from prelora_ds.config import SPLIT_TARGETS
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -34,8 +36,7 @@ CONFIGS: dict[str, list[str]] = {
     "medium_warmup6": ["--prelora.delta_w", "2.5", "--prelora.delta_l", "15", "--prelora.warmup_epochs", "6"],
 }
 # the threshold arm again at the paper's structure: separate q, k, v and the six targets (docs/fidelity.md)
-SIX_TARGETS = r"blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.fc[12])"
-SPLIT = ["--model.qkv", "split", "--prelora.target_modules", SIX_TARGETS]
+SPLIT = ["--model.qkv", "split", "--prelora.target_modules", SPLIT_TARGETS]
 CONFIGS |= {f"{name}_split": [*CONFIGS[name], *SPLIT] for name in ("relaxed", "medium", "strict")}
 # a scale where a step is compute-bound on this CPU (the demo's tiny step is fixed-cost bound): a ViT-S-sized
 # model (384 wide, 12 blocks, 6 heads) on the digits at 32 px, 10 epochs, windows of 1 epoch, switch by epoch 5

@@ -5,7 +5,7 @@ Layout of `checkpoints/<tag>/`: DeepSpeed's own files (module, ZeRO partitions p
   convergence windows; readable *before* an engine exists, so a resume can rebuild the phase's
   structure first;
 - `rank<R>.pt`: that rank's RNG states and pending loss sums;
-- `frozen_fp32.pt` (rank 0, phases with a frozen base): the base's exact fp32 values (SPEC §4).
+- `frozen_fp32.pt` (rank 0, phases with a frozen base): the base's exact fp32 values under bf16/fp16 (docs/design.md).
 `latest` is written by us, atomically, only after every rank finished writing: a crash while saving
 leaves `latest` on the previous complete checkpoint, and a resume skips the incomplete one, saying so.
 A checkpoint saved by another number of ranks is converted once to DeepSpeed's universal format
@@ -92,6 +92,8 @@ def save(
                 torch.save(frozen_fp32, tag_dir / "frozen_fp32.pt")
             _atomic_write(tag_dir / STATE_FILE, json.dumps(trainer_state, indent=1))
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        if dist.is_timeout(exc):  # a rank that stopped answering inside DeepSpeed's save barrier: not the disk
+            raise
         latest = complete_tags(ckpt_dir)
         raise CheckpointWriteError(
             f"rank {rank} could not write checkpoint {tag_dir}: {exc}. That checkpoint stays incomplete and is "

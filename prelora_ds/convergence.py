@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "NonFiniteError",
     "WindowAccumulator",
     "layer_changes",
     "loss_change",
@@ -41,10 +42,16 @@ __all__ = [
 ]
 
 
+class NonFiniteError(ValueError):
+    """A NaN or infinite norm or loss reached the test: the run diverged."""
+
+
 def _check_finite(values: Sequence[float], what: str) -> None:
     for i, v in enumerate(values):
         if not math.isfinite(v):
-            raise ValueError(f"{what}[{i}] is {v}; the convergence test needs finite values (did training diverge?).")
+            raise NonFiniteError(
+                f"{what}[{i}] is {v}; the convergence test needs finite values (did training diverge?)."
+            )
 
 
 def _pct(prev: float, cur: float) -> float:

@@ -13,10 +13,19 @@ so a one-GPU check exercises this code. Every rank must call these functions in 
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
+
+_TIMEOUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """A collective that gave up waiting (gloo/NCCL word it differently; both say 'time(d) out')."""
+    return isinstance(exc, RuntimeError) and bool(_TIMEOUT.search(str(exc)))
+
 
 # (the default group it was made beside, the gloo group); remade when the default group is replaced
 _STATS: tuple[object, object] | None = None

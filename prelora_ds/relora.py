@@ -1,10 +1,10 @@
-"""ReLoRA's merge-and-reinitialise under ZeRO-2 (paper §4.2.4, SPEC §5), done in place.
+"""ReLoRA's merge-and-reinitialise under ZeRO-2 (paper §4.2.4; docs/design.md), done in place.
 
 Under ZeRO-2 `optimizer.state[p]` is keyed by flat partitions, so editing it per parameter does
 nothing. Every write here goes through DeepSpeed's fragment API (`safe_get/set_full_fp32_param`,
 `safe_get/set_full_optimizer_state`), which reads and writes each rank's partition; every rank must
-call these functions in the same order (they are collectives). The merged base lives in the kept
-fp32 copy of the frozen weights, so nothing is lost to bf16.
+call these functions in the same order (they are collectives). Under bf16 the merged base lives in the
+kept fp32 copy of the frozen weights, so nothing is lost to rounding; an fp32 module is merged in place.
 """
 
 from __future__ import annotations
@@ -23,25 +23,6 @@ from prelora_ds.phases import canonical_name
 from prelora_ds.switch import write_master
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def restart_factor(step: int, start: int, every: int, warmup: int, end: int | None = None) -> float:
-    """Jagged-cosine multiplier for optimizer step `step` (0-based): a linear re-warmup from 0 after each merge.
-
-    Merges happen once steps `start + k * every` (k >= 1) are done; the `warmup` steps after each merge run
-    at 0, 1/warmup, ..., (warmup-1)/warmup of the cosine, then 1 (as ReLoRA's restarts). The first step after
-    a merge only refills the Adam moments of the fresh factors. Outside `relora` (before `start + every`,
-    from `end` on) the factor is 1.
-    """
-    if warmup <= 0 or step < start + every or (end is not None and step >= end):
-        return 1.0
-    since = (step - start) % every
-    return min(1.0, since / warmup)
-
-
-def merge_due(step: int, start: int, every: int) -> bool:
-    """Whether the merge runs now, after optimizer step `step` (the count of steps done) completed."""
-    return step > start and (step - start) % every == 0
 
 
 def _lora_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -63,11 +44,13 @@ def merge_and_reinit(
         a = safe_get_full_fp32_param(a_p).float().cpu()
         b = safe_get_full_fp32_param(b_p).float().cpu()
         delta = layer.scaling["default"] * (b @ a)
-        key = f"{name}.weight"
-        merged = frozen_fp32[key] + delta
-        frozen_fp32[key] = merged
+        key, weight = f"{name}.weight", layer.base_layer.weight
+        kept = frozen_fp32.get(key)  # the exact base under bf16/fp16; an fp32 module is exact itself
+        merged = (kept if kept is not None else weight.detach().float().cpu()) + delta
+        if kept is not None:
+            frozen_fp32[key] = merged
         with torch.no_grad():
-            layer.base_layer.weight.copy_(merged.to(layer.base_layer.weight.device, layer.base_layer.weight.dtype))
+            weight.copy_(merged.to(weight.device, weight.dtype))
         gen = torch.Generator().manual_seed(seed * 1_000_003 + merge_index * 10_007 + i)
         new_a = torch.empty_like(a)
         torch.nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=gen)

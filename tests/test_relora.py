@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, ROOT, deepspeed_cmd, run, scalars, summary
 
-from prelora_ds.relora import merge_due, restart_factor
+from prelora_ds.policy import merge_due, restart_factor
 
 
 def test_restart_factor_around_a_merge():

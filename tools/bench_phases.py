@@ -119,7 +119,7 @@ def ours_trainer(args, phase: str = "full", ranks: dict[str, int] | None = None)
     })
     ds = prepare_ds_config(ds_config(args.ds_config, args.batch_size), 1)
     data = build_datasets(cfg.data, args.img_size, 3, seed=0)
-    return Trainer(cfg, ds, data, Path(args.tmp), 0, 1, resume=False, start_phase=phase, start_ranks=ranks)
+    return Trainer(cfg, ds, data, Path(args.tmp), 0, 1, resume=False, first_phase=phase, start_ranks=ranks)
 
 
 def worker_ours(args) -> dict:

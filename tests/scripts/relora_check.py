@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from tiny_trainer import fixed_batch, tiny_trainer
 
-from prelora_ds import relora
+from prelora_ds import policy, relora
 
 MERGE_AFTER = 3  # steps before the merge
 STEPS_AFTER = 4  # steps after it: 0, 1/2 of the LR (restart_warmup_steps 2), then the full LR twice
@@ -80,7 +80,7 @@ def check(out: Path, precision: str) -> tuple[dict, int]:
     v_before = second_moments(engine)
     logits_before, loss_before = evaluate(engine, images, targets, dtype)
     # the merge exactly as the loop runs it (state.step == start + every)
-    assert relora.merge_due(trainer.state.step, 0, MERGE_AFTER)
+    assert policy.merge_due(trainer.state.step, 0, MERGE_AFTER)
     trainer._maybe_merge()
     logits_after, loss_after = evaluate(engine, images, targets, dtype)
     v_after = second_moments(engine)

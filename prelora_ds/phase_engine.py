@@ -1,0 +1,160 @@
+"""The DeepSpeed engine of the current phase, with what belongs to it: the frozen base's fp32 copy, the LR
+scheduler and the compute dtype. A phase change is `rebuild` (the traps it avoids: `switch.py`, docs/design.md).
+
+The fp32 copy of a frozen base exists because under bf16/fp16 DeepSpeed casts the module down and keeps
+fp32 masters of trainable parameters only: without the copy a frozen base would lose its low bits at the
+switch and every ReLoRA merge would round. In an fp32 engine the module already holds the exact values, so
+no copy is kept (it would double the base's memory).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from prelora_ds import norms, relora
+from prelora_ds.config import RunConfig
+from prelora_ds.dsconfig import weight_decay
+from prelora_ds.export import lora_scales
+from prelora_ds.export import merge_lora as merge_lora_state
+from prelora_ds.model import count_params, create_model
+from prelora_ds.monitor import reset_peak_memory
+from prelora_ds.phases import PHASES, build_structure, canonical_name, target_layers
+from prelora_ds.schedule import build_scheduler, set_lr
+from prelora_ds.switch import FP32State, build_engine, gather_fp32_state, load_fp32_state, rebuild
+
+
+def low_precision(ds_config: dict) -> bool:
+    """Whether DeepSpeed computes in bf16/fp16 (and so keeps no exact copy of frozen weights itself)."""
+    return any(ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16", "bfloat16"))
+
+
+class PhaseEngine:
+    """Builds and rebuilds the engine for a phase; `engine` is None until `build`."""
+
+    def __init__(self, cfg: RunConfig, ds_config: dict, num_classes: int, total_steps: int, lr_warmup_steps: int):
+        self.cfg, self.ds_config, self.num_classes = cfg, ds_config, num_classes
+        self.total_steps, self.lr_warmup_steps = total_steps, lr_warmup_steps
+        self.wd = weight_decay(ds_config)
+        self.keep_fp32 = low_precision(ds_config)
+        self.engine = None
+        self.scheduler = None
+        self.frozen_fp32: FP32State = {}
+        self.layout: norms.NormLayout | None = None
+        self.phase = "full"
+        self.ranks: dict[str, int] = {}
+
+    # ----------------------------------------------------------------- build
+    def make_model(self, state: FP32State | None) -> torch.nn.Module:
+        """A fresh timm model with the phase's structure (and `state` loaded when given).
+
+        With a `state`, every base weight is overwritten, so the model is allocated without timm's random
+        init (meta device, then `to_empty`): seconds saved per switch on ViT-L.
+        """
+        if state is None:
+            model = create_model(self.cfg.model, self.num_classes)
+        else:
+            with torch.device("meta"):
+                model = create_model(self.cfg.model, self.num_classes)
+            if any(True for _ in model.buffers()):  # buffers are not in `state`: keep timm's values
+                model = create_model(self.cfg.model, self.num_classes)
+            else:
+                model = model.to_empty(device="cpu")
+        if self.layout is None:
+            self.layout = norms.NormLayout.from_layers(target_layers(model, self.cfg.prelora.target_modules))
+        model = build_structure(model, PHASES[self.phase], self.ranks or None, self.cfg.prelora)
+        if state is not None:
+            missing = [k for k in load_fp32_state(model, state) if ".lora_" not in k]
+            if missing:
+                raise RuntimeError(f"the carried state has no value for {missing[:5]}")
+        return model
+
+    def build(self, phase: str, ranks: dict[str, int] | None, step: int, ds_config: dict | None = None,
+              keep_frozen: bool = True) -> None:
+        """An engine on a freshly initialised model of `phase` (a new run, or before a resume loads its
+        checkpoint); the same initial weights on every rank and in every run. `ds_config`: this engine only;
+        `keep_frozen`: keep the fp32 copy of a frozen base (not before a resume: the checkpoint has one)."""
+        self.phase, self.ranks = phase, dict(ranks or {})
+        torch.manual_seed(self.cfg.train.seed)
+        model = self.make_model(None)
+        self.frozen_fp32 = {
+            canonical_name(n): p.detach().float().cpu().clone()
+            for n, p in model.named_parameters()
+            if not p.requires_grad and self.keep_fp32 and keep_frozen
+        }
+        self.engine = build_engine(model, ds_config or self.ds_config, self.wd)
+        self._attach_scheduler(step)
+
+    def rebuild(self, phase: str, ranks: dict[str, int] | None, step: int, merge_lora: bool = False) -> float:
+        """Switch to `phase` in-process (fp32 masters carried exactly); returns the seconds it took.
+
+        `merge_lora`: fold the current LoRA deltas into the base (in fp32) first, for a new rank layout."""
+        t0 = time.perf_counter()
+        scales = lora_scales(self.engine.module) if merge_lora else {}
+        self.phase = phase
+        if ranks is not None:
+            self.ranks = dict(ranks)
+        old, self.engine = self.engine, None
+        self.engine, frozen, _ = rebuild(
+            old,
+            self.frozen_fp32,
+            self.make_model,
+            self.ds_config,
+            self.wd,
+            transform=(lambda state: merge_lora_state(state, scales)) if merge_lora else None,
+        )
+        del old
+        self.frozen_fp32 = frozen if self.keep_fp32 else {}
+        reset_peak_memory()  # each phase's peak is its own (the rebuild's transient peak counts in neither)
+        self._attach_scheduler(step)
+        return time.perf_counter() - t0
+
+    def load_frozen(self, frozen: FP32State) -> None:
+        """After a checkpoint load: the kept fp32 base replaces the module's rounded copies."""
+        self.frozen_fp32 = frozen if self.keep_fp32 else {}
+        if self.frozen_fp32:
+            load_fp32_state(self.engine.module, self.frozen_fp32)
+
+    def _attach_scheduler(self, step: int) -> None:
+        self.scheduler = build_scheduler(self.engine.optimizer, self.total_steps, self.lr_warmup_steps,
+                                         self.cfg.train.min_lr)
+        set_lr(self.scheduler, step)
+
+    # ----------------------------------------------------------------- use
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.engine.bfloat16_enabled():
+            return torch.bfloat16
+        if self.engine.fp16_enabled():
+            return torch.float16
+        return torch.float32
+
+    def set_lr(self, step: int, factor: float = 1.0) -> float:
+        return set_lr(self.scheduler, step, factor)
+
+    def count_params(self) -> tuple[int, int]:
+        return count_params(self.engine.module)
+
+    def merge_relora(self, seed: int, merge_index: int) -> tuple[dict[str, float], float]:
+        """ReLoRA's merge-and-reinitialise in place: W += s B A, fresh A, B = 0, Adam first moment pruned.
+        Returns ({layer: ||s B A||}, share of first-moment entries zeroed). Collective."""
+        r = self.cfg.relora
+        deltas = relora.merge_and_reinit(self.engine.module, self.frozen_fp32, seed, merge_index)
+        relora.link_optimizer_state(self.engine.optimizer)
+        pruned = relora.prune_optimizer_state(self.engine.module, r.prune_ratio, r.reset == "full")
+        return deltas, pruned
+
+    def fp32_state(self) -> FP32State:
+        """Every parameter's exact fp32 value on CPU by canonical name (collective: all ranks call it)."""
+        return gather_fp32_state(self.engine, self.frozen_fp32)
+
+    def destroy(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+

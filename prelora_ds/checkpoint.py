@@ -91,15 +91,11 @@ def save(
             if frozen_fp32:
                 torch.save(frozen_fp32, tag_dir / "frozen_fp32.pt")
             _atomic_write(tag_dir / STATE_FILE, json.dumps(trainer_state, indent=1))
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
-        if dist.is_timeout(exc):  # a rank that stopped answering inside DeepSpeed's save barrier: not the disk
+    except (OSError, RuntimeError) as exc:
+        error = write_error(exc, tag_dir, rank)
+        if error is None:
             raise
-        latest = complete_tags(ckpt_dir)
-        raise CheckpointWriteError(
-            f"rank {rank} could not write checkpoint {tag_dir}: {exc}. That checkpoint stays incomplete and is "
-            f"never resumed; the last complete one is {latest[-1] if latest else 'none'}. Free disk space (or "
-            "fix the directory's permissions), then run the same command with --resume."
-        ) from exc
+        raise error from exc
     faults.in_save(step, rank)
     dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
@@ -108,6 +104,20 @@ def save(
         prune(ckpt_dir, keep)
     dist.barrier()
     return tag_dir
+
+
+def write_error(exc: BaseException, tag_dir: Path, rank: int) -> CheckpointWriteError | None:
+    """The user's message for an error while writing checkpoint `tag_dir`, or None when it is not about the
+    files: a collective that timed out inside DeepSpeed's save (a rank stopped answering) keeps its own error.
+    torch.save reports a full disk as a RuntimeError, so RuntimeErrors other than timeouts count as writes."""
+    if dist.is_timeout(exc) or not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    latest = complete_tags(tag_dir.parent)
+    return CheckpointWriteError(
+        f"rank {rank} could not write checkpoint {tag_dir}: {exc}. That checkpoint stays incomplete and is "
+        f"never resumed; the last complete one is {latest[-1] if latest else 'none'}. Free disk space (or "
+        "fix the directory's permissions), then run the same command with --resume."
+    )
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:

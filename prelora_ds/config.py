@@ -184,8 +184,8 @@ class PreLoRAConfig:
     window_steps: int | None = None
     """Window size S in optimizer steps; when set it replaces `window_epochs` (short runs)."""
     sample_every_steps: int | None = None
-    """Norm sampling interval in steps, with window_steps only (default: window_steps // 4); windows of
-    epochs sample once at the end of every epoch."""
+    """Norm sampling interval in steps, with window_steps only; null: every window_steps // 4 steps (at least 1).
+    Windows of epochs sample once at the end of every epoch."""
     num_windows: int = 3
     """N: the test compares the last N windows (N-1 consecutive pairs)."""
     window_value: str = "mean"
@@ -196,8 +196,9 @@ class PreLoRAConfig:
     delta_l: float = 5.0
     """Threshold on the loss change between windows, in percent."""
     min_epochs: int | None = None
+    """No switch before this many epochs are done, even when the test passes."""
     max_epochs: int | None = None
-    """Switch at the end of this epoch even if the test has not passed."""
+    """Switch at the end of this epoch even if the test has not passed (with windows of steps or epochs)."""
     warmup_epochs: int = 10
     """Epochs of base + LoRA training after the switch before the base is frozen."""
     warmup_steps: int | None = None

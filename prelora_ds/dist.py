@@ -19,7 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
-_TIMEOUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
+# a word of its own, so that a path such as runs/timeout_test/ in a message does not count
+_TIMEOUT = re.compile(r"(?<![\w/])(timed? ?out|timeout)(?![\w/])", re.IGNORECASE)
 
 
 def is_timeout(exc: BaseException) -> bool:

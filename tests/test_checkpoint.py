@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from prelora_ds import checkpoint, faults
 from prelora_ds.config import RunConfig, apply_overrides, build_config
@@ -122,3 +123,22 @@ def test_fault_specs(text, expected):
 def test_bad_fault_specs(text):
     with pytest.raises(ValueError, match=r"PRELORA_FAULTS: cannot read .* write KIND@STEP\[:RANK\]"):
         faults.parse(text)
+
+
+def test_a_timeout_inside_a_save_is_not_called_a_disk_error(tmp_path):
+    """A rank that stops answering inside DeepSpeed's save barrier raises a store/collective timeout; it used to be
+    reported as 'could not write checkpoint ... free disk space'."""
+    from datetime import timedelta
+
+    from prelora_ds import dist
+
+    with pytest.raises(RuntimeError) as timeout:  # a real rendezvous timeout: 1 of 2 ranks ever arrives
+        torch.distributed.TCPStore("127.0.0.1", 0, world_size=2, is_master=True, timeout=timedelta(seconds=1))
+    assert dist.is_timeout(timeout.value)
+    assert checkpoint.write_error(timeout.value, tmp_path / "step00000004", 0) is None
+    try:  # a real write failure: the directory is a file
+        (tmp_path / "blocked").write_text("")
+        torch.save({}, tmp_path / "blocked" / "rank0.pt")
+    except (OSError, RuntimeError) as exc:
+        error = checkpoint.write_error(exc, tmp_path / "step00000004", 0)
+    assert isinstance(error, checkpoint.CheckpointWriteError) and "Free disk space" in str(error)

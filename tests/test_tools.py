@@ -6,6 +6,7 @@ full-only run are made once for the module; the tools then run as subprocesses, 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, deepspeed_cmd, run, summary
 
+from prelora_ds.config import PreLoRAConfig
 from prelora_ds.convergence import layer_changes
 from prelora_ds.ranks import assign_ranks, ranks_by_module_name
 
@@ -146,7 +148,7 @@ def test_replay_without_merged_model_reads_classes_from_summary(runs, tmp_path):
     assert data["rows"][0]["switch_step"] == summary(runs["prelora"])["switch_step"]
 
 
-def test_replay_respects_min_epochs():
+def test_replay_decides_with_the_trainers_policy():
     rc = load_tool("replay_convergence")
     windows = {
         "loss_windows": [2.0, 2.0, 2.0, 2.0],
@@ -154,9 +156,15 @@ def test_replay_respects_min_epochs():
         "checks": [{"window": k, "step": 4 * (k + 1), "epoch": k // 2} for k in range(4)],
         "thresholds": {"window_steps": 4},
     }
-    assert rc.first_passing_window(windows, 3, 1.0, 1.0, None) == 2
-    assert rc.first_passing_window(windows, 3, 1.0, 1.0, 1) == 2  # window 2 closes in epoch 1: 1 epoch done
-    assert rc.first_passing_window(windows, 3, 1.0, 1.0, 2) is None
+    p = PreLoRAConfig(window_steps=4, num_windows=3, delta_w=1.0, delta_l=1.0)
+    assert rc.first_passing_window(windows, p)[0] == 2
+    # window 2 closes mid-epoch 1: 1 epoch done, as the trainer counts
+    assert rc.first_passing_window(windows, dataclasses.replace(p, min_epochs=1))[0] == 2
+    assert rc.first_passing_window(windows, dataclasses.replace(p, min_epochs=2)) is None
+    # a test that never passes (loss keeps changing) is forced by max_epochs at the first window with 1 epoch done
+    moving = {**windows, "loss_windows": [4.0, 3.0, 2.0, 1.0]}
+    k, decision = rc.first_passing_window(moving, dataclasses.replace(p, max_epochs=1))
+    assert (k, decision.forced, decision.passed) == (2, True, False)
 
 
 # ----------------------------------------------------------------------------- compare_runs

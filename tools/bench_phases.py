@@ -150,7 +150,7 @@ def worker_ours(args) -> dict:
         from prelora_ds import relora
 
         t0 = time.perf_counter()
-        relora.merge_and_reinit(trainer.engine.module, trainer.frozen_fp32, 0, 0)
+        relora.merge_and_reinit(trainer.engine.module, trainer.phases.frozen_fp32, 0, 0)
         relora.link_optimizer_state(trainer.engine.optimizer)
         relora.prune_optimizer_state(trainer.engine.module, 0.9, False)
         out["merge_s"] = time.perf_counter() - t0
@@ -158,10 +158,11 @@ def worker_ours(args) -> dict:
         trainer.switch_to("relora", ranks, merge_lora=True)
         out["merge_by_rebuild_s"] = time.perf_counter() - t0
     if args.phase == "full":
-        t = timed_steps(lambda: norms.sample(trainer.engine.module, trainer.layout, {}, 0, 1.0, 1.0), 1, 5)
+        t = timed_steps(lambda: norms.sample(trainer.engine.module, trainer.phases.layout, {}, 0, 1.0, 1.0), 1, 5)
         out["norm_stats_s"] = statistics.median(t)
         windows = 100  # a long history of windows at this model's layer count
-        norm_w = {m: [[1.0 + 0.01 * k] * len(v) for k in range(windows)] for m, v in trainer.layout.modules.items()}
+        modules = trainer.phases.layout.modules
+        norm_w = {m: [[1.0 + 0.01 * k] * len(v) for k in range(windows)] for m, v in modules.items()}
         loss_w = [2.0 - 0.001 * k for k in range(windows)]
         t = timed_steps(lambda: partial_convergence(loss_w, norm_w, 3, 1.0, 5.0), 1, 5)
         out["convergence_test_s"] = statistics.median(t)
@@ -221,7 +222,7 @@ def worker_switch(args) -> dict:
     import torch
 
     trainer = ours_trainer(args)
-    ranks = {n: args.rank for n in trainer.layout.layers}
+    ranks = {n: args.rank for n in trainer.phases.layout.layers}
     if args.profile:  # where the full -> warmup rebuild spends its time (cumulative, top 25)
         import cProfile
 

@@ -4,19 +4,19 @@
   .venv/bin/python tools/replay_convergence.py runs/demo --json replay.json   # the run's own thresholds
 
 For every (delta_w, delta_l, num_windows) of the grid (each defaults to the run's own value), the first closed
-window k at which `prelora_ds.convergence.partial_convergence(loss_windows[:k+1], norm_windows[:k+1], N,
-delta_w, delta_l)` passes is the switch: the very functions the trainer calls, on the windows the run recorded
-(`--window_value mean|last`: each window's mean of samples or its last sample; both are recorded). The run's
-`prelora.min_epochs` (config.yaml) is applied as the trainer applies it (no switch while fewer epochs are
-done). Ranks are `ranks.assign_ranks(convergence.layer_changes(windows up to k), r_min, r_max)`,
+window k at which `prelora_ds.policy.switch_decision` says switch is the switch: the very function the trainer
+decides with, on the windows the run recorded (`--window_value mean|last`: each window's mean of samples or its
+last sample; both are recorded), with the run's `prelora.min_epochs` and `max_epochs` (config.yaml).
+Ranks are `ranks.assign_ranks(convergence.layer_changes(windows up to k), r_min, r_max)`,
 printed as a count per rank (`8:10 16:4 ...`).
 
 With relora enabled, windows.json holds the windows of the `relora` phase (the trainer restarts them
 there, on the effective weights), so the replay is of those.
 
-Not replayed: `prelora.max_epochs` forcing (the trainer switches at that epoch even when the test fails;
-this tool reports only where the test itself passes). Windows stop being recorded once the run switched,
-so a stricter setting than the run's may print "not reached (windows end at step S)".
+`max_epochs` forcing is replayed where a window closes; a run whose windows are longer than the epochs between
+`max_epochs` and the next window close is forced earlier by the trainer (at that epoch's end) than here. A
+forced row says so in its note. Windows stop being recorded once the run switched, so a stricter setting than
+the run's may print "not reached (windows end at step S)".
 
 Trainable parameters in the `lora` phase = sum over target layers of r * (in_features + out_features)
 (LoRA A and B, no bias) + the parameters `prelora_ds.phases.set_trainable` leaves trainable in `lora`
@@ -30,6 +30,7 @@ is linear in the number of classes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -37,7 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prelora_ds.convergence import layer_changes, partial_convergence
+from prelora_ds.config import PreLoRAConfig
+from prelora_ds.convergence import layer_changes
+from prelora_ds.policy import Clock, Decision, switch_decision
 from prelora_ds.ranks import assign_ranks, ranks_by_module_name
 
 
@@ -87,25 +90,19 @@ def checks_by_window(windows: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- the replay
-def epochs_done(check: dict[str, Any], window_steps: int | None) -> int:
-    """As the trainer counts them at a test: step windows close mid-epoch, epoch windows at its end."""
-    return int(check["epoch"]) + (0 if window_steps is not None else 1)
-
-
-def first_passing_window(
-    windows: dict[str, Any], num_windows: int, delta_w: float, delta_l: float, min_epochs: int | None
-) -> int | None:
-    """The first window k where the run's test would pass at these thresholds, or None."""
+def first_passing_window(windows: dict[str, Any], p: PreLoRAConfig) -> tuple[int, Decision] | None:
+    """The first closed window k at which the trainer's decision (`policy.switch_decision`) is to switch, with
+    that decision, under the PreLoRA settings `p` (thresholds, N, min_epochs, max_epochs); None if none."""
     loss, norms = windows["loss_windows"], windows["norm_windows"]
     checks = checks_by_window(windows)
-    window_steps = windows.get("thresholds", {}).get("window_steps")
+    step_windows = windows.get("thresholds", {}).get("window_steps") is not None
     for k in range(len(loss)):
+        check = checks.get(k, {"epoch": 0})  # windows close mid-epoch (steps) or at an epoch's end (epochs)
+        clock = Clock(int(check.get("step", 0)), int(check["epoch"]), epoch_end=not step_windows)
         history = {m: w[: k + 1] for m, w in norms.items()}
-        if not partial_convergence(loss[: k + 1], history, num_windows, delta_w, delta_l):
-            continue
-        if min_epochs is not None and k in checks and epochs_done(checks[k], window_steps) < min_epochs:
-            continue
-        return k
+        decision = switch_decision(loss[: k + 1], history, clock.epochs_done, p, relora_active=False)
+        if decision.switch:
+            return k, decision
     return None
 
 
@@ -194,20 +191,23 @@ class ParamCounter:
 def replay_grid(
     windows: dict[str, Any],
     grid: list[tuple[float, float, int]],
-    min_epochs: int | None,
+    p: PreLoRAConfig,
     r_min: int,
     r_max: int,
     counter: ParamCounter | None,
 ) -> list[Replay]:
+    """One row per (delta_w, delta_l, num_windows): `p` (the run's PreLoRA settings) with those replaced."""
     checks = checks_by_window(windows)
     last = max(checks.values(), key=lambda c: c["step"], default=None)
     rows = []
     for dw, dl, n in grid:
-        k = first_passing_window(windows, n, dw, dl, min_epochs) if windows["loss_windows"] else None
-        if k is None:
+        point = dataclasses.replace(p, delta_w=dw, delta_l=dl, num_windows=n)
+        found = first_passing_window(windows, point) if windows["loss_windows"] else None
+        if found is None:
             end = f"windows end at step {last['step']}" if last else "no closed windows"
             rows.append(Replay(dw, dl, n, reached=False, note=f"not reached ({end})"))
             continue
+        k, decision = found
         ranks = ranks_at(windows, k, r_min, r_max)
         check = checks.get(k, {})
         rows.append(
@@ -222,6 +222,7 @@ def replay_grid(
                 rank_counts=rank_counts(ranks),
                 ranks=ranks,
                 trainable_lora=counter.lora(ranks) if counter else None,
+                note="" if decision.passed else decision.reason,
             )
         )
     return rows
@@ -308,12 +309,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--delta_w / --delta_l values must be > 0 (percentages)")
     r_min, r_max = t.get("r_min", cfg.prelora.r_min), t.get("r_max", cfg.prelora.r_max)
     min_epochs = cfg.prelora.min_epochs
+    if args.window_value:
+        cfg.prelora.window_value = args.window_value
     num_classes, source = resolve_num_classes(args.run_dir, cfg, args.num_classes)
     counter = ParamCounter(cfg, num_classes)
     grid = [(w, lo, n) for w in grid_w for lo in grid_l for n in grid_n]
-    rows = replay_grid(windows, grid, min_epochs, r_min, r_max, counter)
+    rows = replay_grid(windows, grid, cfg.prelora, r_min, r_max, counter)
     print(run_header(args.run_dir, windows, min_epochs) + f"; window value: {value}")
-    print(f"num_classes={num_classes} ({source}); ranks {r_min}..{r_max}; max_epochs forcing is not replayed")
+    print(f"num_classes={num_classes} ({source}); ranks {r_min}..{r_max}; max_epochs={cfg.prelora.max_epochs} "
+          "(forcing replayed at window closes only)")
     print(format_table(rows))
     if args.json:
         payload = {

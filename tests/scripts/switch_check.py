@@ -26,7 +26,7 @@ def fixed_batch_loss(trainer: Trainer, images: torch.Tensor, targets: torch.Tens
     engine = trainer.engine
     engine.eval()
     with torch.no_grad():
-        loss = torch.nn.functional.cross_entropy(engine(images.to(trainer._dtype())).float(), targets)
+        loss = torch.nn.functional.cross_entropy(engine(images.to(trainer.phases.dtype)).float(), targets)
     engine.train()
     return float(loss)
 
@@ -43,22 +43,21 @@ def main(out: Path) -> None:
     images, targets = fixed_batch()
     for i in range(3):  # move the masters away from their bf16-representable initial values
         trainer.train_step([(images[4 * (i % 2) : 4 * (i % 2) + 4], targets[4 * (i % 2) : 4 * (i % 2) + 4])])
-        trainer.state.step += 1
 
     # norms: all-reduced ZeRO-2 fragment sums == norms of the gathered full fp32 masters
-    sampled, loss_sum, count = norms.sample(trainer.engine.module, trainer.layout, {}, rank, 1.0 + rank, 2.0)
-    before = gather_fp32_state(trainer.engine, trainer.frozen_fp32)
+    sampled, loss_sum, count = norms.sample(trainer.engine.module, trainer.phases.layout, {}, rank, 1.0 + rank, 2.0)
+    before = gather_fp32_state(trainer.engine, trainer.phases.frozen_fp32)
     direct = {m: [float(before[f"{n}.weight"].double().norm()) for n in names]
-              for m, names in trainer.layout.modules.items()}
+              for m, names in trainer.phases.layout.modules.items()}
     facts["norms"] = sampled
     facts["norms_direct"] = direct
     facts["loss_sum"], facts["loss_count"] = loss_sum, count
 
     # the switch to warmup: masters bit for bit, function unchanged
     loss_before = fixed_batch_loss(trainer, images, targets)
-    ranks = {n: 8 * 2 ** (i % 4) for i, n in enumerate(trainer.layout.layers)}
+    ranks = {n: 8 * 2 ** (i % 4) for i, n in enumerate(trainer.phases.layout.layers)}
     facts["switch_warmup_s"] = trainer.switch_to("warmup", ranks)
-    after = gather_fp32_state(trainer.engine, trainer.frozen_fp32)
+    after = gather_fp32_state(trainer.engine, trainer.phases.frozen_fp32)
     facts["warmup_mismatch"] = mismatches(before, after)
     facts["warmup_compared"] = len([k for k in before if k in after])
     facts["loss_before"], facts["loss_after"] = loss_before, fixed_batch_loss(trainer, images, targets)
@@ -70,31 +69,30 @@ def main(out: Path) -> None:
     facts["warmup_params"] = trainer.state.history[-1]["trainable_params"]
 
     # control: without writing the masters back, deepspeed.initialize keeps only the bf16-rounded values
-    control_model = trainer._make_model(after)
-    control = build_engine(control_model, trainer.ds_config, trainer.wd)
-    facts["control_mismatch"] = len(mismatches(after, gather_fp32_state(control, trainer.frozen_fp32)))
+    control_model = trainer.phases.make_model(after)
+    control = build_engine(control_model, trainer.ds_config, trainer.phases.wd)
+    facts["control_mismatch"] = len(mismatches(after, gather_fp32_state(control, trainer.phases.frozen_fp32)))
     del control_model
     release(control)
     del control
 
     trainer.train_step([(images[:4], targets[:4])])
-    trainer.state.step += 1
-    before = gather_fp32_state(trainer.engine, trainer.frozen_fp32)
+    before = gather_fp32_state(trainer.engine, trainer.phases.frozen_fp32)
     trainer.switch_to("lora")
-    after = gather_fp32_state(trainer.engine, trainer.frozen_fp32)
+    after = gather_fp32_state(trainer.engine, trainer.phases.frozen_fp32)
     facts["lora_mismatch"] = mismatches(before, after)
     module = trainer.engine.module
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     facts["lora_trainable_non_lora"] = [n for n in trainable if not is_lora_param(n)]
     facts["lora_trainable_count"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     facts["lora_params"] = trainer.state.history[-1]["trainable_params"]
-    facts["lora_frozen_fp32_keys"] = len(trainer.frozen_fp32)
+    facts["lora_frozen_fp32_keys"] = len(trainer.phases.frozen_fp32)
     del module  # a module reference keeps its engine alive through the engine's hooks
 
     # frozen base after training: unchanged, and the export merges W_fp32 + s B A
     trainer.train_step([(images[4:], targets[4:])])
-    after_step = gather_fp32_state(trainer.engine, trainer.frozen_fp32)
-    frozen_keys = list(trainer.frozen_fp32)
+    after_step = gather_fp32_state(trainer.engine, trainer.phases.frozen_fp32)
+    frozen_keys = list(trainer.phases.frozen_fp32)
     facts["frozen_changed"] = [k for k in frozen_keys if not torch.equal(after[k], after_step[k])]
 
     # memory: 5 more rebuilds, RSS after each (fresh model per rebuild keeps it flat)

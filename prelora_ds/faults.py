@@ -4,6 +4,8 @@
   PRELORA_FAULTS="kill_in_save@16:1"  rank 1 SIGKILLs itself inside the save of step 16, after DeepSpeed wrote
                                       its files and before the checkpoint is declared complete
   PRELORA_FAULTS="nan@5,nan@9:0"      the loss of step 5 (every rank) / of step 9 on rank 0 is NaN
+  PRELORA_FAULTS="nan_weights@6"      after step 6 the fp32 master of block 0's first matrix is NaN (a diverged
+                                      run as the norm statistics see it)
   PRELORA_FAULTS="hang@8:1"           rank 1 stops working after step 8 (a hung node: the others wait)
   PRELORA_FAULTS="term@8:0"           rank 0 sends SIGTERM to its launcher (mpiexec, which forwards it to every
                                       rank; the deepspeed launcher's per-node process, which terminates every
@@ -24,8 +26,10 @@ import re
 import signal
 from dataclasses import dataclass
 
+import torch
+
 ENV = "PRELORA_FAULTS"
-KINDS = ("kill", "kill_in_save", "nan", "hang", "term", "term_self", "usr1_self", "term_in_save")
+KINDS = ("kill", "kill_in_save", "nan", "nan_weights", "hang", "term", "term_self", "usr1_self", "term_in_save")
 _PATTERN = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?$")
 
 
@@ -59,8 +63,15 @@ def due(kind: str, step: int, rank: int) -> bool:
     return any(f.kind == kind and f.step == step and f.rank in (None, rank) for f in active())
 
 
-def after_step(step: int, rank: int) -> None:
-    """Hook after each optimizer step (before any checkpoint of that step)."""
+def after_step(step: int, rank: int, module=None) -> None:
+    """Hook after each optimizer step (before any checkpoint of that step); `module`: the engine's module."""
+    if due("nan_weights", step, rank) and module is not None:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        name, param = next((n, p) for n, p in module.named_parameters()  # a weight the norm statistics read
+                           if p.requires_grad and ".blocks.0." in f".{n}" and p.dim() == 2)
+        print(f"[{ENV}] rank {rank}: NaN into the fp32 master of {name} after step {step}", flush=True)
+        safe_set_full_fp32_param(param, torch.full_like(safe_get_full_fp32_param(param), float("nan")))
     if due("kill", step, rank):
         print(f"[{ENV}] rank {rank}: SIGKILL after step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -155,7 +155,7 @@ class Trainer:
             for group in self._epoch_batches():
                 loss = self.train_step(group)
                 if faults.active():
-                    faults.after_step(self.state.step, self.rank)
+                    faults.after_step(self.state.step, self.rank, self.engine.module)
                 self._log_step(loss, time.perf_counter() - t_last)
                 self.control.after_step(self.state, Clock(self.state.step, self.state.epoch))
                 if self.state.batch_in_epoch >= self.steps_per_epoch * self.accum:

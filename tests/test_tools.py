@@ -123,6 +123,22 @@ def test_replay_with_either_window_value(runs, tmp_path):
     assert last["rows"][0]["ranks"] == ranks_by_module_name(windows["layers"], assign_ranks(changes))
 
 
+def test_replay_at_a_threshold_between_the_recorded_window_changes(runs, tmp_path):
+    """delta_w between the two recorded per-module changes (the trainer's own records in windows.json): with
+    N=2 the replay must switch at the window whose change is the smaller one, and not at the other."""
+    checks = [c for c in json.loads((runs["prelora"] / "windows.json").read_text())["checks"] if "D" in c]
+    worst = {c["window"]: max(abs(v) for v in c["D"].values()) for c in checks}
+    assert len(worst) == 2 and len(set(worst.values())) == 2, worst
+    (k_small, small), (_, large) = sorted(worst.items(), key=lambda kv: kv[1])
+    between = (small + large) / 2
+    _, data = replay(runs["prelora"], tmp_path / "between.json", "--delta_w", str(between), "--delta_l", "1000",
+                     "--num_windows", "2")  # fmt: skip
+    assert data["rows"][0]["window"] == k_small
+    _, data = replay(runs["prelora"], tmp_path / "below.json", "--delta_w", str(small * 0.99), "--delta_l", "1000",
+                     "--num_windows", "2")  # fmt: skip
+    assert not data["rows"][0]["reached"]
+
+
 def test_replay_tiny_threshold_is_not_reached(runs, tmp_path):
     stdout, data = replay(runs["prelora"], tmp_path / "tiny.json", "--delta_w", "1e-9")
     last = json.loads((runs["prelora"] / "windows.json").read_text())["checks"][-1]["step"]

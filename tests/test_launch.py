@@ -8,6 +8,7 @@ single process, are compared to). P: a plain single process.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -15,6 +16,8 @@ import timm
 import torch
 from conftest import BIN, SWITCH_RUN, run, scalars, summary
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 pytestmark = pytest.mark.launch
 
@@ -63,6 +66,29 @@ def test_tensorboard_has_norms_losses_phases(uninterrupted):
     # B starts at zero: the LoRA delta is 0 right after the switch, then grows
     lora_norm = dict(tb["lora_norm/lora/mean"])
     assert max(lora_norm.values()) > 0
+
+
+def test_custom_scalars_layout_charts_what_the_run_wrote(uninterrupted):
+    """TensorBoard's custom-scalars layout in the run's events: one chart per module type with a line per layer,
+    and every chart's regexes find series the run wrote (tools/tb_screenshot.sh shows it in a browser)."""
+    tb = scalars(uninterrupted)
+    (events,) = sorted((uninterrupted / "tb").glob("events.*"))[:1]
+    acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+    acc.Reload()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+    for title, regexes in charts.items():
+        matched = [t for t in tb if any(re.fullmatch(r, t) for r in regexes)]
+        assert matched, f"chart {title!r} ({regexes}) matches no tag the run wrote"
+    layers = json.loads((uninterrupted / "windows.json").read_text())["layers"]
+    for module, names in layers.items():
+        lines = [t for t in tb if any(re.fullmatch(r, t) for r in charts[f"{module}: mean norm per layer"])]
+        assert len(lines) == len(names), (module, lines)
+        effective = [t for t in tb if any(re.fullmatch(r, t) for r in charts[f"{module}: ||effective|| per layer"])]
+        assert sorted(effective) == sorted(f"lora_norm/effective/{n}" for n in names)
+    assert len(charts["train loss, one series per phase"]) == 1
+    assert {t for t in tb if t.startswith("phase_loss/")} == {"phase_loss/full", "phase_loss/warmup", "phase_loss/lora"}
 
 
 def test_merged_model_loads_into_timm_and_reproduces_val_accuracy(uninterrupted):

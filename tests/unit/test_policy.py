@@ -8,7 +8,7 @@ import pytest
 
 from prelora_ds import policy
 from prelora_ds.config import ConfigError, PreLoRAConfig, ReLoRAConfig
-from prelora_ds.policy import Clock, switch_decision
+from prelora_ds.policy import Clock, merge_due, restart_factor, switch_decision
 
 STEPS = PreLoRAConfig(window_steps=8, num_windows=3, delta_w=1.0, delta_l=1.0)
 EPOCHS = PreLoRAConfig(window_epochs=2, num_windows=3, delta_w=1.0, delta_l=1.0)
@@ -93,3 +93,18 @@ def test_lr_factor_by_phase():
 def test_sample_every_steps_needs_window_steps():
     with pytest.raises(ConfigError, match="window_steps"):
         PreLoRAConfig(sample_every_steps=10)
+
+
+def test_restart_factor_around_a_merge():
+    start, every, warm = 10, 5, 3
+    # before the first merge (steps 10..14 run at the plain cosine), and outside relora
+    assert [restart_factor(s, start, every, warm) for s in range(0, 15)] == [1.0] * 15
+    # merge after step 15 is done: steps 15, 16, 17 ramp from 0 (0, 1/3, 2/3), then 1 until the next merge
+    assert [restart_factor(s, start, every, warm) for s in range(15, 21)] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0, 0.0]
+    assert restart_factor(25, start, every, warm, end=25) == 1.0  # relora over: plain cosine again
+    assert restart_factor(16, start, every, 0) == 1.0  # no re-warmup configured
+    assert [restart_factor(s, 0, 4, 4) for s in range(4, 9)] == [0.0, 0.25, 0.5, 0.75, 0.0]  # warmup = cycle
+
+
+def test_merge_due_every_n_steps_after_start():
+    assert [s for s in range(0, 31) if merge_due(s, 10, 5)] == [15, 20, 25, 30]

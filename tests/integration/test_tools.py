@@ -164,26 +164,6 @@ def test_replay_without_merged_model_reads_classes_from_summary(runs, tmp_path):
     assert data["rows"][0]["switch_step"] == summary(runs["prelora"])["switch_step"]
 
 
-def test_replay_decides_with_the_trainers_policy():
-    rc = load_tool("replay_convergence")
-    windows = {
-        "loss_windows": [2.0, 2.0, 2.0, 2.0],
-        "norm_windows": {"attn.qkv": [[1.0, 1.0]] * 4},
-        "checks": [{"window": k, "step": 4 * (k + 1), "epoch": k // 2} for k in range(4)],
-        "thresholds": {"window_steps": 4},
-    }
-    p = PreLoRAConfig(window_steps=4, num_windows=3, delta_w=1.0, delta_l=1.0)
-    assert rc.first_passing_window(windows, p)[0] == 2
-    # window 2 closes mid-epoch 1: 1 epoch done, as the trainer counts
-    assert rc.first_passing_window(windows, dataclasses.replace(p, min_epochs=1))[0] == 2
-    assert rc.first_passing_window(windows, dataclasses.replace(p, min_epochs=2)) is None
-    # a test that never passes (loss keeps changing) is forced by max_epochs at the first window with 1 epoch done
-    moving = {**windows, "loss_windows": [4.0, 3.0, 2.0, 1.0]}
-    k, decision = rc.first_passing_window(moving, dataclasses.replace(p, max_epochs=1))
-    assert (k, decision.forced, decision.passed) == (2, True, False)
-
-
-# ----------------------------------------------------------------------------- compare_runs
 def test_compare_runs_table_and_png(runs, tmp_path):
     out = tmp_path / "cmp.png"
     stdout = tool("compare_runs", runs["prelora"], runs["full"], "--out", out)
@@ -203,10 +183,3 @@ def test_compare_runs_time_to_accuracy_curve(runs, tmp_path):
     check_png(curve)
     val = summary(runs["prelora"])["val"]
     assert all(0 < a["wall_s"] < b["wall_s"] for a, b in zip(val, val[1:], strict=False))  # the clock of the run
-
-
-def test_steps_per_epoch_from_validation_history():
-    cr = load_tool("compare_runs")
-    assert cr.steps_per_epoch({"steps_per_epoch": 7}) == 7
-    assert cr.steps_per_epoch({"epochs": 1, "val": [{"step": 22, "epoch": 0}, {"step": 40, "epoch": 1}]}) == 22
-    assert cr.steps_per_epoch({"epochs": 0, "val": [{"step": 10, "epoch": 0}]}) is None

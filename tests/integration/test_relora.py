@@ -1,4 +1,4 @@
-"""ReLoRA under ZeRO-2: the jagged schedule (pure), one merge on 2 real ranks (fp32 and bf16), the demo recipe
+"""ReLoRA under ZeRO-2: one merge on 2 real ranks (fp32 and bf16), the demo recipe
 across two merges at its real LR, and full runs."""
 
 from __future__ import annotations
@@ -8,23 +8,6 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, ROOT, deepspeed_cmd, run, scalars, summary
-
-from prelora_ds.policy import merge_due, restart_factor
-
-
-def test_restart_factor_around_a_merge():
-    start, every, warm = 10, 5, 3
-    # before the first merge (steps 10..14 run at the plain cosine), and outside relora
-    assert [restart_factor(s, start, every, warm) for s in range(0, 15)] == [1.0] * 15
-    # merge after step 15 is done: steps 15, 16, 17 ramp from 0 (0, 1/3, 2/3), then 1 until the next merge
-    assert [restart_factor(s, start, every, warm) for s in range(15, 21)] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0, 0.0]
-    assert restart_factor(25, start, every, warm, end=25) == 1.0  # relora over: plain cosine again
-    assert restart_factor(16, start, every, 0) == 1.0  # no re-warmup configured
-    assert [restart_factor(s, 0, 4, 4) for s in range(4, 9)] == [0.0, 0.25, 0.5, 0.75, 0.0]  # warmup = cycle
-
-
-def test_merge_due_every_n_steps_after_start():
-    assert [s for s in range(0, 31) if merge_due(s, 10, 5)] == [15, 20, 25, 30]
 
 
 @pytest.mark.launch

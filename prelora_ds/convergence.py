@@ -1,11 +1,11 @@
-"""Algorithm 1 of the PreLoRA paper: the partial convergence test (SPEC §2).
+"""Algorithm 1 of the PreLoRA paper: the partial convergence test (docs/design.md §2).
 
 Pure functions on plain numbers (no torch, no torch.distributed): the trainer all-reduces the loss and
 gathers the weight norms, feeds them to a :class:`WindowAccumulator`, and calls
 :func:`partial_convergence` on the window means. Every rank holds the same numbers, so every rank
 reaches the same decision; a replay tool can run the same functions on a saved ``state_dict``.
 
-Notation (SPEC §2): ``W[m][k][l]`` is the mean Frobenius norm of layer ``l`` of target module ``m`` in
+Notation (docs/design.md §2): ``W[m][k][l]`` is the mean Frobenius norm of layer ``l`` of target module ``m`` in
 window ``k``; ``L[k]`` the sample-weighted mean training loss of window ``k``.
 
 - ``d_{m,l}^k = 100 * |W_{m,l}^k - W_{m,l}^{k-1}| / W_{m,l}^{k-1}``    (:func:`percent_change`)
@@ -19,7 +19,7 @@ Edge cases, decided here once:
 - A previous value of 0: ``0 -> 0`` is a 0 % change; ``0 -> x != 0`` is ``+inf`` %, which fails any
   finite threshold instead of raising ``ZeroDivisionError`` in the middle of a run.
 - The denominator is ``|prev|``, so a change is never negative.
-- NaN or infinite inputs raise ``ValueError``: a diverged run should stop loudly, not sit in
+- NaN or infinite inputs raise ``NonFiniteError`` (a ``ValueError``): a diverged run should stop loudly, not sit in
   "not converged yet" forever.
 - Mismatched layer counts, modules or window counts raise ``ValueError`` naming what differs.
 - ``num_windows < 2`` raises ``ValueError`` (there would be no pair to compare).

@@ -1,4 +1,4 @@
-"""Merged plain-timm export: W_fp32 + s B A per LoRA layer, computed in fp32 (SPEC §4)."""
+"""Merged plain-timm export: W_fp32 + s B A per LoRA layer, computed in fp32 (docs/design.md §4)."""
 
 from __future__ import annotations
 

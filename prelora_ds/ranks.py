@@ -1,4 +1,4 @@
-"""Algorithm 2 of the PreLoRA paper: per-layer LoRA rank assignment (SPEC §3).
+"""Algorithm 2 of the PreLoRA paper: per-layer LoRA rank assignment (docs/design.md §3).
 
 Pure functions on plain numbers. Input: for each target module, the percent change of each layer's weight
 norm between the last two windows (``convergence.layer_changes``). Layers that still move get higher

@@ -1,4 +1,4 @@
-"""Engine build and the in-process engine switch (SPEC §4).
+"""Engine build and the in-process engine switch (docs/design.md §4).
 
 Two traps this module exists for:
 - Under bf16, `deepspeed.initialize` casts the module to bf16 and builds the fp32 masters from the

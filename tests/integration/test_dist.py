@@ -9,6 +9,7 @@ import sys
 import pytest
 from conftest import ROOT, job_env
 
+
 def run_ranks(out, world: int, port: int) -> list[dict]:
     procs = [
         subprocess.Popen(

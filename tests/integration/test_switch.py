@@ -1,4 +1,4 @@
-"""The engine switch under bf16 ZeRO-2 on 2 real ranks (SPEC §4): one launch, many facts."""
+"""The engine switch under bf16 ZeRO-2 on 2 real ranks (docs/design.md §4): one launch, many facts."""
 
 from __future__ import annotations
 

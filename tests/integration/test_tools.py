@@ -6,7 +6,6 @@ full-only run are made once for the module; the tools then run as subprocesses, 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import shutil
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, deepspeed_cmd, run, summary
 
-from prelora_ds.config import PreLoRAConfig
 from prelora_ds.convergence import layer_changes
 from prelora_ds.ranks import assign_ranks, ranks_by_module_name
 

@@ -10,9 +10,11 @@ import json
 import math
 import re
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
+from prelora_ds import preempt
 from prelora_ds.monitor import Monitor, memory_bytes
 from prelora_ds.phases import PHASES
 
@@ -188,6 +190,22 @@ class Recorder:
         self.log(
             f"step {step}: non-finite loss or gradient, step skipped by DeepSpeed ({streak} in a row, {skipped} in "
             f"all; the limit is {limit} in a row)"
+        )
+
+    def preempted(self, decision, step: int, phase: str, checkpoint: Path) -> None:
+        """A signal stopped every rank after `step`, checkpointed: the marker file for a scheduler script (the
+        deepspeed launcher may exit 1 when it was signalled itself) and the message."""
+        elapsed = time.time() - decision.first_signal_time
+        self.scalars(step, {tag("signal_to_saved_s"): elapsed})
+        self.write_json(preempt.MARKER, {"signal": decision.signal_name, "step": step, "phase": phase,
+                                         "checkpoint": str(checkpoint), "signal_to_saved_s": elapsed,
+                                         "exit_code": preempt.EXIT_CODE})  # fmt: skip
+        budget = "within" if elapsed < preempt.LAUNCHER_GRACE_S else "NOT within"
+        self.log(
+            f"pre-empted by {decision.signal_name}: every rank stopped after step {step} ({phase}); checkpoint "
+            f"{checkpoint} complete {elapsed:.1f} s after the first signal ({budget} the deepspeed launcher's "
+            f"{preempt.LAUNCHER_GRACE_S:.0f} s before SIGKILL). Continue with the same command and --resume (exit "
+            f"code {preempt.EXIT_CODE}: requeue)."
         )
 
     def log(self, msg: str) -> None:

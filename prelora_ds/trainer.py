@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from prelora_ds import dist, faults, policy, preempt
+from prelora_ds import checkpoint, dist, faults, policy, preempt
 from prelora_ds.checkpoint import CheckpointWriteError
 from prelora_ds.checkpointer import Checkpointer, TrainingError
 from prelora_ds.config import RunConfig
@@ -332,28 +332,14 @@ class Trainer:
 
     def _stop(self, decision: preempt.StopDecision) -> None:
         """Checkpoint this step (unless it has one) and end the run early: pre-empted, or train.stop_at_step."""
-        step = self.state.step
         self.save_checkpoint()
-        where = self.ckpt.dir / f"step{step:08d}"
-        if not decision.stop:
-            self.recorder.log(f"stopped at step {step} (train.stop_at_step); continue with --resume")
-            self.recorder.close()
-            return None
-        self.preempted = decision
-        elapsed = time.time() - decision.first_signal_time
-        self.recorder.scalars(step, {tag("signal_to_saved_s"): elapsed})
-        self.recorder.write_json(preempt.MARKER, {  # for a scheduler script: the launcher may exit 1 when signalled
-            "signal": decision.signal_name, "step": step, "phase": self.state.phase, "checkpoint": str(where),
-            "signal_to_saved_s": elapsed, "exit_code": preempt.EXIT_CODE})  # fmt: skip
-        budget = "within" if elapsed < preempt.LAUNCHER_GRACE_S else "NOT within"
-        self.recorder.log(
-            f"pre-empted by {decision.signal_name}: every rank stopped after step {step} ({self.state.phase}); "
-            f"checkpoint {where} complete {elapsed:.1f} s after the first signal ({budget} the deepspeed launcher's "
-            f"{preempt.LAUNCHER_GRACE_S:.0f} s before SIGKILL). Continue with the same command and --resume (exit "
-            f"code {preempt.EXIT_CODE}: requeue)."
-        )
+        if decision.stop:
+            self.preempted = decision
+            where = self.ckpt.dir / checkpoint.tag_for(self.state.step)
+            self.recorder.preempted(decision, self.state.step, self.state.phase, where)
+        else:
+            self.recorder.log(f"stopped at step {self.state.step} (train.stop_at_step); continue with --resume")
         self.recorder.close()
-        return None
 
     # ----------------------------------------------------------------- outputs
     def finish(self) -> dict[str, Any]:

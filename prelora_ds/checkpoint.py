@@ -5,7 +5,8 @@ Layout of `checkpoints/<tag>/`: DeepSpeed's own files (module, ZeRO partitions p
   convergence windows; readable *before* an engine exists, so a resume can rebuild the phase's
   structure first;
 - `rank<R>.pt`: that rank's RNG states and pending loss sums;
-- `frozen_fp32.pt` (rank 0, phases with a frozen base): the base's exact fp32 values under bf16/fp16 (docs/design.md).
+- `frozen_fp32.pt` (rank 0, phases with a frozen base): the base's exact fp32 values (the kept copy
+  under bf16/fp16, the module's values in fp32: a universal load restores optimizer parameters only; docs/design.md).
 `latest` is written by us, atomically, only after every rank finished writing: a crash while saving
 leaves `latest` on the previous complete checkpoint, and a resume skips the incomplete one, saying so.
 A checkpoint saved by another number of ranks is converted once to DeepSpeed's universal format

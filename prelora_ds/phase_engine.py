@@ -110,11 +110,24 @@ class PhaseEngine:
         self._attach_scheduler(step)
         return time.perf_counter() - t0
 
+    def frozen_state(self, rank: int) -> FP32State:
+        """The exact fp32 values of the frozen parameters, for a checkpoint (rank 0 writes them): the kept copy
+        under bf16/fp16, else the module's own values. DeepSpeed's universal checkpoint (a resume on another
+        world size) restores optimizer parameters only, so the frozen base must travel in this file."""
+        if rank != 0:
+            return {}
+        return {
+            canonical_name(n): self.frozen_fp32.get(canonical_name(n), p.detach().float().cpu())
+            for n, p in self.engine.module.named_parameters()
+            if not p.requires_grad
+        }
+
     def load_frozen(self, frozen: FP32State) -> None:
-        """After a checkpoint load: the kept fp32 base replaces the module's rounded copies."""
+        """After a checkpoint load: the saved fp32 base replaces the module's values (rounded ones under bf16,
+        freshly initialised ones after a universal load); kept beside the engine only under bf16/fp16."""
+        if frozen:
+            load_fp32_state(self.engine.module, frozen)
         self.frozen_fp32 = frozen if self.keep_fp32 else {}
-        if self.frozen_fp32:
-            load_fp32_state(self.engine.module, self.frozen_fp32)
 
     def _attach_scheduler(self, step: int) -> None:
         self.scheduler = build_scheduler(self.engine.optimizer, self.total_steps, self.lr_warmup_steps,

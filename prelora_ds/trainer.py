@@ -306,7 +306,8 @@ class Trainer:
         t0, step = time.perf_counter(), self.state.step
         with self.collective(f"the checkpoint save of step {step} (barriers between the ranks' writes)"):
             saved = self.ckpt.save(self.engine, step, self.state_dict(),
-                                   {"pending_loss": self.control.pending_loss.tolist()}, self.phases.frozen_fp32)
+                                   {"pending_loss": self.control.pending_loss.tolist()},
+                                   self.phases.frozen_state(self.rank))
         self.control.save_pending = False
         if saved:
             self.recorder.scalars(step, {tag("save_s"): time.perf_counter() - t0})

@@ -65,7 +65,7 @@ def test_epoch_mode_phases_relora_and_forced_switch(epoch_runs):
     assert [v["step"] for v in s["val"]] == [2 * SPE, 4 * SPE, 5 * SPE]  # eval_every_epochs 2, and the last step
 
 
-def test_one_checkpoint_per_step_and_no_fp32_copy_in_fp32(epoch_runs):
+def test_one_checkpoint_per_step(epoch_runs):
     """A switch at an epoch end used to save its step twice (deleting the first save before the second)."""
     ref = epoch_runs[0]
     events = []  # every event, not the per-step series `scalars` merges
@@ -76,7 +76,7 @@ def test_one_checkpoint_per_step_and_no_fp32_copy_in_fp32(epoch_runs):
     assert sorted(events) == [SPE, 2 * SPE, 3 * SPE, 4 * SPE, 5 * SPE]
     final = ref / "checkpoints" / f"step{5 * SPE:08d}"
     assert (final / "COMPLETE").exists()
-    assert not (final / "frozen_fp32.pt").exists()  # an fp32 engine holds the exact frozen base itself
+    assert (final / "frozen_fp32.pt").exists()  # a universal load restores optimizer parameters only
 
 
 def test_resume_with_another_micro_batch_continues_the_run(epoch_runs):

@@ -46,6 +46,12 @@ class TestMergeOnTwoRanks:
             # reset, +0.18 (fp32) / +0.37 (bf16) when v was pruned under a kept m (A stepped m / eps)
             assert f["loss_after_steps"] <= f["loss_before"] + 0.05
 
+    def test_frozen_base_copy_kept_only_under_bf16(self, facts):
+        """An fp32 engine holds the frozen base exactly; a second fp32 copy is kept only beside a bf16 one."""
+        for fact in facts:
+            assert fact["fp32"]["kept_copies"] == 0
+            assert fact["bf16"]["kept_copies"] > 0
+
     def test_first_moment_pruned_second_kept_in_the_partitions(self, facts):
         for precision in ("fp32", "bf16"):
             for f in (fact[precision] for fact in facts):

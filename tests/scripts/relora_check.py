@@ -68,6 +68,7 @@ def check(out: Path, precision: str) -> tuple[dict, int]:
     )
     dtype = trainer.phases.dtype
     trainer.switch_to("relora", {n: 16 for n in trainer.phases.layout.layers})
+    kept_copies = len(trainer.phases.frozen_fp32)  # the frozen base's fp32 copy beside the engine
     images, targets = fixed_batch()
     _, loss_start = evaluate(trainer.engine, images, targets, dtype)
     train(trainer, images, targets, MERGE_AFTER)
@@ -86,6 +87,7 @@ def check(out: Path, precision: str) -> tuple[dict, int]:
     v_after = second_moments(engine)
     base_after = trainer.phases.fp32_state()["blocks.0.attn.qkv.weight"]
     facts = {
+        "kept_copies": kept_copies,
         "merges": trainer.state.relora_merges,
         "b_norm_before": b_norm_before,
         "b_after_max": float(safe_get_full_fp32_param(layer.lora_B["default"].weight).abs().max()),

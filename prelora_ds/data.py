@@ -12,12 +12,8 @@ Call ``set_train_epoch(loader, epoch, skip_samples)`` before each ``iter(loader)
 
 from __future__ import annotations
 
-import functools
-import itertools
-import multiprocessing as mp
 import random
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +23,14 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from .config import ConfigError, DataConfig
+from .images import RobustImageFolder, load_image
 from .preempt import ignore_in_worker
+from .samplers import ResumableDistributedSampler, ShardSampler, check_train_size
 
 __all__ = [
     "DataBundle",
@@ -47,6 +45,7 @@ __all__ = [
     "build_mixup",
     "build_train_loss",
     "build_transforms",
+    "check_train_size",
     "load_image",
     "set_train_epoch",
 ]
@@ -55,102 +54,8 @@ _U64 = 1 << 64
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Image decoding
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
-    """16-bit / int32 / float images to 8-bit 'L' by scaling; PIL's own convert() clips everything above 255."""
-    arr = np.asarray(img, dtype=np.float64)
-    if img.mode == "F":
-        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0  # [0, 1] floats vs. already 0..255
-    elif img.mode.startswith("I;16") or (arr.size and arr.max() > 255):
-        scale = 255.0 / 65535.0 if not arr.size or arr.max() <= 65535 else 255.0 / arr.max()
-    else:
-        scale = 1.0
-    arr = np.nan_to_num(arr * scale, nan=0.0)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
-
-
-def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Decode `path` fully and convert it to `mode` ('RGB' or 'L'), whatever its own mode or size.
-
-    Decoding happens here (``img.load()``), not lazily in the transform, so truncated or corrupt files raise
-    inside the caller's guard. Alpha is dropped as torchvision's ``pil_loader`` does, so pretrained models see
-    the colours they were trained on.
-    """
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-    if img.mode == mode:
-        return img
-    if img.mode.startswith("I") or img.mode == "F":
-        img = _high_bit_depth_to_l(img)
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # PIL warns when converting palette+transparency straight to RGB
-    return img.convert(mode)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class RobustImageFolder(ImageFolder):
-    """torchvision ``ImageFolder`` that skips unreadable files instead of crashing the run.
-
-    A file that fails to decode is replaced, deterministically, by the next readable index (wrapping around),
-    warned about once (``warnings.warn`` naming the path) and counted. The "known bad" flags live in a
-    lock-free ``multiprocessing.Array`` created here, i.e. in shared memory inherited (fork) or passed at start-up
-    (spawn/forkserver) by every DataLoader worker: so ``num_skipped``, read in the main process, counts files
-    skipped in any worker, each file once, across epochs and the short-lived (non-persistent) workers of each
-    epoch. Without a lock (a SemLock would tie the dataset to one start method) two workers that hit the same bad
-    file at the same instant may both warn; the count stays exact because setting a flag is idempotent. The count
-    is per rank (each rank owns its dataset); all-reduce it for a global number.
-    """
-
-    def __init__(self, root: str | Path, transform: Callable[[Any], Any] | None = None, mode: str = "RGB") -> None:
-        loader = functools.partial(load_image, mode=mode)
-        super().__init__(str(root), transform=transform, loader=loader, allow_empty=True)
-        self.mode = mode
-        self._bad = mp.Array("b", max(len(self.samples), 1), lock=False)  # shared int8 flags, one per sample
-
-    @property
-    def num_skipped(self) -> int:
-        """Files found unreadable so far, by this process or any of its DataLoader workers."""
-        return int(np.count_nonzero(np.frombuffer(self._bad, dtype=np.int8)[: len(self.samples)]))
-
-    @property
-    def skipped_paths(self) -> list[str]:
-        flags = np.frombuffer(self._bad, dtype=np.int8)[: len(self.samples)]
-        return [self.samples[i][0] for i in np.flatnonzero(flags)]
-
-    def _mark_bad(self, index: int, path: str, exc: BaseException) -> None:
-        first = not self._bad[index]
-        self._bad[index] = 1
-        if first:
-            warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", UserWarning, stacklevel=3)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        n = len(self.samples)
-        flags = self._bad
-        for k in range(n):
-            j = (index + k) % n
-            if flags[j]:
-                continue
-            path, target = self.samples[j]
-            try:
-                img = self.loader(path)
-            except Exception as exc:  # any decoder failure (OSError, SyntaxError, DecompressionBomb...) = bad file
-                self._mark_bad(j, path, exc)
-                continue
-            # Transform errors are bugs, not bad files: they are deliberately not caught.
-            if self.transform is not None:
-                img = self.transform(img)
-            if self.target_transform is not None:
-                target = self.target_transform(target)
-            return img, target
-        raise RuntimeError(f"none of the {n} images under {self.root} can be read; check the dataset files.")
 
 
 class DigitsDataset(Dataset):
@@ -409,61 +314,6 @@ def build_datasets(
 # --------------------------------------------------------------------------------------------------------------------
 # Samplers and loaders
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """``DistributedSampler`` that can skip the first `n` samples of this rank's list, for this epoch only.
-
-    Resume mid-epoch with ``set_epoch(e)`` then ``skip(batches_done * micro_batch)``: the order is the same
-    permutation as without the skip (seed + epoch), minus its head. ``set_epoch`` resets the skip.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.start_index = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.start_index = 0
-
-    def skip(self, n: int) -> None:
-        if not 0 <= n <= self.num_samples:
-            raise ValueError(f"cannot skip {n} samples: this rank has {self.num_samples} per epoch.")
-        self.start_index = n
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start_index, None)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start_index
-
-
-class ShardSampler(Sampler[int]):
-    """Validation indices ``rank::world_size``: no padding, no duplicates, so summed correct/total is exact.
-
-    Ranks may get a different number of batches (one more at most); keep collectives out of the per-batch loop.
-    """
-
-    def __init__(self, dataset_len: int, rank: int, world_size: int) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}.")
-        self.indices = range(rank, dataset_len, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def check_train_size(n_train: int, micro_batch: int, world_size: int) -> None:
-    """Every rank needs at least one full micro batch (train.py checks this before any process group starts)."""
-    if n_train < micro_batch * world_size:
-        raise ConfigError(
-            f"the train set has {n_train} images, fewer than micro_batch ({micro_batch}) x world_size "
-            f"({world_size}) = {micro_batch * world_size}, so no rank gets a full batch; lower "
-            "train_micro_batch_size_per_gpu, use fewer GPUs or a larger dataset."
-        )
 
 
 def build_loaders(

@@ -38,7 +38,8 @@ class ConfigError(ValueError):
     """A recipe or command-line value that cannot run; the message says how to fix it."""
 
 
-DATASETS = ("imagefolder", "digits", "synthetic")
+DATASETS = ("imagefolder", "digits", "synthetic", "shards")
+LOADERS = ("torch", "device")
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -53,10 +54,16 @@ def _is_pow2(n: int) -> bool:
 @dataclass
 class DataConfig:
     dataset: str = "digits"
-    """'imagefolder' (ImageNet train/val layout under `root`), 'digits' (scikit-learn's embedded
-    handwritten digits: real data, no download) or 'synthetic' (random tensors, for benchmarks)."""
+    """'imagefolder' (ImageNet train/val layout under `root`), 'shards' (tar shards of an ImageFolder written by
+    tools/pack_shards.py), 'digits' (scikit-learn's embedded handwritten digits: real data, no download) or
+    'synthetic' (random tensors, for benchmarks)."""
     root: str | None = None
-    """For imagefolder: a folder holding `train/` and `val/`, one sub-folder per class."""
+    """For imagefolder: a folder holding `train/` and `val/`, one sub-folder per class. For shards: the folder
+    tools/pack_shards.py wrote (index.json and the .tar shards)."""
+    loader: str = "torch"
+    """'torch': decode (PIL) and augment (timm) in `num_workers` DataLoader processes per rank. 'device': the
+    workers only read the encoded bytes; JPEG decode (nvJPEG) and the augmentations (torchvision v2) run on the
+    rank's GPU, or on the CPU without one. imagefolder and shards only (docs/data.md)."""
     val_fraction: float = 0.2
     """For digits: share of the images held out for validation (a fixed, seeded split)."""
     synthetic_train_size: int = 1024
@@ -80,11 +87,19 @@ class DataConfig:
             self.dataset in DATASETS,
             f"data.dataset={self.dataset!r} is unknown; write one of {', '.join(DATASETS)}.",
         )
+        _require(self.loader in LOADERS, f"data.loader={self.loader!r} is unknown; write one of {', '.join(LOADERS)}.")
+        _require(
+            self.loader == "torch" or self.dataset in ("imagefolder", "shards"),
+            f"data.loader=device decodes image files, but data.dataset={self.dataset!r} holds none; use "
+            "data.dataset imagefolder or shards, or data.loader torch.",
+        )
         _require(0 < self.crop_pct <= 1, f"data.crop_pct must be in (0, 1], got {self.crop_pct}; 0.875 is ImageNet's.")
         _require(
-            self.dataset != "imagefolder" or bool(self.root),
-            "data.dataset=imagefolder needs data.root: a folder with train/ and val/ class folders "
-            "(e.g. --data.root /datasets/imagenet).",
+            self.dataset not in ("imagefolder", "shards") or bool(self.root),
+            f"data.dataset={self.dataset} needs data.root: "
+            + ("the folder tools/pack_shards.py wrote (e.g. --data.root /datasets/imagenet_shards)."
+               if self.dataset == "shards" else
+               "a folder with train/ and val/ class folders (e.g. --data.root /datasets/imagenet)."),
         )
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}.")

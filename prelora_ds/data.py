@@ -1,8 +1,10 @@
 """Datasets, transforms, samplers and loaders for ViT training.
 
-Three sources (``DataConfig.dataset``): ``imagefolder`` (ImageNet-style ``train/`` and ``val/`` class folders),
-``digits`` (scikit-learn's embedded 8x8 handwritten digits: real data, no download) and ``synthetic``
-(seeded random tensors, for benchmarks). Images go through timm's ``create_transform``.
+Four sources (``DataConfig.dataset``): ``imagefolder`` (ImageNet-style ``train/`` and ``val/`` class folders),
+``shards`` (the same packed into tar shards by ``tools/pack_shards.py``, see ``shards.py``), ``digits``
+(scikit-learn's embedded 8x8 handwritten digits: real data, no download) and ``synthetic``
+(seeded random tensors, for benchmarks). Images go through timm's ``create_transform`` in DataLoader workers,
+or, with ``data.loader: device``, are decoded and augmented on the rank's GPU (``device_input.py``).
 
 Exact resume rests on three pieces: ``SeededDataset`` makes each sample's augmentation a function of
 (seed, epoch, index) only, ``ResumableDistributedSampler`` skips the samples a rank already consumed this
@@ -24,13 +26,12 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from .config import ConfigError, DataConfig
-from .images import RobustImageFolder, load_image
+from .images import RobustImageFolder, check_imagefolder, check_nonempty, load_image
 from .preempt import ignore_in_worker
 from .samplers import ResumableDistributedSampler, ShardSampler, check_train_size
+from .shards import ShardDataset, check_shards
 
 __all__ = [
     "DataBundle",
@@ -155,6 +156,8 @@ class DataBundle:
     val: Dataset
     num_classes: int
     class_names: list[str]
+    loader: str = "torch"
+    """'device': train and val are ``DeviceImages`` (encoded bytes), for ``build_loaders``' device path."""
 
     @property
     def num_skipped(self) -> int:
@@ -202,56 +205,6 @@ def build_transforms(
     return train, val
 
 
-def _check_imagefolder(root: Path) -> list[str]:
-    """Raise ConfigError for every layout problem that ImageFolder would report badly or not at all."""
-    if not root.is_dir():
-        raise ConfigError(
-            f"data.root={str(root)!r} does not exist or is not a folder; point --data.root at a "
-            "folder holding train/ and val/."
-        )
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise ConfigError(
-                f"data.root={str(root)!r} has no {split}/ folder; it needs train/ and val/, each "
-                "with one sub-folder of images per class."
-            )
-    classes = {}
-    for split in ("train", "val"):
-        try:
-            classes[split], _ = find_classes(str(root / split))
-        except FileNotFoundError:
-            classes[split] = []
-        if not classes[split]:
-            raise ConfigError(
-                f"{root / split} has no class folders; put each class's images in its own "
-                f"sub-folder ({split}/<class_name>/*.jpg)."
-            )
-    if classes["train"] != classes["val"]:
-        train_set, val_set = set(classes["train"]), set(classes["val"])
-
-        def _few(names: set[str]) -> str:
-            ordered = sorted(names)
-            return ", ".join(ordered[:5]) + (f" (+{len(ordered) - 5} more)" if len(ordered) > 5 else "") or "none"
-
-        raise ConfigError(
-            f"val/ classes differ from train/ classes under {root}: missing from val/: {_few(train_set - val_set)}; "
-            f"only in val/: {_few(val_set - train_set)}. Both splits need the same class folders (ImageNet's val "
-            "images must be sorted into class folders first)."
-        )
-    return classes["train"]
-
-
-def _check_nonempty(ds: ImageFolder, split_dir: Path) -> None:
-    counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))
-    empty = [ds.classes[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        shown = ", ".join(empty[:5]) + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
-        raise ConfigError(
-            f"class folder(s) {shown} under {split_dir} hold no images (extensions: "
-            f"{' '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)."
-        )
-
-
 def _digits_split(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -292,7 +245,12 @@ def build_datasets(
         return DataBundle(SeededDataset(train, seed), val, n_cls, [str(i) for i in range(n_cls)])
 
     if cfg.dataset == "imagefolder":
-        class_names = _check_imagefolder(root)  # cheap layout checks before transforms or a full file scan
+        class_names = check_imagefolder(root)  # cheap layout checks before transforms or a full file scan
+    if cfg.dataset == "shards":
+        index = check_shards(root)  # every shard present at its recorded size
+        class_names = index["classes"]
+    if cfg.loader == "device":
+        return _device_bundle(cfg, root, img_size, in_chans, seed, mean, std, class_names)
     train_tf, val_tf = build_transforms(cfg, img_size, in_chans, mean, std)
 
     if cfg.dataset == "digits":
@@ -303,12 +261,43 @@ def build_datasets(
 
     if cfg.dataset == "imagefolder":
         train_if = RobustImageFolder(root / "train", train_tf, mode)
-        _check_nonempty(train_if, root / "train")
+        check_nonempty(train_if, root / "train")
         val_if = RobustImageFolder(root / "val", val_tf, mode)
-        _check_nonempty(val_if, root / "val")
+        check_nonempty(val_if, root / "val")
         return DataBundle(SeededDataset(train_if, seed), val_if, len(class_names), class_names)
 
+    if cfg.dataset == "shards":
+        train_sh = ShardDataset(root, "train", train_tf, mode, index)
+        val_sh = ShardDataset(root, "val", val_tf, mode, index)
+        return DataBundle(SeededDataset(train_sh, seed), val_sh, len(class_names), class_names)
+
     raise ConfigError(f"data.dataset={cfg.dataset!r} is unknown.")  # DataConfig already rejects this
+
+
+def _device_bundle(
+    cfg: DataConfig, root: Path, img_size: int, in_chans: int, seed: int, mean: Sequence[float],
+    std: Sequence[float], class_names: list[str],
+) -> DataBundle:
+    """`data.loader: device`: the same files or shards, handed over encoded; transforms run on the device."""
+    from .device_input import DeviceImages, build_device_transforms
+
+    mean_c, std_c = _channel_stats(mean, in_chans, "mean"), _channel_stats(std, in_chans, "std")
+    train_tf, val_tf = build_device_transforms(cfg, img_size, in_chans, mean_c, std_c)
+    mode = "L" if in_chans == 1 else "RGB"
+    if cfg.dataset == "shards":
+        index = check_shards(root)
+        train, val = ShardDataset(root, "train", None, mode, index), ShardDataset(root, "val", None, mode, index)
+    else:
+        train, val = RobustImageFolder(root / "train", None, mode), RobustImageFolder(root / "val", None, mode)
+        check_nonempty(train, root / "train")
+        check_nonempty(val, root / "val")
+    return DataBundle(
+        DeviceImages(train, train_tf, mean_c, std_c, in_chans, seed),
+        DeviceImages(val, val_tf, mean_c, std_c, in_chans, None),
+        len(class_names),
+        class_names,
+        loader="device",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -321,6 +310,10 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders for this rank. Train: shuffled, padded across ranks, full micro batches only."""
     check_train_size(len(bundle.train), micro_batch, world_size)  # type: ignore[arg-type]
+    if bundle.loader == "device":  # same samplers and seeds; decode and augmentation on the rank's device
+        from .device_input import build_device_loaders
+
+        return build_device_loaders(bundle, micro_batch, rank, world_size, seed, num_workers)
     pin = torch.cuda.is_available()
     train_sampler = ResumableDistributedSampler(
         bundle.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
@@ -359,7 +352,7 @@ def set_train_epoch(loader: DataLoader, epoch: int, skip_samples: int = 0) -> No
         sampler.skip(skip_samples)
     elif skip_samples:
         raise ValueError("skip_samples needs a ResumableDistributedSampler (use build_loaders).")
-    if isinstance(loader.dataset, SeededDataset):
+    if hasattr(loader.dataset, "set_epoch"):  # SeededDataset, or the device path's DeviceImages
         loader.dataset.set_epoch(epoch)
 
 

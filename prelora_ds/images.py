@@ -18,8 +18,11 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-__all__ = ["RobustImageFolder", "SkipUnreadable", "load_image"]
+from .config import ConfigError
+
+__all__ = ["RobustImageFolder", "SkipUnreadable", "check_imagefolder", "check_nonempty", "load_image"]
 
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
@@ -137,3 +140,53 @@ class RobustImageFolder(SkipUnreadable, ImageFolder):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return img, target
+
+
+def check_imagefolder(root: Path) -> list[str]:
+    """Raise ConfigError for every layout problem that ImageFolder would report badly or not at all."""
+    if not root.is_dir():
+        raise ConfigError(
+            f"data.root={str(root)!r} does not exist or is not a folder; point --data.root at a "
+            "folder holding train/ and val/."
+        )
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError(
+                f"data.root={str(root)!r} has no {split}/ folder; it needs train/ and val/, each "
+                "with one sub-folder of images per class."
+            )
+    classes = {}
+    for split in ("train", "val"):
+        try:
+            classes[split], _ = find_classes(str(root / split))
+        except FileNotFoundError:
+            classes[split] = []
+        if not classes[split]:
+            raise ConfigError(
+                f"{root / split} has no class folders; put each class's images in its own "
+                f"sub-folder ({split}/<class_name>/*.jpg)."
+            )
+    if classes["train"] != classes["val"]:
+        train_set, val_set = set(classes["train"]), set(classes["val"])
+
+        def _few(names: set[str]) -> str:
+            ordered = sorted(names)
+            return ", ".join(ordered[:5]) + (f" (+{len(ordered) - 5} more)" if len(ordered) > 5 else "") or "none"
+
+        raise ConfigError(
+            f"val/ classes differ from train/ classes under {root}: missing from val/: {_few(train_set - val_set)}; "
+            f"only in val/: {_few(val_set - train_set)}. Both splits need the same class folders (ImageNet's val "
+            "images must be sorted into class folders first)."
+        )
+    return classes["train"]
+
+
+def check_nonempty(ds: ImageFolder, split_dir: Path) -> None:
+    counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))
+    empty = [ds.classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
+        raise ConfigError(
+            f"class folder(s) {shown} under {split_dir} hold no images (extensions: "
+            f"{' '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)."
+        )

@@ -72,6 +72,23 @@ def scalars(run_dir: Path, prefix: str = "") -> dict[str, list[tuple[int, float]
     return {tag: sorted(s.items()) for tag, s in out.items()}
 
 
+def write_digit_jpegs(root: Path, count: int = 800, val_every: int = 5) -> Path:
+    """An ImageFolder of real JPEGs: scikit-learn's digits, RGB, scaled to 16-27 px (odd sizes and aspect
+    ratios), quality 90; every `val_every`-th image goes to val/. Returns `root`."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for i, (img, label) in enumerate(zip(images[:count], digits.target[:count], strict=True)):
+        path = root / ("val" if i % val_every == val_every - 1 else "train") / f"d{label}" / f"{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = (16 + i % 12, 16 + (i * 7) % 9)
+        Image.fromarray(img).resize(size, Image.Resampling.BICUBIC).convert("RGB").save(path, quality=90)
+    return root
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

@@ -5,7 +5,11 @@
 #      a SIGKILL in warmup and --resume (losses compared with an uninterrupted run), the merged export
 #      loaded by timm.create_model(...).load_state_dict and scored;
 #   2. the ViT-L/16 bench: every phase in its own process at a large micro batch, against the bare
-#      DeepSpeed+PEFT loop.
+#      DeepSpeed+PEFT loop;
+#   3. the input paths (tools/bench_data.py --device cuda): images/s of the torch loader per CPU worker and of
+#      the device loader (nvJPEG + v2 augmentations on this GPU), with the cores per GPU each needs at the
+#      full and lora images/s that step 2 measured: where the loader becomes the limit. DALI rows too when
+#      nvidia-dali is importable here (it is not a dependency).
 #
 # Before (on a machine with network, from the repo root):
 #   pip wheel --no-deps deepspeed==0.19.8 -w .whl      # deepspeed ships as an sdist only
@@ -30,18 +34,29 @@ python3 tools/bench_phases.py --model vit_large_patch16_224 --batch-size "$BATCH
   --ds-config ds_configs/gpu_single_bf16.json --rank 32 --out "$OUT/gpu_bench.json" > "$OUT/gpu_bench.md"
 bench_rc=$?
 cat "$OUT/gpu_bench.md"
-python3 - "$OUT" "$product_rc" "$bench_rc" <<'PY'
+# the full and lora images/s just measured (the issue's A100 estimates when the bench failed)
+RATES=$(python3 -c "import json, sys; p = json.load(open(sys.argv[1]))['phases']; \
+print(' '.join(str(round(p[k]['images_per_s'])) for k in ('full', 'lora')))" "$OUT/gpu_bench.json" 2>/dev/null || echo "700 2100")
+python3 tools/bench_data.py --device cuda --procs 1 --seconds 3 --batch 128 --gpu-images-per-s $RATES \
+  --paths "torch, files" "torch, shards 256" "device, files" "device, shards 256" "device read only, files" \
+  "dali, files" --out "$OUT/data_bench.json" > "$OUT/data_bench.md"
+data_rc=$?
+cat "$OUT/data_bench.md"
+python3 - "$OUT" "$product_rc" "$bench_rc" "$data_rc" <<'PY'
 import json, sys
 from pathlib import Path
-out, product_rc, bench_rc = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+out, product_rc, bench_rc, data_rc = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def read(p):
     return json.loads(p.read_text()) if p.exists() else None
-merged = {"product_rc": product_rc, "bench_rc": bench_rc, "product": read(out / "product" / "product.json"),
-          "bench": read(out / "gpu_bench.json")}
+merged = {"product_rc": product_rc, "bench_rc": bench_rc, "data_rc": data_rc,
+          "product": read(out / "product" / "product.json"), "bench": read(out / "gpu_bench.json"),
+          "data": read(out / "data_bench.json")}
 (out / "gpu_check.json").write_text(json.dumps(merged, indent=1))
 md = ["# GPU check", "", "## The product (tools/gpu_check.py)", ""]
 md += [(out / "product" / "product.md").read_text() if (out / "product" / "product.md").exists() else "no result", ""]
-md += ["## ViT-L/16 phases (tools/bench_phases.py)", "", (out / "gpu_bench.md").read_text()]
+md += ["## ViT-L/16 phases (tools/bench_phases.py)", "", (out / "gpu_bench.md").read_text(), ""]
+md += ["## Input paths at those rates (tools/bench_data.py)", "",
+       (out / "data_bench.md").read_text() if (out / "data_bench.md").exists() else "no result"]
 (out / "gpu_check.md").write_text("\n".join(md))
 PY
-exit $(( product_rc || bench_rc ))
+exit $(( product_rc || bench_rc || data_rc ))

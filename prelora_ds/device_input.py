@@ -146,8 +146,12 @@ class DeviceImages(Dataset):
                 for i, img in zip(jpegs, decode_jpeg([datas[i] for i in jpegs], mode=self.mode, device=device),
                                   strict=True):
                     out[i] = img
-            except RuntimeError:  # one image nvJPEG refuses (e.g. CMYK) fails the call: decode on the host
-                pass
+            except RuntimeError:  # one image nvJPEG refuses (e.g. CMYK) fails the whole call: one by one
+                for i in jpegs:
+                    try:
+                        out[i] = decode_jpeg(datas[i], mode=self.mode, device=device)
+                    except RuntimeError:
+                        out[i] = None  # the host decoders below try it
         for i, d in enumerate(datas):
             if out[i] is None:
                 try:

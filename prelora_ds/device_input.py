@@ -123,8 +123,11 @@ class DeviceImages(Dataset):
         return self.base.num_skipped
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        data = self.base.read_bytes(index)  # an unreadable *file* raises here and fails the run, like the torch path
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), self.base.targets[index], index
+        try:
+            data = self.base.read_bytes(index)
+        except OSError:  # unreadable: no bytes fail to decode, and prepare() applies the skip rule
+            data = b""
+        return _as_tensor(data), self.base.targets[index], index
 
     # ------------------------------------------------------------------ training process
     def _decode_host(self, data: torch.Tensor) -> torch.Tensor:
@@ -156,14 +159,14 @@ class DeviceImages(Dataset):
             if out[i] is None:
                 try:
                     out[i] = self._decode_host(d).to(device, non_blocking=True)
-                except Exception:
+                except Exception:  # any decoder failure = an unreadable file, as in images.SkipUnreadable
                     out[i] = None
         return out
 
     def _replacement(self, index: int, device: torch.device) -> tuple[torch.Tensor, int]:
         """The next readable sample after an unreadable one: the ``torch`` path's skip rule (images.py)."""
         def read(j: int) -> torch.Tensor:
-            return self._decode_host(torch.frombuffer(bytearray(self.base.read_bytes(j)), dtype=torch.uint8))
+            return self._decode_host(_as_tensor(self.base.read_bytes(j)))
 
         j, img = self.base.first_readable(index, read)
         return img.to(device), self.base.targets[j]
@@ -187,6 +190,10 @@ class DeviceImages(Dataset):
             torch.set_rng_state(cpu_rng)
         batch = F.to_dtype(torch.stack(out), torch.float32, scale=True)
         return F.normalize(batch, self.mean, self.std), targets.to(device, non_blocking=True)
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:

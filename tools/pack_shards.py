@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resize-shorter must be >= 1")
     if args.quality is not None and not 1 <= args.quality <= 100:
         parser.error("--quality must be in 1..100")
+    if not Path(args.src).is_dir():
+        parser.error(f"{args.src} is not a folder; pass an ImageFolder root holding train/ and val/")
     try:
         index = write_shards(args.src, args.out, args.shard_size, args.resize_shorter,
                              args.quality if args.quality or not args.resize_shorter else 90, args.workers)

@@ -193,6 +193,14 @@ def test_device_loader_config_errors():
         DataConfig(loader="dali")
     with pytest.raises(ConfigError, match="data.dataset=shards needs data.root"):
         DataConfig(dataset="shards")
+    from prelora_ds.device_input import rand_augment_args
+
+    # (num_ops, magnitude): timm's default of 2 ops, and its clip of the magnitude at 10 (the ViT-L recipe's m15)
+    assert rand_augment_args("rand-m9-mstd0.5-inc1") == (2, 9)
+    assert rand_augment_args("rand-m15-n2-mstd0.5") == (2, 10)
+    assert rand_augment_args("rand-n3-m5") == (3, 5)
+    with pytest.raises(ConfigError, match="mmax"):
+        rand_augment_args("rand-m15-mmax20")
 
 
 def test_bench_data_paths_run_on_imagenet_like_jpegs(tmp_path):

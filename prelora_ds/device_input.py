@@ -140,9 +140,10 @@ class DeviceImages(Dataset):
             img = load_image(io.BytesIO(data.numpy().tobytes()), self.pil_mode)
             return F.pil_to_tensor(img)
 
-    def _decode(self, datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-        """uint8 CxHxW tensors on `device`; None for an undecodable sample. JPEGs go to nvJPEG in one call."""
-        out: list[torch.Tensor | None] = [None] * len(datas)
+    def _decode(self, datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
+        """uint8 CxHxW tensors on `device`, or the host decoder's error for an undecodable sample. JPEGs go to
+        nvJPEG in one call."""
+        out: list[torch.Tensor | Exception | None] = [None] * len(datas)
         if device.type == "cuda":
             jpegs = [i for i, d in enumerate(datas) if bytes(d[:3].tolist()) == _JPEG]
             try:
@@ -159,9 +160,9 @@ class DeviceImages(Dataset):
             if out[i] is None:
                 try:
                     out[i] = self._decode_host(d).to(device, non_blocking=True)
-                except Exception:  # any decoder failure = an unreadable file, as in images.SkipUnreadable
-                    out[i] = None
-        return out
+                except Exception as exc:  # any decoder failure = an unreadable file, as in images.SkipUnreadable
+                    out[i] = exc
+        return out  # type: ignore[return-value]
 
     def _replacement(self, index: int, device: torch.device) -> tuple[torch.Tensor, int]:
         """The next readable sample after an unreadable one: the ``torch`` path's skip rule (images.py)."""
@@ -180,8 +181,8 @@ class DeviceImages(Dataset):
         try:
             out = []
             for k, (img, index) in enumerate(zip(images, indices, strict=True)):
-                if img is None:
-                    self.base.mark_bad(int(index), RuntimeError("cannot decode"))
+                if isinstance(img, Exception):
+                    self.base.mark_bad(int(index), img)
                     img, targets[k] = self._replacement(int(index), device)
                 if self.seed is not None:
                     torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, int(index)))

@@ -57,6 +57,7 @@ def train_cmd(args, out: Path, data: Path, port: int) -> list[str]:
         *launcher(), "--num_gpus", str(args.num_gpus), "--master_port", str(port), "--module", "prelora_ds.train",
         "--recipe", "recipes/demo.yaml", "--output_dir", str(out), "--deepspeed_config", args.ds_config,
         "--data.dataset", "imagefolder", "--data.root", str(data), "--data.num_workers", str(args.workers),
+        "--data.loader", args.loader,
         "--model.name", args.model, "--model.kwargs", args.model_kwargs,
         "--train.epochs", "1000", "--train.max_steps", str(args.steps), "--train.log_every_steps", "1",
         "--train.lr_warmup_steps", "5", "--prelora.window_steps", str(args.window), "--prelora.num_windows", "3",
@@ -122,6 +123,8 @@ def main() -> int:
     p.add_argument("--ds-config", default="ds_configs/gpu_single_bf16.json")
     p.add_argument("--num-gpus", type=int, default=1)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--loader", default="torch", choices=["torch", "device"],
+                   help="data.loader: device decodes (nvJPEG) and augments on the GPU (docs/data.md)")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--window", type=int, default=8, help="prelora.window_steps: switch after 3 windows")
     p.add_argument("--loss-tol", type=float, default=2e-2, help="resumed vs uninterrupted loss (bf16: 2**-7 x ~2.3)")
@@ -138,7 +141,7 @@ def main() -> int:
 
     switch, warm = 3 * args.window, 2 * args.window
     kill_at = switch + args.window  # inside warmup, after the switch's checkpoint
-    res: dict = {"model": args.model, "img_size": args.img_size, "ds_config": args.ds_config,
+    res: dict = {"model": args.model, "img_size": args.img_size, "ds_config": args.ds_config, "loader": args.loader,
                  "num_gpus": args.num_gpus, "steps": args.steps, "kill_at": kill_at}
     rc, res["ref_s"] = run(train_cmd(args, out / "ref", data, 29511), out / "ref.log")
     res["ref_rc"] = rc

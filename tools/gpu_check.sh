@@ -9,7 +9,9 @@
 #   3. the input paths (tools/bench_data.py --device cuda): images/s of the torch loader per CPU worker and of
 #      the device loader (nvJPEG + v2 augmentations on this GPU), with the cores per GPU each needs at the
 #      full and lora images/s that step 2 measured: where the loader becomes the limit. DALI rows too when
-#      nvidia-dali is importable here (it is not a dependency).
+#      nvidia-dali is importable here (it is not a dependency). The product check through the device loader
+#      (training, kill and resume with nvJPEG + v2 on the GPU) is one more command when time allows:
+#      python3 tools/gpu_check.py --out "$OUT/product_device" --loader device
 #
 # Before (on a machine with network, from the repo root):
 #   pip wheel --no-deps deepspeed==0.19.8 -w .whl      # deepspeed ships as an sdist only

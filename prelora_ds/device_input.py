@@ -197,9 +197,10 @@ def _as_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
-def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
+def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, list[int], torch.Tensor, list[int]]:
+    """One flat byte tensor per batch (one shared-memory segment from a worker instead of one per image)."""
     datas, targets, indices = zip(*items, strict=True)
-    return list(datas), torch.tensor(targets, dtype=torch.long), list(indices)
+    return torch.cat(datas), [len(d) for d in datas], torch.tensor(targets, dtype=torch.long), list(indices)
 
 
 class DeviceLoader:
@@ -226,8 +227,8 @@ class DeviceLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for datas, targets, indices in self.loader:
-            yield self.dataset.prepare(datas, targets, indices, self.device)
+        for flat, lengths, targets, indices in self.loader:
+            yield self.dataset.prepare(list(torch.split(flat, lengths)), targets, indices, self.device)
 
 
 def input_device() -> torch.device:

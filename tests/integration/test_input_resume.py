@@ -17,7 +17,7 @@ from prelora_ds.shards import write_shards
 
 pytestmark = pytest.mark.launch
 
-WORLD_TOL = 2e-3  # tests/test_reliability.py's: another world size sums the same losses in another order
+WORLD_TOL = 2e-3  # tests/integration/test_reliability.py's: another world size sums the same losses in another order
 _ports = iter(range(29860, 29880))
 
 

@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = parse_args(argv)
         cfg, ds_config, world_hint = resolve(args, overrides)
+        from prelora_ds.hostfile import check_launch
+
+        check_launch()  # a wrong hostfile or --node_rank hangs the rendezvous otherwise
         from prelora_ds.data import build_datasets, check_train_size
         from prelora_ds.model import create_model, input_spec
         from prelora_ds.phases import target_layers
@@ -131,12 +134,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from prelora_ds.launch import init_distributed
+    from prelora_ds.launch import RendezvousError, init_distributed
 
     # NCCL's watchdog aborts a rank whose collective outlived train.collective_timeout_s: print where each
     # thread was (the package's function names) before the process goes (docs/gpu.md)
     faulthandler.enable()
-    rank, local_rank, world = init_distributed(timeout_s=cfg.train.collective_timeout_s)  # sets the GPU first
+    try:  # sets the GPU first
+        rank, local_rank, world = init_distributed(cfg.train.collective_timeout_s, cfg.train.rendezvous_timeout_s)
+    except RendezvousError as exc:
+        print(f"prelora-train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # ranks sharing a CPU: one thread pool each, not cores x ranks
         torch.set_num_threads(

@@ -13,10 +13,19 @@ so a one-GPU check exercises this code. Every rank must call these functions in 
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
+
+# What gloo and NCCL say when the other end of a collective went away (its process or node died, or the link did)
+# instead of timing out: a killed process's kernel closes its sockets, so the survivors learn it at once.
+_PEER_LOST = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|remote process exited or there was a network "
+    r"error",
+    re.IGNORECASE,
+)
 
 # (the default group it was made beside, the gloo group); remade when the default group is replaced
 _STATS: tuple[object, object] | None = None
@@ -48,6 +57,11 @@ def _default_timeout(world) -> timedelta | None:
         except (AttributeError, RuntimeError):
             continue
     return None  # torch's default for gloo groups
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """A collective that failed because another rank's connection closed (gloo: 'Connection closed by peer')."""
+    return isinstance(exc, RuntimeError) and bool(_PEER_LOST.search(str(exc)))
 
 
 def stats_group():

@@ -740,12 +740,15 @@ class Trainer:
                 raise
             if isinstance(exc, checkpoint.CheckpointWriteError):
                 raise TrainingError(str(exc)) from exc
-            if not is_timeout(exc):
+            lost = dist.peer_lost(exc)  # a rank whose process or node died: its sockets close at once
+            if not (is_timeout(exc) or lost):
                 raise
             done = checkpoint.complete_tags(self.ckpt_dir)
+            why = ("failed: another rank closed its connection (its process or node died)" if lost else
+                   f"timed out after train.collective_timeout_s={self.cfg.train.collective_timeout_s:g} s waiting "
+                   "for another rank (dead, hung or cut off)")
             raise TrainingError(
-                f"rank {self.rank}: {self.op} timed out after train.collective_timeout_s="
-                f"{self.cfg.train.collective_timeout_s:g} s waiting for another rank (dead, hung or cut off). The "
+                f"rank {self.rank}: {self.op} {why}. The "
                 f"last complete checkpoint is {self.ckpt_dir / done[-1] if done else 'none'}; restart the job "
                 f"with --resume. ({str(exc).splitlines()[0][:200]})"
             ) from exc

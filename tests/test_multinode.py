@@ -227,3 +227,64 @@ def test_node0_alone_then_both_nodes_continue_from_the_checkpoints(node_death, s
     print(f"node death: largest loss difference after the resumes {worst:.2e}")
     assert worst <= WORLD_TOL
     assert abs(summary(out)["final_val_top1"] - summary(switch_reference)["final_val_top1"]) <= 0.3
+
+
+# ------------------------------------------------------------------ a rendezvous that cannot complete
+def test_unreachable_rank_fails_fast_on_every_node_naming_address_and_variable(hosts, hostfile, tmp_path):
+    """Both nodes told to use loopback (GLOO_SOCKET_IFNAME=lo: what gloo picks by itself when the hostname resolves
+    to 127.0.1.1, the failure of issue 14): rank 0 cannot connect to the address rank 1 advertised and stops at
+    once; rank 1 waits for a connection that never comes and stops after train.rendezvous_timeout_s."""
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    job = two_node_job(hosts, hostfile, out, *SWITCH_RUN, "--train.rendezvous_timeout_s", str(RENDEZVOUS_S),
+                       env=[{"GLOO_SOCKET_IFNAME": "lo"}] * 2)
+    codes = job.wait(timeout=RENDEZVOUS_S + 120)
+    took = time.monotonic() - t0
+    assert codes == [1, 1], job.text(0)[-2000:] + job.text(1)[-2000:]
+    master = f"MASTER_ADDR={hosts.node[0].addr}:{PORT}"
+    rank0, rank1 = job.text(0), job.text(1)
+    assert f"prelora-train: error: rank 0 of WORLD_SIZE=2 on node0 could not join the process group at {master} " \
+           "(GLOO_SOCKET_IFNAME=lo)" in rank0
+    assert f"the process group did not start within train.rendezvous_timeout_s={RENDEZVOUS_S} s: rank 1 of " \
+           f"WORLD_SIZE=2 on node1 could not join the process group at {master} (GLOO_SOCKET_IFNAME=lo)" in rank1
+    assert "node1: GLOO_SOCKET_IFNAME=lo (set by the user)" in rank1
+    for text in (rank0, rank1):
+        assert "that GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME on GPUs) names that network's interface" in text
+    assert took < RENDEZVOUS_S + 90, took  # start-up (imports, dataset) + the watchdog, not the 30-min group timeout
+
+
+# ------------------------------------------------------------------ hostfile mistakes, refused before anything starts
+def test_hostfile_mistakes_are_refused_before_the_process_group(hosts, hostfile, tmp_path):
+    unknown = tmp_path / "unknown"
+    unknown.write_text("node0 slots=1\nnode7 slots=1\n")
+    cases = {  # name: (launcher flags on node0, the error)
+        "unknown host": (["--hostfile", str(unknown), "--no_ssh", "--node_rank", "0"],
+                         f"host(s) node7 of hostfile {unknown} do not resolve on node0: fix the name(s)"),
+        "slots": (["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0", "--num_gpus", "2"],
+                  f"2 ranks started on node0, but hostfile {hostfile} gives it slots=1: drop --num_gpus"),
+        "node rank of another host": (["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "1"],
+                                      f"this machine (node0) is node0, node rank 0 of hostfile {hostfile}, but was "
+                                      "started with --node_rank 1 (node1); start it with --node_rank 0."),
+    }
+    jobs = {name: Job([node_cmd(hosts, 0, hostfile, "--output_dir", str(tmp_path / "run"), *SWITCH_RUN,
+                                launcher=flags)], [tmp_path / f"{i}.log"])
+            for i, (name, (flags, _)) in enumerate(cases.items())}
+    for name, job in jobs.items():
+        assert job.wait(timeout=180) == [2], (name, job.text(0)[-2000:])
+        assert f"prelora-train: error: {cases[name][1]}" in job.text(0), (name, job.text(0)[-2000:])
+        assert "GLOO_SOCKET_IFNAME=" not in job.text(0)  # init_distributed never ran
+    assert not (tmp_path / "run").exists()
+    # a node rank outside the hostfile: the launcher stops itself (an assertion); the check says it plainly
+    outside = Job([node_cmd(hosts, 0, hostfile, *SWITCH_RUN,
+                            launcher=["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "2"])],
+                  [tmp_path / "outside.log"])
+    assert outside.wait(timeout=120) != [0]
+    assert "--node_rank is not set correctly" in outside.text(0) and "spawned" not in outside.text(0)
+    check = subprocess.run(hosts.cmd(hosts.node[0], [str(BIN / "python"), "-m", "prelora_ds.hostfile", str(hostfile),
+                                                     "--node_rank", "2"]), capture_output=True, text=True, cwd=ROOT)
+    assert check.returncode == 2
+    assert (f"--node_rank 2 is outside hostfile {hostfile}, which lists 2 host(s) (node0, node1): node ranks are "
+            "0..1 in the file's order" in check.stderr)
+    ok = subprocess.run(hosts.cmd(hosts.node[1], [str(BIN / "python"), "-m", "prelora_ds.hostfile", str(hostfile),
+                                                  "--node_rank", "1"]), capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "this is node1 (node rank 1, 1 slot(s))" in ok.stdout, ok.stderr

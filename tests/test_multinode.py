@@ -157,12 +157,27 @@ def test_two_nodes_match_the_one_host_run_bit_for_bit(two_nodes, switch_referenc
 
 
 # ------------------------------------------------------------------ node1 dies in warmup; node0 alone; both again
+def shards(trace: Path) -> list[set[int]]:
+    """The train images each of the 2 ranks loaded (PRELORA_TRACE_SAMPLES) in epoch 0; asserts none twice."""
+    out = []
+    for r in (0, 1):
+        seen = [int(i) for e, i in (line.split() for line in (trace / f"rank{r}.txt").read_text().splitlines())
+                if e == "0"]
+        assert len(seen) == len(set(seen)), f"rank {r} loaded an image twice in one epoch"
+        out.append(set(seen))
+    return out
+
+
 @pytest.fixture(scope="module")
 def node_death(hosts, hostfile, tmp_path_factory):
     """The switch reference's run with the global batch fixed (64: accumulation 1 on 2 ranks, 2 on 1), a
-    checkpoint every 5 steps. L1: node1's rank parks after step 16 (warmup), then every process of node1 gets
-    SIGKILL. L2: node0 alone resumes (1 rank, universal checkpoint), stops at step 18. L3: both nodes resume
-    to the end."""
+    checkpoint every 5 steps, through the launcher's other multi-node paths:
+
+    L1 `deepspeed --hostfile` from node0 (pdsh over ssh to both sshds); node1's rank parks after step 16
+       (warmup), then every process of node1 (sshd included) gets SIGKILL.
+    L2 node0 alone (`--no_ssh`, a hostfile without node1): 1 rank from the universal checkpoint, stops at 18.
+    L3 `mpiexec -hosts node0,node1` (MPICH's hydra over ssh; node1's sshd restarted) to the end.
+    """
     base = tmp_path_factory.mktemp("node_death")
     out = base / "run"
     ds = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
@@ -172,61 +187,84 @@ def node_death(hosts, hostfile, tmp_path_factory):
     (base / "node0_only").write_text("node0 slots=1\n")
     cmd = [*SWITCH_RUN, "--deepspeed_config", str(base / "elastic.json"), "--train.checkpoint_every_steps", "5",
            "--train.collective_timeout_s", str(TIMEOUT_S)]
-    env = threads_env()
-    first = two_node_job(hosts, hostfile, out, *cmd, env=[env, {**env, "PRELORA_FAULTS": "hang@16:1"}])
-    first.wait_for(1, "rank 1: hanging after step 16")
+    ssh = hosts.start_sshd(base / "ssh")
+    traces = [base / "trace_pdsh", base / "trace_mpi"]
+    for t in traces:
+        t.mkdir()
+    # pdsh carries only the launcher's export list to node1; DS_ENV_FILE adds these (DeepSpeed's .deepspeed_env)
+    env = {**threads_env(), "PRELORA_FAULTS": "hang@16:1", "PRELORA_TRACE_SAMPLES": str(traces[0])}
+    (base / "ds_env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    pdsh = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr",
+            hosts.node[0].addr, "--master_port", PORT, "--module", "prelora_ds.train", "--output_dir", str(out), *cmd]
+    first = Job([hosts.cmd(hosts.node[0], pdsh)], [base / "pdsh.log"],
+                [{"PDSH_SSH_ARGS_APPEND": " ".join(ssh), "DS_ENV_FILE": str(base / "ds_env")}])
+    first.wait_for(0, "rank 1: hanging after step 16")
     killed_at = time.monotonic()
     killed = hosts.kill_all(hosts.node[1])
-    node0 = first.procs[0]
-    while node0.poll() is None and time.monotonic() - killed_at < TIMEOUT_S + 120:
+    while first.procs[0].poll() is None and time.monotonic() - killed_at < TIMEOUT_S + 120:
         time.sleep(0.1)
     stopped_after = time.monotonic() - killed_at
     codes = first.wait(timeout=10)
     after_kill = {"latest": (out / "checkpoints" / "latest").read_text().strip(),
                   "complete": sorted(p.parent.name for p in (out / "checkpoints").glob("step*/COMPLETE"))}
+    env = threads_env()
     alone = Job([node_cmd(hosts, 0, hostfile, "--output_dir", str(out), *cmd, "--resume", "--train.stop_at_step", "18",
                           launcher=["--hostfile", str(base / "node0_only"), "--no_ssh", "--node_rank", "0"])],
                 [base / "alone.log"], [env])
     alone_codes = alone.wait()
-    both = two_node_job(hosts, hostfile, out, *cmd, "--resume", env=[env, env], name="both")
+    ssh = hosts.start_sshd(base / "ssh")  # node1 comes back
+    (base / "ssh_launcher").write_text(f"#!/bin/sh\nexec ssh {' '.join(ssh)} \"$@\"\n")
+    (base / "ssh_launcher").chmod(0o755)
+    mpi = [str(BIN / "mpiexec"), "-launcher", "ssh", "-launcher-exec", str(base / "ssh_launcher"),
+           "-hosts", "node0,node1", "-n", "2", "-ppn", "1", str(BIN / "prelora-train"), "--output_dir", str(out), *cmd,
+           "--resume"]
+    both = Job([hosts.cmd(hosts.node[0], mpi)], [base / "mpiexec.log"],
+               [{**env, "PRELORA_TRACE_SAMPLES": str(traces[1])}])
     both_codes = both.wait()
     return dict(out=out, first=first, codes=codes, killed=killed, stopped_after=stopped_after, after_kill=after_kill,
-                alone=alone, alone_codes=alone_codes, both=both, both_codes=both_codes)
+                alone=alone, alone_codes=alone_codes, both=both, both_codes=both_codes, traces=traces)
 
 
 def test_node_death_stops_node0_within_the_timeout_naming_the_checkpoint(node_death):
     d = node_death
     log = d["first"].text(0)
     assert d["killed"], "node1 had no process to kill"
-    assert d["codes"][0] == 1, log[-3000:]
+    assert "node1: prelora-train: node1: GLOO_SOCKET_IFNAME=veth1" in log  # node1's rank started through pdsh
+    assert d["codes"][0] != 0, log[-3000:]
     assert d["stopped_after"] < TIMEOUT_S + 30, d["stopped_after"]
     ckpt = d["out"] / "checkpoints"
-    assert f"The last complete checkpoint is {ckpt / 'step00000015'}; restart the job with --resume" in log, log[-3000:]
-    assert "rank 0: " in log and "at step 16" in log
+    assert ("node0: prelora-train: error: rank 0: the all-reduce of the logged loss at step 16 failed: another rank "
+            f"closed its connection (its process or node died). The last complete checkpoint is {ckpt / 'step00000015'}"
+            "; restart the job with --resume" in log), log[-3000:]
+    assert "node0: [" in log and "exits with return code = 1" in log  # node0's rank exited 1
     assert d["after_kill"] == {"latest": "step00000015", "complete": ["step00000012", "step00000015"]}
 
 
 def test_node0_alone_then_both_nodes_continue_from_the_checkpoints(node_death, switch_reference):
     d = node_death
     out, ckpt = d["out"], d["out"] / "checkpoints"
-    assert d["alone_codes"] == [0] and d["both_codes"] == [0, 0], d["alone"].text(0)[-2000:]
+    assert d["alone_codes"] == [0] and d["both_codes"] == [0], d["alone"].text(0)[-2000:] + d["both"].text(0)[-2000:]
     alone, both = d["alone"].text(0), d["both"].text(0)
     assert (f"resuming step00000015, saved by 2 rank(s), on 1 rank(s): converted to a DeepSpeed universal checkpoint "
             f"({ckpt / 'step00000015_universal'}" in alone)
     assert "resumed at step 15 (epoch 0, phase warmup)" in alone and "stopped at step 18" in alone
     assert "resuming step00000018, saved by 1 rank(s), on 2 rank(s)" in both
     assert "resumed at step 18 (epoch 0, phase warmup)" in both
+    assert "node1: GLOO_SOCKET_IFNAME=veth1" in both  # mpiexec's rank 1 ran on node1
     assert timeline(out) == timeline(switch_reference)
     assert json.loads((out / "ranks.json").read_text()) == json.loads((switch_reference / "ranks.json").read_text())
     a, b = losses(switch_reference), losses(out)
     assert sorted(b) == list(range(1, 41))
-    # before the death: the same 2 ranks as the reference, bit for bit; after: 2 micro batches on 1 rank for steps
-    # 16-18 change the reduction order (fp32 rounding), and later steps inherit that difference
+    # before the death (pdsh): the same 2 ranks as the reference, bit for bit; after: 2 micro batches on 1 rank for
+    # steps 16-18 change the reduction order (fp32 rounding), and later steps inherit that difference
     assert all(a[s] == b[s] for s in range(1, 16))
     worst = max(abs(a[s] - b[s]) for s in range(16, 41))
     print(f"node death: largest loss difference after the resumes {worst:.2e}")
     assert worst <= WORLD_TOL
     assert abs(summary(out)["final_val_top1"] - summary(switch_reference)["final_val_top1"]) <= 0.3
+    for trace in d["traces"]:  # pdsh's and mpiexec's ranks loaded disjoint shards of the same size
+        r0, r1 = shards(trace)
+        assert r0 and not r0 & r1 and len(r0) == len(r1), trace.name
 
 
 # ------------------------------------------------------------------ a rendezvous that cannot complete

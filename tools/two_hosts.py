@@ -106,6 +106,35 @@ class TwoHosts:
                 pass
         return pids
 
+    def start_sshd(self, workdir: Path) -> list[str]:
+        """An sshd on each host (root, key-only, its own key files under `workdir`); returns the ssh options a
+        client needs (for PDSH_SSH_ARGS_APPEND or mpiexec's -launcher-exec). Call again after a node died."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        key, host_key = workdir / "id", workdir / "host_key"
+        for k in (key, host_key):
+            if not k.exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)], check=True)
+        (workdir / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
+        (workdir / "sshd_config").write_text(
+            f"HostKey {host_key}\nAuthorizedKeysFile {workdir / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n"
+        )
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege-separation directory
+        for h in self.node:
+            if not any(self._is_sshd(p) for p in self.pids(h)):
+                subprocess.Popen(self.cmd(h, [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f",
+                                              str(workdir / "sshd_config")]),
+                                 stdout=open(workdir / f"sshd.{h.name}.log", "a"), stderr=subprocess.STDOUT)
+        return ["-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", "ConnectionAttempts=20"]
+
+    @staticmethod
+    def _is_sshd(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/comm").read_text().strip() == "sshd"
+        except OSError:
+            return False
+
     def limit(self, rate: str | None) -> None:
         """Limit both ends of the link to `rate` (tc tbf, e.g. '1gbit'); None removes the limit."""
         for h in self.node:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,9 @@ from two_hosts import TwoHosts, can_make_namespaces  # noqa: E402
 WHY_NOT = can_make_namespaces()
 pytestmark = [pytest.mark.launch, pytest.mark.skipif(WHY_NOT is not None, reason=f"two test hosts: {WHY_NOT}")]
 
+MISSING = [c for c in ("pdsh", "sshd", "ssh", "ssh-keygen") if shutil.which(c) is None]
+needs_ssh = pytest.mark.skipif(bool(MISSING), reason=f"{', '.join(MISSING)} not installed: apt-get install pdsh "
+                               "openssh-server (.ci/run does)")
 PORT = "29555"  # inside the test hosts' own network namespaces: no other job's port can collide
 TIMEOUT_S = 20  # train.collective_timeout_s of the node-death run
 RENDEZVOUS_S = 15  # train.rendezvous_timeout_s of the failed-rendezvous run
@@ -225,6 +229,7 @@ def node_death(hosts, hostfile, tmp_path_factory):
                 alone=alone, alone_codes=alone_codes, both=both, both_codes=both_codes, traces=traces)
 
 
+@needs_ssh
 def test_node_death_stops_node0_within_the_timeout_naming_the_checkpoint(node_death):
     d = node_death
     log = d["first"].text(0)
@@ -240,6 +245,7 @@ def test_node_death_stops_node0_within_the_timeout_naming_the_checkpoint(node_de
     assert d["after_kill"] == {"latest": "step00000015", "complete": ["step00000012", "step00000015"]}
 
 
+@needs_ssh
 def test_node0_alone_then_both_nodes_continue_from_the_checkpoints(node_death, switch_reference):
     d = node_death
     out, ckpt = d["out"], d["out"] / "checkpoints"

@@ -12,7 +12,11 @@ Runbook (from the repo root; every flag of the recipe can be overridden as --sec
   deepspeed --hostfile hostfiles/localhost --no_ssh --node_rank 0 --master_addr 127.0.0.1 \
       --module prelora_ds.train --recipe recipes/demo.yaml --output_dir runs/demo
 
-  # 16 nodes x 4 A100, ViT-L/16 on ImageNet-1k
+  # two nodes, one launcher on each (as SLURM or Kubernetes start them); the other node: --node_rank 1
+  deepspeed --hostfile H --no_ssh --node_rank 0 --master_addr <node 0's address> \
+      --module prelora_ds.train --recipe recipes/demo.yaml --output_dir /shared/runs/demo
+
+  # 16 nodes x 4 A100, ViT-L/16 on ImageNet-1k (pdsh over ssh from node 0; docs/multinode.md)
   deepspeed --hostfile hostfiles/a100_16x4 --module prelora_ds.train --recipe recipes/vit_l_exp2.yaml \
       --data.root /datasets/imagenet --output_dir runs/vit_l_exp2
 

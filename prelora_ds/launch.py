@@ -44,7 +44,18 @@ def _mpi_env() -> None:
         # node 0's address as another node resolves its name: node 0's own lookup of its hostname is often
         # 127.0.1.1 (Debian's /etc/hosts), which no other node can reach
         other = next(r for r, h in enumerate(hosts) if h != hosts[0])
-        addr = comm.bcast(socket.gethostbyname(hosts[0]) if rank == other else None, root=other)
+        found = None
+        if rank == other:
+            try:
+                found = socket.gethostbyname(hosts[0])
+            except OSError as exc:  # every rank must learn it, or the others wait in bcast forever
+                found = f"error: {exc}"
+        addr = comm.bcast(found, root=other)
+        if addr.startswith("error: "):
+            raise RendezvousError(
+                f"node 0's name {hosts[0]!r} (MPI's processor name) does not resolve on {hosts[other]} ({addr[7:]}); "
+                "add it to DNS or /etc/hosts on every node, or launch with the deepspeed launcher and --master_addr."
+            )
     port = os.environ.get("MASTER_PORT") or str(comm.bcast(_free_port() if rank == 0 else None, root=0))
     os.environ.update(
         RANK=str(rank),

@@ -161,6 +161,10 @@ class TrainConfig:
     eval_every_epochs: int = 1
     collective_timeout_s: float = 1800.0
     """A collective waiting longer than this (e.g. on a dead rank) fails instead of hanging."""
+    rendezvous_timeout_s: float = 600.0
+    """Every rank stops, naming MASTER_ADDR and GLOO_SOCKET_IFNAME, when the process group has not started after
+    this long (a node that cannot reach the others, or one that never started); allow for the slowest node's
+    dataset scan."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped by DeepSpeed)."""
     deepspeed_config: str | None = None
@@ -184,6 +188,7 @@ class TrainConfig:
         _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}.")
         _require(self.log_every_steps >= 1, "train.log_every_steps must be >= 1.")
         _require(self.collective_timeout_s > 0, "train.collective_timeout_s must be > 0 (seconds).")
+        _require(self.rendezvous_timeout_s > 0, "train.rendezvous_timeout_s must be > 0 (seconds).")
         _require(self.eval_every_epochs >= 1, "train.eval_every_epochs must be >= 1.")
         _require(self.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}.")
 

@@ -14,6 +14,7 @@ Call ``set_train_epoch(loader, epoch, skip_samples)`` before each ``iter(loader)
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,6 +112,9 @@ class SyntheticDataset(Dataset):
         return x, y
 
 
+TRACE_ENV = "PRELORA_TRACE_SAMPLES"  # a folder: each rank appends "epoch index" of every train image it loads
+
+
 class SeededDataset(Dataset):
     """Runs the wrapped dataset's ``__getitem__`` with python/numpy/torch RNGs seeded from (seed, epoch, index).
 
@@ -136,6 +140,10 @@ class SeededDataset(Dataset):
         return getattr(self.dataset, "num_skipped", 0)
 
     def __getitem__(self, index: int) -> Any:
+        trace = os.environ.get(TRACE_ENV)
+        if trace:  # tests of the sharding across nodes: which rank saw which image
+            with open(Path(trace) / f"rank{os.environ.get('RANK', '0')}.txt", "a") as f:
+                f.write(f"{self.epoch} {index}\n")
         words = np.random.SeedSequence([self.seed % _U64, self.epoch, int(index)]).generate_state(5, dtype=np.uint32)
         py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:

@@ -27,6 +27,13 @@ def is_timeout(exc: BaseException) -> bool:
     """A collective that gave up waiting (gloo/NCCL word it differently; both say 'time(d) out')."""
     return isinstance(exc, RuntimeError) and bool(_TIMEOUT.search(str(exc)))
 
+# What gloo and NCCL say when the other end of a collective went away (its process or node died, or the link did)
+# instead of timing out: a killed process's kernel closes its sockets, so the survivors learn it at once.
+_PEER_LOST = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|remote process exited or there was a network "
+    r"error",
+    re.IGNORECASE,
+)
 
 # (the default group it was made beside, the gloo group); remade when the default group is replaced
 _STATS: tuple[object, object] | None = None
@@ -58,6 +65,11 @@ def _default_timeout(world) -> timedelta | None:
         except (AttributeError, RuntimeError):
             continue
     return None  # torch's default for gloo groups
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """A collective that failed because another rank's connection closed (gloo: 'Connection closed by peer')."""
+    return isinstance(exc, RuntimeError) and bool(_PEER_LOST.search(str(exc)))
 
 
 def stats_group():

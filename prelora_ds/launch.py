@@ -3,6 +3,9 @@
 The deepspeed launcher (and torchrun) set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK.
 Under mpirun those come from mpi4py here (DeepSpeed's own discovery picks `hostname -I`, which is
 not loopback on a single host). A plain `python -m prelora_ds.train` runs as a world of one.
+Before the group starts, GLOO_SOCKET_IFNAME defaults to the interface that routes to MASTER_ADDR, and a
+rank that has not joined the others after train.rendezvous_timeout_s stops naming what to check
+(prelora_ds/netif.py).
 """
 
 from __future__ import annotations
@@ -38,7 +41,21 @@ def _mpi_env() -> None:
     if len(set(hosts)) == 1:
         addr = "127.0.0.1"
     else:
-        addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
+        # node 0's address as another node resolves its name: node 0's own lookup of its hostname is often
+        # 127.0.1.1 (Debian's /etc/hosts), which no other node can reach
+        other = next(r for r, h in enumerate(hosts) if h != hosts[0])
+        found = None
+        if rank == other:
+            try:
+                found = socket.gethostbyname(hosts[0])
+            except OSError as exc:  # every rank must learn it, or the others wait in bcast forever
+                found = f"error: {exc}"
+        addr = comm.bcast(found, root=other)
+        if addr.startswith("error: "):
+            raise RendezvousError(
+                f"node 0's name {hosts[0]!r} (MPI's processor name) does not resolve on {hosts[other]} ({addr[7:]}); "
+                "add it to DNS or /etc/hosts on every node, or launch with the deepspeed launcher and --master_addr."
+            )
     port = os.environ.get("MASTER_PORT") or str(comm.bcast(_free_port() if rank == 0 else None, root=0))
     os.environ.update(
         RANK=str(rank),
@@ -57,14 +74,27 @@ def world_size_hint() -> int:
     return 1
 
 
-def init_distributed(timeout_s: float) -> tuple[int, int, int]:
-    """Start the process group (gloo on CPU, nccl on GPU); returns (rank, local_rank, world_size)."""
+class RendezvousError(RuntimeError):
+    """The process group could not start; the message names the address and the variables to check."""
+
+
+def init_distributed(timeout_s: float, rendezvous_timeout_s: float = 600.0) -> tuple[int, int, int]:
+    """Start the process group (gloo on CPU, nccl on GPU); returns (rank, local_rank, world_size).
+
+    Raises RendezvousError when this rank cannot join the others; ends the process (exit 1, same message)
+    when joining takes longer than `rendezvous_timeout_s`."""
+    from prelora_ds import netif
+
     mode = launched_by()
     if mode == "mpi":
         _mpi_env()
     elif mode == "single":
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    try:
+        netif.choose_gloo_interface(log=os.environ["LOCAL_RANK"] == "0")
+    except OSError as exc:
+        raise RendezvousError(str(exc)) from exc
     import deepspeed
     import deepspeed.ops
     import torch
@@ -79,8 +109,12 @@ def init_distributed(timeout_s: float) -> tuple[int, int, int]:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     # The shared-memory comm op is JIT-built at group start (30-60 s on CPU) and unused by training.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
     from prelora_ds import dist
 
-    dist.init_stats_group(timeout_s)  # the package's own collectives (CPU tensors) beside DeepSpeed's group
+    try:
+        with netif.RendezvousWatchdog(rendezvous_timeout_s):
+            deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
+            dist.init_stats_group(timeout_s)  # the package's own collectives (CPU tensors) beside DeepSpeed's group
+    except (RuntimeError, ValueError) as exc:  # gloo/NCCL/store errors (DistNetworkError is a RuntimeError)
+        raise RendezvousError(f"{netif.rendezvous_help()} ({str(exc).splitlines()[0][:300]})") from exc
     return dist.rank(), local_rank, dist.world_size()

@@ -12,7 +12,11 @@ Runbook (from the repo root; every flag of the recipe can be overridden as --sec
   deepspeed --hostfile hostfiles/localhost --no_ssh --node_rank 0 --master_addr 127.0.0.1 \
       --module prelora_ds.train --recipe recipes/demo.yaml --output_dir runs/demo
 
-  # 16 nodes x 4 A100, ViT-L/16 on ImageNet-1k
+  # two nodes, one launcher on each (as SLURM or Kubernetes start them); the other node: --node_rank 1
+  deepspeed --hostfile H --no_ssh --node_rank 0 --master_addr <node 0's address> \
+      --module prelora_ds.train --recipe recipes/demo.yaml --output_dir /shared/runs/demo
+
+  # 16 nodes x 4 A100, ViT-L/16 on ImageNet-1k (pdsh over ssh from node 0; docs/multinode.md)
   deepspeed --hostfile hostfiles/a100_16x4 --module prelora_ds.train --recipe recipes/vit_l_exp2.yaml \
       --data.root /datasets/imagenet --output_dir runs/vit_l_exp2
 
@@ -102,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = parse_args(argv)
         cfg, ds_config, world_hint = resolve(args, overrides)
+        from prelora_ds.hostfile import check_launch
+
+        check_launch()  # a wrong hostfile or --node_rank hangs the rendezvous otherwise
         from prelora_ds.data import build_datasets, check_train_size
         from prelora_ds.model import create_model, input_spec
         from prelora_ds.phases import target_layers
@@ -131,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from prelora_ds.launch import init_distributed
+    from prelora_ds.launch import RendezvousError, init_distributed
 
     # NCCL's watchdog aborts a rank whose collective outlived train.collective_timeout_s: print where each
     # thread was (the package's function names) before the process goes (docs/gpu.md)
     faulthandler.enable()
-    rank, local_rank, world = init_distributed(timeout_s=cfg.train.collective_timeout_s)  # sets the GPU first
+    try:  # sets the GPU first
+        rank, local_rank, world = init_distributed(cfg.train.collective_timeout_s, cfg.train.rendezvous_timeout_s)
+    except RendezvousError as exc:
+        print(f"prelora-train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # ranks sharing a CPU: one thread pool each, not cores x ranks
         torch.set_num_threads(

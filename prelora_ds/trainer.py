@@ -106,16 +106,21 @@ class Trainer:
         try:
             yield
         except RuntimeError as exc:
-            if isinstance(exc, TrainingError) or not dist.is_timeout(exc):
+            if isinstance(exc, TrainingError) or not (dist.is_timeout(exc) or dist.peer_lost(exc)):
                 raise
-            raise self._timeout_error(what, exc) from exc
+            raise self._collective_error(what, exc) from exc
 
-    def _timeout_error(self, what: str, exc: BaseException) -> TrainingError:
+    def _collective_error(self, what: str, exc: BaseException) -> TrainingError:
+        """A rank timed out waiting, or learnt that a peer's process or node died (its sockets closed at once)."""
+        why = (
+            "failed: another rank closed its connection (its process or node died)"
+            if dist.peer_lost(exc)
+            else f"timed out after train.collective_timeout_s={self.cfg.train.collective_timeout_s:g} s waiting "
+            "for another rank (dead, hung or cut off)"
+        )
         return TrainingError(
-            f"rank {self.rank}: {what} timed out after train.collective_timeout_s="
-            f"{self.cfg.train.collective_timeout_s:g} s waiting for another rank (dead, hung or cut off). The "
-            f"last complete checkpoint is {self.ckpt.last_complete()}; restart the job with --resume. "
-            f"({str(exc).splitlines()[0][:200]})"
+            f"rank {self.rank}: {what} {why}. The last complete checkpoint is {self.ckpt.last_complete()}; restart "
+            f"the job with --resume. ({str(exc).splitlines()[0][:200]})"
         )
 
     # ----------------------------------------------------------------- the loop
@@ -138,8 +143,8 @@ class Trainer:
                     f"{self.ckpt.last_complete()}; lower the learning rate or check the data, then run the same "
                     "command with --resume."
                 ) from exc
-            if dist.is_timeout(exc):  # outside the named operations
-                raise self._timeout_error("a collective", exc) from exc
+            if dist.is_timeout(exc) or dist.peer_lost(exc):  # outside the named operations
+                raise self._collective_error("a collective", exc) from exc
             raise
 
     def _run(self) -> dict[str, Any] | None:

@@ -1,0 +1,334 @@
+"""Two real hosts (network namespaces with their own addresses, hostnames and /etc/hosts: tools/two_hosts.py)
+running the package through the deepspeed launcher's multi-node paths, a node that dies, a rendezvous that
+cannot complete, and hostfile mistakes. Needs root (`ip netns add`); skipped with the reason otherwise.
+
+The hosts' /etc/hosts map their own name to 127.0.1.1 as Debian does, so gloo's default binding is
+loopback (the failure of issue 14): every run here leaves GLOO_SOCKET_IFNAME unset unless it says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN, ROOT, SWITCH_RUN, job_env, scalars, summary
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(ROOT / "tools"))
+from two_hosts import TwoHosts, can_make_namespaces  # noqa: E402
+
+WHY_NOT = can_make_namespaces()
+pytestmark = [pytest.mark.launch, pytest.mark.skipif(WHY_NOT is not None, reason=f"two test hosts: {WHY_NOT}")]
+
+MISSING = [c for c in ("pdsh", "sshd", "ssh", "ssh-keygen") if shutil.which(c) is None]
+needs_ssh = pytest.mark.skipif(bool(MISSING), reason=f"{', '.join(MISSING)} not installed: apt-get install pdsh "
+                               "openssh-server (.ci/run does)")
+PORT = "29555"  # inside the test hosts' own network namespaces: no other job's port can collide
+TIMEOUT_S = 20  # train.collective_timeout_s of the node-death run
+RENDEZVOUS_S = 15  # train.rendezvous_timeout_s of the failed-rendezvous run
+WORLD_TOL = 2e-3  # 1 rank x 2 micro batches vs 2 ranks x 1: another reduction order (as in test_reliability)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    with TwoHosts("pl14") as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def hostfile(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hostfiles") / "two"
+    path.write_text("node0 slots=1\nnode1 slots=1\n")
+    return path
+
+
+def threads_env() -> dict[str, str]:
+    """The one-host reference gives each of its 2 ranks cores // 2 threads; a node with 1 rank would take every
+    core, and another thread count sums the matmuls in another order: the same count, for bit-equal losses."""
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+
+
+def node_cmd(hosts, i: int, hostfile: Path, *train: str, launcher: list[str] | None = None) -> list[str]:
+    """`deepspeed --hostfile H --no_ssh --node_rank i --master_addr <node0>` on host i (as SLURM starts it)."""
+    launcher = launcher or ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i)]
+    return hosts.cmd(hosts.node[i], [str(BIN / "deepspeed"), *launcher, "--master_addr", hosts.node[0].addr,
+                                     "--master_port", PORT, "--module", "prelora_ds.train", *train])
+
+
+class Job:
+    """Processes started together (one per host), output to files that can be watched while they run."""
+
+    def __init__(self, cmds: list[list[str]], logs: list[Path], env: list[dict[str, str]] | None = None):
+        self.logs = logs
+        self.procs = []
+        for i, (cmd, log) in enumerate(zip(cmds, logs, strict=True)):
+            full_env = {**job_env(), **(env[i] if env else {})}
+            with open(log, "w") as f:
+                self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT))
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [p.wait(timeout=max(1, deadline - time.monotonic())) for p in self.procs]
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+
+    def text(self, i: int) -> str:
+        return self.logs[i].read_text()
+
+    def wait_for(self, i: int, needle: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text(i):
+            if time.monotonic() > deadline or all(p.poll() is not None for p in self.procs):
+                raise AssertionError(f"{needle!r} never appeared:\n{self.text(i)[-3000:]}")
+            time.sleep(0.2)
+
+
+def two_node_job(hosts, hostfile, out: Path, *train: str, env=None, launcher=None, name: str = "run") -> Job:
+    cmds = [node_cmd(hosts, i, hostfile, "--output_dir", str(out), *train, launcher=launcher) for i in (0, 1)]
+    return Job(cmds, [out.parent / f"{name}.node{i}.log" for i in (0, 1)], env)
+
+
+def losses(out: Path) -> dict[int, float]:
+    return dict(scalars(out)["train/loss"])
+
+
+def timeline(out: Path) -> list[tuple[str, int, int]]:
+    return [(p["name"], p["start_step"], p["end_step"]) for p in summary(out)["phases"]]
+
+
+# ------------------------------------------------------------------ 2 hosts x 1 rank through the switch
+@pytest.fixture(scope="module")
+def two_nodes(hosts, hostfile, tmp_path_factory):
+    """The switch reference's run (full 0-12, warmup 12-20, lora 20-40) on node0 + node1, `--no_ssh` per node,
+    GLOO_SOCKET_IFNAME unset, each rank writing down the images it loaded."""
+    base = tmp_path_factory.mktemp("two_nodes")
+    out, trace = base / "run", base / "trace"
+    trace.mkdir()
+    env = {**threads_env(), "PRELORA_TRACE_SAMPLES": str(trace)}
+    job = two_node_job(hosts, hostfile, out, *SWITCH_RUN, env=[env, env])
+    codes = job.wait()
+    assert codes == [0, 0], job.text(0)[-3000:] + job.text(1)[-3000:]
+    return out, trace, job
+
+
+def test_interface_routing_to_the_master_is_chosen_and_logged(two_nodes, hosts):
+    _, _, job = two_nodes
+    for i, h in enumerate(hosts.node):
+        assert (
+            f"prelora-train: {h.name}: GLOO_SOCKET_IFNAME={h.ifname} (address {h.addr}, the interface that routes to "
+            f"MASTER_ADDR={hosts.node[0].addr}" in job.text(i)
+        )
+
+
+def test_two_nodes_saw_disjoint_shards_covering_the_epoch(two_nodes):
+    out, trace, _ = two_nodes
+    seen = {r: [tuple(map(int, line.split())) for line in (trace / f"rank{r}.txt").read_text().splitlines()]
+            for r in (0, 1)}
+    n_train = 1437  # the digits' train split (1797 images, 20 % val)
+    micro, steps_per_epoch = 32, summary(out)["steps_per_epoch"]
+    for epoch in (0, 1):  # epoch 0 whole, epoch 1 up to step 40
+        shards = [[i for e, i in seen[r] if e == epoch] for r in (0, 1)]
+        assert all(len(s) == len(set(s)) for s in shards)  # no image twice on a rank
+        assert not set(shards[0]) & set(shards[1]), f"epoch {epoch}: the nodes loaded the same images"
+        assert len(shards[0]) == len(shards[1])
+    full = [{i for e, i in seen[r] if e == 0} for r in (0, 1)]
+    assert len(full[0]) == steps_per_epoch * micro
+    # what no rank loaded is each rank's last partial micro batch (DistributedSampler pads, the loader drops it)
+    assert n_train - len(full[0] | full[1]) < 2 * micro
+    assert full[0] | full[1] <= set(range(n_train))
+
+
+def test_two_nodes_match_the_one_host_run_bit_for_bit(two_nodes, switch_reference):
+    out, _, _ = two_nodes
+    s = summary(out)
+    assert s["world_size"] == 2 and timeline(out) == timeline(switch_reference)
+    assert [p["name"] for p in s["phases"]] == ["full", "warmup", "lora"]
+    assert losses(out) == losses(switch_reference)  # same ranks, same reduction order, same thread count
+    assert json.loads((out / "ranks.json").read_text()) == json.loads((switch_reference / "ranks.json").read_text())
+    a, b = (load_file(str(d / "model_merged.safetensors")) for d in (out, switch_reference))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert s["final_val_top1"] == summary(switch_reference)["final_val_top1"]
+
+
+# ------------------------------------------------------------------ node1 dies in warmup; node0 alone; both again
+def shards(trace: Path) -> list[set[int]]:
+    """The train images each of the 2 ranks loaded (PRELORA_TRACE_SAMPLES) in epoch 0; asserts none twice."""
+    out = []
+    for r in (0, 1):
+        seen = [int(i) for e, i in (line.split() for line in (trace / f"rank{r}.txt").read_text().splitlines())
+                if e == "0"]
+        assert len(seen) == len(set(seen)), f"rank {r} loaded an image twice in one epoch"
+        out.append(set(seen))
+    return out
+
+
+@pytest.fixture(scope="module")
+def node_death(hosts, hostfile, tmp_path_factory):
+    """The switch reference's run with the global batch fixed (64: accumulation 1 on 2 ranks, 2 on 1), a
+    checkpoint every 5 steps, through the launcher's other multi-node paths:
+
+    L1 `deepspeed --hostfile` from node0 (pdsh over ssh to both sshds); node1's rank parks after step 16
+       (warmup), then every process of node1 (sshd included) gets SIGKILL.
+    L2 node0 alone (`--no_ssh`, a hostfile without node1): 1 rank from the universal checkpoint, stops at 18.
+    L3 `mpiexec -hosts node0,node1` (MPICH's hydra over ssh; node1's sshd restarted) to the end.
+    """
+    base = tmp_path_factory.mktemp("node_death")
+    out = base / "run"
+    ds = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    ds.pop("gradient_accumulation_steps")
+    ds["train_batch_size"] = 64
+    (base / "elastic.json").write_text(json.dumps(ds))
+    (base / "node0_only").write_text("node0 slots=1\n")
+    cmd = [*SWITCH_RUN, "--deepspeed_config", str(base / "elastic.json"), "--train.checkpoint_every_steps", "5",
+           "--train.collective_timeout_s", str(TIMEOUT_S)]
+    ssh = hosts.start_sshd(base / "ssh")
+    traces = [base / "trace_pdsh", base / "trace_mpi"]
+    for t in traces:
+        t.mkdir()
+    # pdsh carries only the launcher's export list to node1; DS_ENV_FILE adds these (DeepSpeed's .deepspeed_env)
+    env = {**threads_env(), "PRELORA_FAULTS": "hang@16:1", "PRELORA_TRACE_SAMPLES": str(traces[0])}
+    (base / "ds_env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    pdsh = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr",
+            hosts.node[0].addr, "--master_port", PORT, "--module", "prelora_ds.train", "--output_dir", str(out), *cmd]
+    first = Job([hosts.cmd(hosts.node[0], pdsh)], [base / "pdsh.log"],
+                [{"PDSH_SSH_ARGS_APPEND": " ".join(ssh), "DS_ENV_FILE": str(base / "ds_env")}])
+    first.wait_for(0, "rank 1: hanging after step 16")
+    killed_at = time.monotonic()
+    killed = hosts.kill_all(hosts.node[1])
+    while first.procs[0].poll() is None and time.monotonic() - killed_at < TIMEOUT_S + 120:
+        time.sleep(0.1)
+    stopped_after = time.monotonic() - killed_at
+    codes = first.wait(timeout=10)
+    after_kill = {"latest": (out / "checkpoints" / "latest").read_text().strip(),
+                  "complete": sorted(p.parent.name for p in (out / "checkpoints").glob("step*/COMPLETE"))}
+    env = threads_env()
+    alone = Job([node_cmd(hosts, 0, hostfile, "--output_dir", str(out), *cmd, "--resume", "--train.stop_at_step", "18",
+                          launcher=["--hostfile", str(base / "node0_only"), "--no_ssh", "--node_rank", "0"])],
+                [base / "alone.log"], [env])
+    alone_codes = alone.wait()
+    ssh = hosts.start_sshd(base / "ssh")  # node1 comes back
+    (base / "ssh_launcher").write_text(f"#!/bin/sh\nexec ssh {' '.join(ssh)} \"$@\"\n")
+    (base / "ssh_launcher").chmod(0o755)
+    mpi = [str(BIN / "mpiexec"), "-launcher", "ssh", "-launcher-exec", str(base / "ssh_launcher"),
+           "-hosts", "node0,node1", "-n", "2", "-ppn", "1", str(BIN / "prelora-train"), "--output_dir", str(out), *cmd,
+           "--resume"]
+    both = Job([hosts.cmd(hosts.node[0], mpi)], [base / "mpiexec.log"],
+               [{**env, "PRELORA_TRACE_SAMPLES": str(traces[1])}])
+    both_codes = both.wait()
+    return dict(out=out, first=first, codes=codes, killed=killed, stopped_after=stopped_after, after_kill=after_kill,
+                alone=alone, alone_codes=alone_codes, both=both, both_codes=both_codes, traces=traces)
+
+
+@needs_ssh
+def test_node_death_stops_node0_within_the_timeout_naming_the_checkpoint(node_death):
+    d = node_death
+    log = d["first"].text(0)
+    assert d["killed"], "node1 had no process to kill"
+    assert "node1: prelora-train: node1: GLOO_SOCKET_IFNAME=veth1" in log  # node1's rank started through pdsh
+    assert d["codes"][0] != 0, log[-3000:]
+    assert d["stopped_after"] < TIMEOUT_S + 30, d["stopped_after"]
+    ckpt = d["out"] / "checkpoints"
+    assert ("node0: prelora-train: error: rank 0: the all-reduce of the logged loss at step 16 failed: another rank "
+            f"closed its connection (its process or node died). The last complete checkpoint is {ckpt / 'step00000015'}"
+            "; restart the job with --resume" in log), log[-3000:]
+    assert "node0: [" in log and "exits with return code = 1" in log  # node0's rank exited 1
+    assert d["after_kill"] == {"latest": "step00000015", "complete": ["step00000012", "step00000015"]}
+
+
+@needs_ssh
+def test_node0_alone_then_both_nodes_continue_from_the_checkpoints(node_death, switch_reference):
+    d = node_death
+    out, ckpt = d["out"], d["out"] / "checkpoints"
+    assert d["alone_codes"] == [0] and d["both_codes"] == [0], d["alone"].text(0)[-2000:] + d["both"].text(0)[-2000:]
+    alone, both = d["alone"].text(0), d["both"].text(0)
+    assert (f"resuming step00000015, saved by 2 rank(s), on 1 rank(s): converted to a DeepSpeed universal checkpoint "
+            f"({ckpt / 'step00000015_universal'}" in alone)
+    assert "resumed at step 15 (epoch 0, phase warmup)" in alone and "stopped at step 18" in alone
+    assert "resuming step00000018, saved by 1 rank(s), on 2 rank(s)" in both
+    assert "resumed at step 18 (epoch 0, phase warmup)" in both
+    assert "node1: GLOO_SOCKET_IFNAME=veth1" in both  # mpiexec's rank 1 ran on node1
+    assert timeline(out) == timeline(switch_reference)
+    assert json.loads((out / "ranks.json").read_text()) == json.loads((switch_reference / "ranks.json").read_text())
+    a, b = losses(switch_reference), losses(out)
+    assert sorted(b) == list(range(1, 41))
+    # before the death (pdsh): the same 2 ranks as the reference, bit for bit; after: 2 micro batches on 1 rank for
+    # steps 16-18 change the reduction order (fp32 rounding), and later steps inherit that difference
+    assert all(a[s] == b[s] for s in range(1, 16))
+    worst = max(abs(a[s] - b[s]) for s in range(16, 41))
+    print(f"node death: largest loss difference after the resumes {worst:.2e}")
+    assert worst <= WORLD_TOL
+    assert abs(summary(out)["final_val_top1"] - summary(switch_reference)["final_val_top1"]) <= 0.3
+    for trace in d["traces"]:  # pdsh's and mpiexec's ranks loaded disjoint shards of the same size
+        r0, r1 = shards(trace)
+        assert r0 and not r0 & r1 and len(r0) == len(r1), trace.name
+
+
+# ------------------------------------------------------------------ a rendezvous that cannot complete
+def test_unreachable_rank_fails_fast_on_every_node_naming_address_and_variable(hosts, hostfile, tmp_path):
+    """Both nodes told to use loopback (GLOO_SOCKET_IFNAME=lo: what gloo picks by itself when the hostname resolves
+    to 127.0.1.1, the failure of issue 14): rank 0 cannot connect to the address rank 1 advertised and stops at
+    once; rank 1 waits for a connection that never comes and stops after train.rendezvous_timeout_s."""
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    job = two_node_job(hosts, hostfile, out, *SWITCH_RUN, "--train.rendezvous_timeout_s", str(RENDEZVOUS_S),
+                       env=[{"GLOO_SOCKET_IFNAME": "lo"}] * 2)
+    codes = job.wait(timeout=RENDEZVOUS_S + 120)
+    took = time.monotonic() - t0
+    assert codes == [1, 1], job.text(0)[-2000:] + job.text(1)[-2000:]
+    master = f"MASTER_ADDR={hosts.node[0].addr}:{PORT}"
+    rank0, rank1 = job.text(0), job.text(1)
+    assert f"prelora-train: error: rank 0 of WORLD_SIZE=2 on node0 could not join the process group at {master} " \
+           "(GLOO_SOCKET_IFNAME=lo)" in rank0
+    assert f"the process group did not start within train.rendezvous_timeout_s={RENDEZVOUS_S} s: rank 1 of " \
+           f"WORLD_SIZE=2 on node1 could not join the process group at {master} (GLOO_SOCKET_IFNAME=lo)" in rank1
+    assert "node1: GLOO_SOCKET_IFNAME=lo (set by the user)" in rank1
+    for text in (rank0, rank1):
+        assert "that GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME on GPUs) names that network's interface" in text
+    assert took < RENDEZVOUS_S + 90, took  # start-up (imports, dataset) + the watchdog, not the 30-min group timeout
+
+
+# ------------------------------------------------------------------ hostfile mistakes, refused before anything starts
+def test_hostfile_mistakes_are_refused_before_the_process_group(hosts, hostfile, tmp_path):
+    unknown = tmp_path / "unknown"
+    unknown.write_text("node0 slots=1\nnode7 slots=1\n")
+    cases = {  # name: (launcher flags on node0, the error)
+        "unknown host": (["--hostfile", str(unknown), "--no_ssh", "--node_rank", "0"],
+                         f"host(s) node7 of hostfile {unknown} do not resolve on node0: fix the name(s)"),
+        "slots": (["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0", "--num_gpus", "2"],
+                  f"2 ranks started on node0, but hostfile {hostfile} gives it slots=1: drop --num_gpus"),
+        "node rank of another host": (["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "1"],
+                                      f"this machine (node0) is node0, node rank 0 of hostfile {hostfile}, but was "
+                                      "started with --node_rank 1 (node1); start it with --node_rank 0."),
+    }
+    jobs = {name: Job([node_cmd(hosts, 0, hostfile, "--output_dir", str(tmp_path / "run"), *SWITCH_RUN,
+                                launcher=flags)], [tmp_path / f"{i}.log"])
+            for i, (name, (flags, _)) in enumerate(cases.items())}
+    for name, job in jobs.items():
+        assert job.wait(timeout=180) == [2], (name, job.text(0)[-2000:])
+        assert f"prelora-train: error: {cases[name][1]}" in job.text(0), (name, job.text(0)[-2000:])
+        assert "GLOO_SOCKET_IFNAME=" not in job.text(0)  # init_distributed never ran
+    assert not (tmp_path / "run").exists()
+    # a node rank outside the hostfile: the launcher stops itself (an assertion); the check says it plainly
+    outside = Job([node_cmd(hosts, 0, hostfile, *SWITCH_RUN,
+                            launcher=["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "2"])],
+                  [tmp_path / "outside.log"])
+    assert outside.wait(timeout=120) != [0]
+    assert "--node_rank is not set correctly" in outside.text(0) and "spawned" not in outside.text(0)
+    check = subprocess.run(hosts.cmd(hosts.node[0], [str(BIN / "python"), "-m", "prelora_ds.hostfile", str(hostfile),
+                                                     "--node_rank", "2"]), capture_output=True, text=True, cwd=ROOT)
+    assert check.returncode == 2
+    assert (f"--node_rank 2 is outside hostfile {hostfile}, which lists 2 host(s) (node0, node1): node ranks are "
+            "0..1 in the file's order" in check.stderr)
+    ok = subprocess.run(hosts.cmd(hosts.node[1], [str(BIN / "python"), "-m", "prelora_ds.hostfile", str(hostfile),
+                                                  "--node_rank", "1"]), capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "this is node1 (node rank 1, 1 slot(s))" in ok.stdout, ok.stderr

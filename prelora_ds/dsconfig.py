@@ -126,7 +126,30 @@ def prepare_ds_config(cfg: dict[str, Any], world_size: int) -> dict[str, Any]:
             "zero_optimization.compute_grad_norm=false hides non-finite gradients from DeepSpeed's step skip; "
             "remove the key."
         )
+    _check_zero(cfg, zero)
     return cfg
+
+
+def _check_zero(cfg: dict[str, Any], zero: dict[str, Any]) -> None:
+    """ZeRO settings the PreLoRA cycle cannot run with (the switch must carry exact fp32 masters)."""
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage={stage!r}: DeepSpeed has stages 0, 1, 2 and 3; write one of them.")
+    if stage == 0 and (cfg.get("fp16") or {}).get("enabled"):
+        raise ConfigError(
+            "fp16 with zero_optimization.stage 0 keeps no fp32 masters the engine switch can read, so every switch "
+            "would round the weights to fp16; use stage 1, 2 or 3 (or bf16, whose optimizer keeps them)."
+        )
+    if zero.get("offload_param") and stage != 3:
+        raise ConfigError(
+            f"zero_optimization.offload_param needs stage 3 (the parameters must be partitioned to be offloaded), "
+            f"but stage is {stage}; set stage 3 or offload the optimizer only (offload_optimizer)."
+        )
+    if zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights"):
+        raise ConfigError(
+            "ZeRO++ quantized weights (zero_quantized_weights / zero_quantized_nontrainable_weights) gather "
+            "rounded copies: the norm statistics, the switch and the export need exact values. Remove the keys."
+        )
 
 
 def peak_lr(cfg: dict[str, Any]) -> float:

@@ -1,9 +1,10 @@
 """Per-layer weight-norm statistics for the partial convergence test, all-reduced across ranks.
 
-Each rank sums the squares of the fp32 master values it owns (its ZeRO partition fragment under
-ZeRO-1/2/3; the kept fp32 copy of frozen weights on rank 0 only) and one all-reduce SUM of a vector
-gives every rank the same exact norms. The training loss rides in the same all-reduce, so a sample
-costs one collective (`prelora_ds.dist`, on CPU tensors) and one device-to-host copy per device.
+Each rank sums the squares of the fp32 values it owns (its ZeRO partition fragment of the masters under
+ZeRO-1/2/3; a frozen weight's partition under ZeRO-3; the kept fp32 copy of frozen weights on rank 0
+only) and one all-reduce SUM of a vector gives every rank the same exact norms. The training loss rides in
+the same all-reduce, so a sample costs one collective (`prelora_ds.dist`, on CPU tensors) and one
+device-to-host copy per device.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prelora_ds import dist
+from prelora_ds import dist, zero
 from prelora_ds.phases import canonical_name, layer_index, module_key
 
 
@@ -88,6 +89,8 @@ def weight_sumsq(
         frag = _local_fp32_fragment(p) if p.requires_grad else None
         if frag is not None:
             out.append(_sumsq(frag))
+        elif zero.is_zero3(p) and key not in frozen_fp32:  # frozen, partitioned: each rank its slice
+            out.append(zero.local_sumsq(p))
         elif rank == 0:  # frozen or not ZeRO-managed: full value on every rank, counted once
             out.append(_sumsq(frozen_fp32.get(key, p)))
         else:
@@ -102,19 +105,27 @@ def lora_sumsq(
 
     Layers are dealt round-robin over ranks; W is the fp32 base (kept copy when frozen), B and A the
     module's working copies, copied to the CPU (once per window after the switch: monitoring only).
-    Under ZeRO-3 the module's copies are partitions: not supported there.
+    Under ZeRO-3 the module's copies are partitions: every rank gathers every layer (collectives, in the same
+    order on all ranks) and computes its own share.
     """
     out: list[torch.Tensor | float] = []
     for i, layer in enumerate(layers):
+        mod = _get(module, layer)
+        a_p, b_p, w_p = mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.base_layer.weight
+        partitioned = zero.is_zero3(a_p)
+        if i % world != rank and not partitioned:
+            out.extend((0.0, 0.0, 0.0))
+            continue
+        base = frozen_fp32.get(f"{layer}.weight")
+        if base is None:
+            base = zero.full_value(w_p) if partitioned else w_p.detach().float().cpu()
+        if partitioned:
+            a, b = zero.full_value(a_p), zero.full_value(b_p)
+        else:
+            a, b = a_p.detach().float().cpu(), b_p.detach().float().cpu()
         if i % world != rank:
             out.extend((0.0, 0.0, 0.0))
             continue
-        mod = _get(module, layer)
-        base = frozen_fp32.get(f"{layer}.weight")
-        if base is None:
-            base = mod.base_layer.weight.detach().float().cpu()
-        a = mod.lora_A["default"].weight.detach().float().cpu()
-        b = mod.lora_B["default"].weight.detach().float().cpu()
         delta = mod.scaling["default"] * (b @ a)
         out.extend((_sumsq(base), _sumsq(delta), _sumsq(base + delta)))
     return _to_floats(out)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from prelora_ds import norms, relora
+from prelora_ds import norms, relora, zero
 from prelora_ds.config import RunConfig
 from prelora_ds.dsconfig import weight_decay
 from prelora_ds.export import lora_scales
@@ -114,13 +114,14 @@ class PhaseEngine:
         """The exact fp32 values of the frozen parameters, for a checkpoint (rank 0 writes them): the kept copy
         under bf16/fp16, else the module's own values. DeepSpeed's universal checkpoint (a resume on another
         world size) restores optimizer parameters only, so the frozen base must travel in this file."""
-        if rank != 0:
-            return {}
-        return {
-            canonical_name(n): self.frozen_fp32.get(canonical_name(n), p.detach().float().cpu())
-            for n, p in self.engine.module.named_parameters()
-            if not p.requires_grad
-        }
+        state = {}
+        for n, p in self.engine.module.named_parameters():
+            key = canonical_name(n)
+            if p.requires_grad or (rank != 0 and not zero.is_zero3(p)):
+                continue
+            value = self.frozen_fp32.get(key)  # the kept copy, or the module's (gathered under ZeRO-3: collective)
+            state[key] = value if value is not None else zero.full_value(p)
+        return state if rank == 0 else {}
 
     def load_frozen(self, frozen: FP32State) -> None:
         """After a checkpoint load: the saved fp32 base replaces the module's values (rounded ones under bf16,

@@ -1,4 +1,4 @@
-"""ReLoRA's merge-and-reinitialise under ZeRO-2 (paper §4.2.4; docs/design.md), done in place.
+"""ReLoRA's merge-and-reinitialise under ZeRO-1/2/3 (paper §4.2.4; docs/design.md), done in place.
 
 Under ZeRO-2 `optimizer.state[p]` is keyed by flat partitions, so editing it per parameter does
 nothing. Every write here goes through DeepSpeed's fragment API (`safe_get/set_full_fp32_param`,
@@ -14,13 +14,12 @@ import math
 import torch
 from deepspeed.utils import (
     lazy_init_hp_params_optimizer_state,
-    safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
     safe_set_full_optimizer_state,
 )
 
+from prelora_ds import zero
 from prelora_ds.phases import canonical_name
-from prelora_ds.switch import write_master
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -41,21 +40,19 @@ def merge_and_reinit(
     deltas = {}
     for i, (name, layer) in enumerate(_lora_layers(module).items()):
         a_p, b_p = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        a = safe_get_full_fp32_param(a_p).float().cpu()
-        b = safe_get_full_fp32_param(b_p).float().cpu()
+        a, b = zero.full_value(a_p), zero.full_value(b_p)  # the fp32 masters, gathered under ZeRO-3
         delta = layer.scaling["default"] * (b @ a)
         key, weight = f"{name}.weight", layer.base_layer.weight
         kept = frozen_fp32.get(key)  # the exact base under bf16/fp16; an fp32 module is exact itself
-        merged = (kept if kept is not None else weight.detach().float().cpu()) + delta
+        merged = (kept if kept is not None else zero.full_value(weight)) + delta
         if kept is not None:
             frozen_fp32[key] = merged
-        with torch.no_grad():
-            weight.copy_(merged.to(weight.device, weight.dtype))
+        zero.write_module_value(weight, merged)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + merge_index * 10_007 + i)
         new_a = torch.empty_like(a)
         torch.nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=gen)
-        write_master(a_p, new_a)
-        write_master(b_p, torch.zeros_like(b))
+        zero.write_master(a_p, new_a)
+        zero.write_master(b_p, torch.zeros_like(b))
         deltas[name] = float(delta.norm())
     return deltas
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import deepspeed
 import torch
-from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
+from prelora_ds import zero
 from prelora_ds.model import param_groups
 from prelora_ds.phases import canonical_name
 
@@ -43,35 +43,21 @@ def gather_fp32_state(engine, frozen_fp32: FP32State) -> FP32State:
     state: FP32State = {}
     for name, p in engine.module.named_parameters():
         key = canonical_name(name)
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p)  # a fresh tensor (all-reduced from the partitions): no copy
-            state[key] = full.float().cpu() if full is not None else p.detach().float().cpu().clone()
-        elif key in frozen_fp32:
-            state[key] = frozen_fp32[key]
-        else:
-            state[key] = p.detach().float().cpu().clone()
+        state[key] = frozen_fp32[key] if not p.requires_grad and key in frozen_fp32 else zero.full_value(p)
     return state
 
 
 def load_fp32_state(model: torch.nn.Module, state: FP32State) -> list[str]:
-    """Copy `state` into a fresh model's parameters; returns the canonical names it had no value for."""
+    """Copy `state` into a model's parameters (a fresh one, or an engine's module: partitioned under ZeRO-3, then
+    collective); returns the canonical names it had no value for."""
     missing = []
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            key = canonical_name(name)
-            if key in state:
-                p.copy_(state[key])
-            else:
-                missing.append(key)
+    for name, p in model.named_parameters():
+        key = canonical_name(name)
+        if key in state:
+            zero.write_module_value(p, state[key])
+        else:
+            missing.append(key)
     return missing
-
-
-def write_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Set a trainable parameter's fp32 master (its ZeRO partition fragments) and its working copy."""
-    value = value.to(param.device)
-    safe_set_full_fp32_param(param, value)
-    with torch.no_grad():
-        param.copy_(value.to(param.dtype))
 
 
 def write_fp32_masters(engine, state: FP32State) -> None:
@@ -79,7 +65,7 @@ def write_fp32_masters(engine, state: FP32State) -> None:
     for name, p in engine.module.named_parameters():
         key = canonical_name(name)
         if p.requires_grad and key in state:
-            write_master(p, state[key])
+            zero.write_master(p, state[key])
 
 
 def frozen_fp32_of(engine, state: FP32State) -> FP32State:

@@ -219,3 +219,18 @@ def test_load_round_trip(tmp_path):
     path = tmp_path / "ok.json"
     path.write_text(json.dumps(base(**{M: 8})))
     assert load_ds_config(path) == base(**{M: 8})
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"zero_optimization": {"stage": 4}}, "DeepSpeed has stages 0, 1, 2 and 3"),
+        ({"zero_optimization": {"stage": 0}, "fp16": {"enabled": True}}, "fp16 with zero_optimization.stage 0"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3"),
+        ({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}, r"ZeRO\+\+ quantized weights"),
+    ],
+)
+def test_prepare_refuses_zero_settings_the_cycle_cannot_run(patch, message):
+    cfg = {**json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text()), **patch}
+    with pytest.raises(ConfigError, match=message):
+        prepare_ds_config(cfg, 2)

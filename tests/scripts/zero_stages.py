@@ -1,0 +1,50 @@
+"""Runs under a real launcher (2 CPU ranks): the product's own entry point, `prelora_ds.train.main`, once per
+ZeRO configuration in one process group, each run through full -> warmup -> lora with the same seed and data.
+
+Usage: deepspeed --num_gpus 2 tests/scripts/zero_stages.py OUT_DIR ARG...
+OUT_DIR/<name>/ is each run's output directory; ARG... are the recipe flags every run shares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def variants(out: Path) -> dict[str, Path]:
+    """ZeRO-1, ZeRO-2 with the optimizer offloaded to CPU, ZeRO-3 (every parameter partitioned) in fp32 and bf16,
+    and ZeRO-2 as the reference the others are compared with: the demo's CPU configs with only
+    `zero_optimization` (and `bf16`) changed."""
+    base = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    zero = base["zero_optimization"]
+    configs = {
+        "stage1": {**base, "zero_optimization": {**zero, "stage": 1}},
+        "stage2": base,
+        "stage2_offload": {**base, "zero_optimization": {**zero, "offload_optimizer": {"device": "cpu"}},
+                           "zero_force_ds_cpu_optimizer": False},
+        "stage3": json.loads((ROOT / "ds_configs" / "cpu_zero3_fp32.json").read_text()),
+    }
+    configs["stage3_bf16"] = {**configs["stage3"], "bf16": {"enabled": True}}  # the kept fp32 base, gathered masters
+    paths = {}
+    for name, cfg in configs.items():  # one file per rank: no rank reads a file another is writing
+        paths[name] = out / f"{name}.rank{os.environ.get('RANK', '0')}.json"
+        paths[name].write_text(json.dumps(cfg, indent=1))
+    return paths
+
+
+def main(out: Path, args: list[str]) -> None:
+    from prelora_ds.train import main as train
+
+    codes = {}
+    for name, config in variants(out).items():
+        codes[name] = train([*args, "--deepspeed_config", str(config), "--output_dir", str(out / name)])
+    (out / "codes.json").write_text(json.dumps(codes))
+
+
+if __name__ == "__main__":
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher puts it first
+    main(Path(argv[0]), argv[1:])

@@ -12,6 +12,10 @@
 #      nvidia-dali is importable here (it is not a dependency). The product check through the device loader
 #      (training, kill and resume with nvJPEG + v2 on the GPU) is one more command when time allows:
 #      python3 tools/gpu_check.py --out "$OUT/product_device" --loader device
+#   4. ZeRO-2 against ZeRO-3 (tools/bench_zero.py --gpu): ViT-H/14 in full and lora, each cell its own job on
+#      this GPU, the bf16 A100 configs: peak memory and step time, and that stage 3 runs on NCCL. One GPU has
+#      one data-parallel rank, so stage 3 partitions nothing here: the per-rank savings need >= 2 GPUs
+#      (`--ranks N`); on CPU ranks they are in docs/benchmarks.md. Last, so a tight budget loses only this.
 #
 # Before (on a machine with network, from the repo root):
 #   pip wheel --no-deps deepspeed==0.19.8 -w .whl      # deepspeed ships as an sdist only
@@ -44,13 +48,18 @@ python3 tools/bench_data.py --device cuda --procs 1 --seconds 3 --batch 128 --gp
   "dali, files" --out "$OUT/data_bench.json" > "$OUT/data_bench.md"
 data_rc=$?
 cat "$OUT/data_bench.md"
-python3 - "$OUT" "$product_rc" "$bench_rc" "$data_rc" <<'PY'
+python3 tools/bench_zero.py --gpu --ranks 1 --model vit_huge_patch14_224 --batch-size 32 --steps 4 \
+  --out "$OUT/zero_bench.json" > "$OUT/zero_bench.md"
+zero_rc=$?
+cat "$OUT/zero_bench.md"
+python3 - "$OUT" "$product_rc" "$bench_rc" "$data_rc" "$zero_rc" <<'PY'
 import json, sys
 from pathlib import Path
-out, product_rc, bench_rc, data_rc = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out, product_rc, bench_rc, data_rc, zero_rc = Path(sys.argv[1]), *map(int, sys.argv[2:6])
 def read(p):
     return json.loads(p.read_text()) if p.exists() else None
-merged = {"product_rc": product_rc, "bench_rc": bench_rc, "data_rc": data_rc,
+merged = {"product_rc": product_rc, "bench_rc": bench_rc, "data_rc": data_rc, "zero_rc": zero_rc,
+          "zero": read(out / "zero_bench.json"),
           "product": read(out / "product" / "product.json"), "bench": read(out / "gpu_bench.json"),
           "data": read(out / "data_bench.json")}
 (out / "gpu_check.json").write_text(json.dumps(merged, indent=1))
@@ -58,7 +67,9 @@ md = ["# GPU check", "", "## The product (tools/gpu_check.py)", ""]
 md += [(out / "product" / "product.md").read_text() if (out / "product" / "product.md").exists() else "no result", ""]
 md += ["## ViT-L/16 phases (tools/bench_phases.py)", "", (out / "gpu_bench.md").read_text(), ""]
 md += ["## Input paths at those rates (tools/bench_data.py)", "",
-       (out / "data_bench.md").read_text() if (out / "data_bench.md").exists() else "no result"]
+       (out / "data_bench.md").read_text() if (out / "data_bench.md").exists() else "no result", "",
+       "## ViT-H/14 under ZeRO-2 and ZeRO-3 (tools/bench_zero.py)", "",
+       (out / "zero_bench.md").read_text() if (out / "zero_bench.md").exists() else "no result"]
 (out / "gpu_check.md").write_text("\n".join(md))
 PY
-exit $(( product_rc || bench_rc || data_rc ))
+exit $(( product_rc || bench_rc || data_rc || zero_rc ))

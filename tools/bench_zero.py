@@ -1,0 +1,129 @@
+"""Memory per rank of each PreLoRA phase under ZeRO-2 and ZeRO-3, on N ranks: when to pick which stage.
+
+  python tools/bench_zero.py --model vit_huge_patch14_224 --img-size 112 --ranks 2 --out zero.json
+
+For every (ZeRO config, phase) one job runs `deepspeed --num_gpus N tools/bench_zero.py --worker ...`: the
+package's own Trainer starts in the phase (LoRA rank --rank on every target layer), takes --steps optimizer
+steps on synthetic images, and each rank reports its peak memory (peak RSS on CPU, max_memory_allocated on
+GPU) and its time per step. One job per cell, so no cell inherits another's peak. Prints a markdown table
+with the stage-3 / stage-2 ratio per phase, all from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"zero2": "ds_configs/cpu_zero2_fp32.json", "zero3": "ds_configs/cpu_zero3_fp32.json"}
+GPU_CONFIGS = {"zero2": "ds_configs/vit_large_zero2_a100_64.json", "zero3": "ds_configs/vit_huge_zero3_a100_64.json"}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from prelora_ds.config import build_config
+    from prelora_ds.data import build_datasets
+    from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
+    from prelora_ds.launch import init_distributed
+    from prelora_ds.monitor import memory_bytes, reset_peak_memory
+    from prelora_ds.phases import target_layers
+    from prelora_ds.trainer import Trainer
+
+    rank, _, world = init_distributed(1800)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the cores
+    cfg = build_config({
+        "data": {"dataset": "synthetic", "synthetic_train_size": args.batch_size * world * (args.steps + 2),
+                 "synthetic_val_size": world, "synthetic_num_classes": 1000, "num_workers": 0, "mixup": 0.0,
+                 "cutmix": 0.0},
+        "model": {"name": args.model, "kwargs": {"img_size": args.img_size}},
+        "train": {"epochs": 1, "seed": 0, "lr_warmup_steps": 0},
+    })  # fmt: skip
+    ds = load_ds_config(ROOT / args.config)
+    ds.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1)
+    ds.pop("train_batch_size", None)
+    ds = prepare_ds_config(ds, world)
+    data = build_datasets(cfg.data, args.img_size, 3, seed=0)
+    ranks = None
+    if args.phase != "full":
+        with torch.device("meta"):
+            from prelora_ds.model import create_model
+
+            layers = target_layers(create_model(cfg.model, 1000), cfg.prelora.target_modules)
+        ranks = {n: args.rank for n in layers}
+    out = Path(args.tmp) / f"{args.config_name}_{args.phase}"
+    trainer = Trainer(cfg, ds, data, out, rank, world, resume=False, first_phase=args.phase, start_ranks=ranks)
+    reset_peak_memory()
+    batches = iter(trainer.train_loader)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = trainer.train_step([next(batches)])
+        float(loss)
+        times.append(time.perf_counter() - t0)
+    trainable, total = trainer.phases.count_params()
+    result = {"peak_memory_bytes": memory_bytes(), "median_step_s": statistics.median(times[1:] or times),
+              "trainable_params": trainable, "total_params": total}  # fmt: skip
+    Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
+    trainer.close()
+
+
+def run_cell(args: argparse.Namespace, name: str, config: str, phase: str) -> list[dict]:
+    result = Path(args.tmp) / f"{name}_{phase}"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
+           str(args.port), __file__, "--worker", "--config", config, "--config-name", name, "--phase", phase,
+           "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps), "--rank", str(args.rank), "--tmp", args.tmp,
+           "--result", str(result)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(args.ranks)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_huge_patch14_224")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank on every target layer")
+    p.add_argument("--ranks", type=int, default=2, help="processes (GPUs) per job")
+    p.add_argument("--phases", nargs="+", default=["full", "lora"])
+    p.add_argument("--gpu", action="store_true", help="the bf16 A100 configs instead of the CPU ones")
+    p.add_argument("--port", type=int, default=29840)
+    p.add_argument("--tmp", default="/tmp/prelora_bench_zero")
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--config-name", help=argparse.SUPPRESS)
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args, _ = p.parse_known_args()  # the launcher appends --local_rank
+    if args.worker:
+        return worker(args)
+    Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    cells = {}
+    for name, config in (GPU_CONFIGS if args.gpu else CONFIGS).items():
+        for phase in args.phases:
+            cells[f"{name}/{phase}"] = run_cell(args, name, config, phase)
+    gib = 2**30
+    print(f"\n{args.model} at {args.img_size} px, batch {args.batch_size} per rank, {args.ranks} ranks, "
+          f"LoRA rank {args.rank}: peak memory per rank (max over ranks), GiB")  # fmt: skip
+    print("| phase | ZeRO-2 | ZeRO-3 | ZeRO-3 / ZeRO-2 | s/step ZeRO-2 | s/step ZeRO-3 |\n|---|---|---|---|---|---|")
+    for phase in args.phases:
+        z2, z3 = cells[f"zero2/{phase}"], cells[f"zero3/{phase}"]
+        m2, m3 = max(r["peak_memory_bytes"] for r in z2), max(r["peak_memory_bytes"] for r in z3)
+        s2, s3 = max(r["median_step_s"] for r in z2), max(r["median_step_s"] for r in z3)
+        print(f"| {phase} | {m2 / gib:.2f} | {m3 / gib:.2f} | {m3 / m2:.2f} | {s2:.1f} | {s3:.1f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -51,6 +51,17 @@ def run(
     return proc
 
 
+def load_tool(name: str):
+    """A script of tools/ as a module (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
 def deepspeed_cmd(*args: str, port: int | None = None) -> list[str]:
     extra = ["--master_port", str(port)] if port else []
     return [str(BIN / "deepspeed"), "--num_gpus", "2", *extra, "--module", "prelora_ds.train", *args]

@@ -6,14 +6,13 @@ full-only run are made once for the module; the tools then run as subprocesses, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, deepspeed_cmd, run, summary
+from conftest import deepspeed_cmd, run, summary
 
 from prelora_ds.convergence import layer_changes
 from prelora_ds.ranks import assign_ranks, ranks_by_module_name
@@ -23,14 +22,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["weight_norms.png", "layer_changes.png", "ranks.png", "lora_norms.png", "throughput.png", "loss_top1.png"]
 
 pytestmark = pytest.mark.launch
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def tool(name: str, *args: str) -> str:

@@ -207,15 +207,9 @@ def test_device_loader_config_errors():
 
 def test_bench_data_paths_run_on_imagenet_like_jpegs(tmp_path):
     """tools/bench_data.py's images look like ImageNet's (sizes, ~100 kB) and each of its CPU paths runs."""
-    import importlib.util
-    import sys
+    from conftest import ROOT, load_tool
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("bench_data", ROOT / "tools" / "bench_data.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_data"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench_data")
     sizes = bench.write_images(tmp_path / "folder", 20)
     assert 60_000 < np.mean(sizes) < 160_000, sizes
     write_shards(tmp_path / "folder", tmp_path / "shards", log=lambda s: None)

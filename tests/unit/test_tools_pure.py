@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 
-from conftest import ROOT
+from conftest import load_tool
 
 from prelora_ds.config import PreLoRAConfig
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_replay_decides_with_the_trainers_policy():

@@ -41,7 +41,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prelora_ds.config import SPLIT_TARGETS, ConfigError, RunConfig, load_recipe, parse_override_value
+from prelora_ds.config import SPLIT_TARGETS, ConfigError, RunConfig
+from prelora_ds.recipe import load_recipe, parse_override_value
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:

@@ -92,8 +92,8 @@ def _make_step(path: str, source: str, workdir: Path, recipe: str, device: str, 
     """A function that processes one batch of indices; the set-up (transforms, pipelines) is not timed."""
     import torch
 
-    from prelora_ds.config import load_recipe
     from prelora_ds.data import build_transforms
+    from prelora_ds.recipe import load_recipe
 
     cfg = load_recipe(recipe, {"data.root": str(workdir / "folder")}).data
     ds = _source(source, workdir)

@@ -40,12 +40,13 @@ def worker(args) -> None:
     import torch
 
     from prelora_ds import dist
-    from prelora_ds.config import ModelConfig, build_config
+    from prelora_ds.config import ModelConfig
     from prelora_ds.data import build_datasets
     from prelora_ds.dsconfig import prepare_ds_config
     from prelora_ds.launch import init_distributed
     from prelora_ds.model import count_params, create_model
     from prelora_ds.phases import target_layers
+    from prelora_ds.recipe import build_config
     from prelora_ds.trainer import Trainer
 
     rank, _, world = init_distributed(600)

@@ -103,9 +103,9 @@ def timed_steps(step, n_warm: int, n: int, profile: dict | None = None) -> list[
 
 def ours_trainer(args, phase: str = "full", ranks: dict[str, int] | None = None):
     """prelora_ds's Trainer on synthetic images, world size 1, starting in `phase`."""
-    from prelora_ds.config import build_config
     from prelora_ds.data import build_datasets
     from prelora_ds.dsconfig import prepare_ds_config
+    from prelora_ds.recipe import build_config
     from prelora_ds.trainer import Trainer
 
     init_single()

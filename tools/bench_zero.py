@@ -28,12 +28,12 @@ GPU_CONFIGS = {"zero2": "ds_configs/vit_large_zero2_a100_64.json", "zero3": "ds_
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from prelora_ds.config import build_config
     from prelora_ds.data import build_datasets
     from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
     from prelora_ds.launch import init_distributed
     from prelora_ds.monitor import memory_bytes, reset_peak_memory
     from prelora_ds.phases import target_layers
+    from prelora_ds.recipe import build_config
     from prelora_ds.trainer import Trainer
 
     rank, _, world = init_distributed(1800)

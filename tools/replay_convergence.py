@@ -70,7 +70,7 @@ def read_windows(run_dir: Path) -> dict[str, Any]:
 
 
 def read_config(run_dir: Path):
-    from prelora_ds.config import load_recipe
+    from prelora_ds.recipe import load_recipe
 
     return load_recipe(run_dir / "config.yaml")
 

@@ -285,9 +285,9 @@ def test_split_export_is_a_fused_timm_model_computing_what_was_trained(preempted
     import timm
     from safetensors.torch import load_file
 
-    from prelora_ds.config import build_config
     from prelora_ds.model import create_model
     from prelora_ds.phases import PHASES, build_structure
+    from prelora_ds.recipe import build_config
 
     out, _, _ = preempted
     cfg = build_config(yaml.safe_load((out / "config.yaml").read_text()))

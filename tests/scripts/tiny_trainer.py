@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from prelora_ds.config import build_config
 from prelora_ds.data import build_datasets
 from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
 from prelora_ds.launch import init_distributed
+from prelora_ds.recipe import build_config
 from prelora_ds.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]

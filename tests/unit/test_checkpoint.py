@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from prelora_ds import checkpoint, faults
-from prelora_ds.config import RunConfig, apply_overrides, build_config
+from prelora_ds.config import RunConfig
+from prelora_ds.recipe import apply_overrides, build_config
 
 
 def make(ckpt, step, complete=True):

@@ -9,15 +9,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from prelora_ds.config import (
-    SECTIONS,
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    build_config,
-    load_recipe,
-    parse_override_value,
-)
+from prelora_ds.config import ConfigError, RunConfig
+from prelora_ds.recipe import SECTIONS, apply_overrides, build_config, load_recipe, parse_override_value
 
 
 def cfg_with(**overrides: str) -> RunConfig:

@@ -14,7 +14,11 @@ for _ in $(seq 60); do  # TensorBoard is up once its plugin list answers
     curl -sf "http://127.0.0.1:$port/data/plugins_listing" >/dev/null && break
     sleep 1
 done
-# the layout the run wrote, as TensorBoard serves it (fails when the run has none)
+# the layout the run wrote, as TensorBoard serves it once it has read the events (fails when the run has none)
+for _ in $(seq 60); do
+    curl -sf "http://127.0.0.1:$port/data/plugin/custom_scalars/layout" | grep -q '"category"' && break
+    sleep 1
+done
 curl -sf "http://127.0.0.1:$port/data/plugin/custom_scalars/layout" | grep -q '"category"' \
     || { echo "no custom-scalars layout in $run_dir/tb" >&2; exit 1; }
 timeout 120 chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,2400 \

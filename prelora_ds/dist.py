@@ -117,3 +117,11 @@ def agree(flag: bool, what: str) -> bool:
 def barrier() -> None:
     """Wait for every rank (on the statistics group: bounded by its timeout, and no CUDA stream involved)."""
     tdist.barrier(group=stats_group())
+
+
+def broadcast_rng_state() -> None:
+    """Every rank takes rank 0's CPU random state (after rank 0 alone drew something the others did not, e.g. a
+    model's initial weights), so the random numbers drawn next are the same on every rank."""
+    state = torch.get_rng_state()
+    tdist.broadcast(state, src=0, group=stats_group())
+    torch.set_rng_state(state)

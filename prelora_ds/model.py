@@ -20,17 +20,20 @@ class SplitQKVAttention(AttentionRope):
         super().__init__(dim, qkv_fused=False, **kwargs)
 
 
-def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+def create_model(cfg: ModelConfig, num_classes: int, init: bool = True) -> torch.nn.Module:
     """A fresh fp32 timm model; called again at every engine rebuild (reusing a module leaks, docs/design.md).
 
     `model.qkv: split` builds the same VisionTransformer with timm's split attention (`AttentionRope`, no rope:
     q, k, v as separate Linears) and gives it the fused model's initial weights, so a seed draws the same
-    function in either layout.
+    function in either layout. `init=False`: the layout only, for a caller that writes every weight itself and
+    chose where the tensors live (the meta device, or ZeRO-3 partitions under `deepspeed.zero.Init`).
     """
     if cfg.qkv == "fused":
         return _timm_model(cfg, num_classes)
+    if not init:
+        return _timm_model(cfg, num_classes, attn_layer=SplitQKVAttention)
     fused = _timm_model(cfg, num_classes)  # draws the initial weights exactly as the fused layout does
-    if next(fused.parameters()).is_meta:  # a rebuild: the weights come from a state afterwards
+    if next(fused.parameters()).is_meta:  # built on the meta device: there are no weights to carry over
         return _timm_model(cfg, num_classes, attn_layer=SplitQKVAttention)
     with torch.device("meta"):
         split = _timm_model(cfg, num_classes, attn_layer=SplitQKVAttention)

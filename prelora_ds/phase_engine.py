@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from prelora_ds import norms, relora, zero
+from prelora_ds import dist, norms, relora, zero
 from prelora_ds.config import RunConfig
-from prelora_ds.dsconfig import weight_decay
+from prelora_ds.dsconfig import weight_decay, zero_stage
 from prelora_ds.export import lora_scales
 from prelora_ds.export import merge_lora as merge_lora_state
 from prelora_ds.model import count_params, create_model
@@ -27,7 +27,14 @@ from prelora_ds.switch import FP32State, build_engine, gather_fp32_state, load_f
 
 def low_precision(ds_config: dict) -> bool:
     """Whether DeepSpeed computes in bf16/fp16 (and so keeps no exact copy of frozen weights itself)."""
-    return any(ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16", "bfloat16"))
+    return compute_dtype(ds_config) != torch.float32
+
+
+def compute_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the engine holds the module in."""
+    if any(ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "bfloat16")):
+        return torch.bfloat16
+    return torch.float16 if ds_config.get("fp16", {}).get("enabled", False) else torch.float32
 
 
 class PhaseEngine:
@@ -44,31 +51,69 @@ class PhaseEngine:
         self.layout: norms.NormLayout | None = None
         self.phase = "full"
         self.ranks: dict[str, int] = {}
+        self.built_elements: tuple[int, int] | None = None  # ZeRO-3: (elements this rank allocated, whole model)
 
     # ----------------------------------------------------------------- build
-    def make_model(self, state: FP32State | None) -> torch.nn.Module:
+    def make_model(self, state: FP32State | None, ds_config: dict | None = None) -> torch.nn.Module:
         """A fresh timm model with the phase's structure (and `state` loaded when given).
 
         With a `state`, every base weight is overwritten, so the model is allocated without timm's random
-        init (meta device, then `to_empty`): seconds saved per switch on ViT-L.
+        init (meta device, then `to_empty`): seconds saved per switch on ViT-L. Under ZeRO-3 the model is
+        built partitioned (`_make_partitioned`). Collective under ZeRO-3.
         """
+        if zero_stage(ds_config or self.ds_config) == 3:
+            return self._make_partitioned(state, ds_config or self.ds_config)
         if state is None:
             model = create_model(self.cfg.model, self.num_classes)
         else:
             with torch.device("meta"):
-                model = create_model(self.cfg.model, self.num_classes)
+                model = create_model(self.cfg.model, self.num_classes, init=False)
             if any(True for _ in model.buffers()):  # buffers are not in `state`: keep timm's values
                 model = create_model(self.cfg.model, self.num_classes)
             else:
                 model = model.to_empty(device="cpu")
+        model = self._structure(model)
+        if state is not None:
+            self._load(model, state)
+        return model
+
+    def _make_partitioned(self, state: FP32State | None, ds_config: dict) -> torch.nn.Module:
+        """ZeRO-3: the model is built under `deepspeed.zero.Init`, so a rank allocates its partitions only (each
+        rank building the whole model first, as ZeRO-1/2 do, costs a whole model per rank: ViT-H/14 did not fit).
+
+        timm's init cannot run on partitions, so for a new run rank 0 alone draws the whole model exactly as a
+        ZeRO-1/2 run does (the same seed, the same weights), its values are written into the partitions one
+        gathered parameter at a time, and every rank continues from rank 0's random state: the run is the same
+        as under ZeRO-2. A rebuild writes `state` (the gathered fp32 values every rank holds) instead.
+        """
+        initial = None
+        if state is None and dist.rank() == 0:
+            initial = dict(create_model(self.cfg.model, self.num_classes).named_parameters())
+        with zero.partitioned_build(ds_config):
+            model = create_model(self.cfg.model, self.num_classes, init=False)
+        if state is None:
+            dist.broadcast_rng_state()  # rank 0 drew the weights: the LoRA factors come next, as under ZeRO-2
+            zero.write_from_rank0(model, initial)
+            del initial
+        self.built_elements = zero.local_elements(model)  # before PEFT's factors, which the engine partitions
+        model = self._structure(model)
+        if state is not None:
+            self._load(model, state)
+        dtype = compute_dtype(ds_config)
+        if dtype != torch.float32:
+            zero.cast_unpartitioned(model, dtype)
+        return model
+
+    def _structure(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.layout is None:
             self.layout = norms.NormLayout.from_layers(target_layers(model, self.cfg.prelora.target_modules))
-        model = build_structure(model, PHASES[self.phase], self.ranks or None, self.cfg.prelora)
-        if state is not None:
-            missing = [k for k in load_fp32_state(model, state) if ".lora_" not in k]
-            if missing:
-                raise RuntimeError(f"the carried state has no value for {missing[:5]}")
-        return model
+        return build_structure(model, PHASES[self.phase], self.ranks or None, self.cfg.prelora)
+
+    @staticmethod
+    def _load(model: torch.nn.Module, state: FP32State) -> None:
+        missing = [k for k in load_fp32_state(model, state) if ".lora_" not in k]
+        if missing:
+            raise RuntimeError(f"the carried state has no value for {missing[:5]}")
 
     def build(self, phase: str, ranks: dict[str, int] | None, step: int, ds_config: dict | None = None,
               keep_frozen: bool = True) -> None:
@@ -77,9 +122,9 @@ class PhaseEngine:
         `keep_frozen`: keep the fp32 copy of a frozen base (not before a resume: the checkpoint has one)."""
         self.phase, self.ranks = phase, dict(ranks or {})
         torch.manual_seed(self.cfg.train.seed)
-        model = self.make_model(None)
-        self.frozen_fp32 = {
-            canonical_name(n): p.detach().float().cpu().clone()
+        model = self.make_model(None, ds_config)
+        self.frozen_fp32 = {  # under ZeRO-3 gathered from the partitions (collective): the values the module holds
+            canonical_name(n): zero.full_value(p)
             for n, p in model.named_parameters()
             if not p.requires_grad and self.keep_fp32 and keep_frozen
         }

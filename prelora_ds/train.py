@@ -110,12 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         from prelora_ds.hostfile import check_launch
 
         check_launch()  # a wrong hostfile or --node_rank hangs the rendezvous otherwise
+        import torch
+
         from prelora_ds.data import build_datasets, check_train_size
         from prelora_ds.model import create_model, input_spec
         from prelora_ds.phases import target_layers
         from prelora_ds.relora import validate_rank
 
-        probe = create_model(cfg.model, 2)
+        with torch.device("meta"):  # names and shapes only: no memory, no random init (ViT-H: 2.5 GB a rank)
+            probe = create_model(cfg.model, 2, init=False)
         layers = target_layers(probe, cfg.prelora.target_modules)  # a regex that matches nothing fails here
         _check_split_targets(cfg, layers)
         if cfg.relora.enabled:

@@ -151,6 +151,10 @@ class Trainer:
         if self.rank == 0:
             (self.out_dir / preempt.MARKER).unlink(missing_ok=True)  # this run continues it
         self.recorder.start(self.total_steps, self.state.step, self.phases.layout.modules)
+        if self.phases.built_elements is not None:
+            held, whole = self.phases.built_elements
+            self.recorder.log(f"ZeRO-3: model built partitioned (deepspeed.zero.Init): rank {self.rank} allocated "
+                              f"{held:,} of {whole:,} parameter elements")
         if not self.state.history[-1].get("trainable_params"):
             self.control.record_params(self.state)
         t_start = time.perf_counter() - self.state.wall_s

@@ -9,6 +9,8 @@ rank, for the same parameters, in the same order.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -74,3 +76,47 @@ def _partition_rank(p: torch.nn.Parameter) -> int:
 
     group = getattr(p, "ds_process_group", None)
     return tdist.get_rank(group=group)
+
+
+@contextlib.contextmanager
+def partitioned_build(ds_config: dict):
+    """Construct modules inside `deepspeed.zero.Init`: each parameter is cut into its ZeRO-3 partition as soon as
+    its module exists, so no rank ever holds the whole model (where the partitions live follows the config:
+    the accelerator, or the CPU under `offload_param`). Weights drawn in here are placeholders' (timm's init runs
+    on empty tensors), so the caller writes every parameter afterwards; the RNG is restored on exit, so building
+    draws no random numbers the run would otherwise have used."""
+    import deepspeed
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        yield
+
+
+def write_from_rank0(model: torch.nn.Module, values: dict[str, torch.Tensor] | None) -> None:
+    """Copy rank 0's `values` (by parameter name; None on the other ranks) into a partitioned model's ZeRO-3
+    parameters, one gathered parameter at a time. Collective: every rank walks the same parameters."""
+    import deepspeed
+
+    for name, p in model.named_parameters():
+        if not is_zero3(p):
+            continue
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if values is not None:
+                p.copy_(values[name].to(p.device, p.dtype).view(p.shape))
+
+
+def local_elements(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, whole elements) over the model's parameters: the share ZeRO-3 partitioning
+    leaves on a rank (about 1/world when every parameter is partitioned)."""
+    held = sum(p.ds_tensor.numel() if is_zero3(p) else p.numel() for p in model.parameters())
+    return held, sum(numel(p) for p in model.parameters())
+
+
+def cast_unpartitioned(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating tensors ZeRO-3 did not partition (modules added after `zero.Init`, e.g. PEFT's LoRA
+    factors, which PEFT keeps in fp32, and buffers) to the engine's dtype: the engine casts a module only when it
+    partitions it itself, and its optimizer takes one dtype per parameter group."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if not is_zero3(t) and t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)

@@ -65,8 +65,8 @@ def worker(args) -> None:
     ds = prepare_ds_config(ds, world)
     data = build_datasets(cfg.data, args.img_size, 3, seed=0)
     with torch.device("meta"):
-        layers = target_layers(create_model(ModelConfig(name=args.model, kwargs={"img_size": args.img_size}), 10),
-                               TARGETS)
+        model_cfg = ModelConfig(name=args.model, kwargs={"img_size": args.img_size})
+        layers = target_layers(create_model(model_cfg, 10, init=False), TARGETS)
     gen = torch.Generator().manual_seed(rank)
     batch = [(torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen),
               torch.randint(0, 10, (args.batch_size,), generator=gen))]

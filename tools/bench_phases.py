@@ -132,7 +132,7 @@ def worker_ours(args) -> dict:
     from prelora_ds.phases import target_layers
 
     with torch.device("meta"):
-        layers = target_layers(create_model(ModelConfig(name=args.model), 10), TARGETS)
+        layers = target_layers(create_model(ModelConfig(name=args.model), 10, init=False), TARGETS)
     ranks = {n: args.rank for n in layers} if args.phase != "full" else None
     trainer = ours_trainer(args, args.phase, ranks)
     img = args.img_size

@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
         with torch.device("meta"):
             from prelora_ds.model import create_model
 
-            layers = target_layers(create_model(cfg.model, 1000), cfg.prelora.target_modules)
+            layers = target_layers(create_model(cfg.model, 1000, init=False), cfg.prelora.target_modules)
         ranks = {n: args.rank for n in layers}
     out = Path(args.tmp) / f"{args.config_name}_{args.phase}"
     trainer = Trainer(cfg, ds, data, out, rank, world, resume=False, first_phase=args.phase, start_ranks=ranks)

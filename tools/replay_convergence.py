@@ -134,7 +134,7 @@ def _meta_model(cfg, num_classes: int):
     from prelora_ds.model import create_model
 
     with torch.device("meta"):
-        return create_model(cfg.model, num_classes)
+        return create_model(cfg.model, num_classes, init=False)
 
 
 def _classes_from_total(cfg, total: int) -> int | None:

@@ -60,6 +60,7 @@ def worker(args: argparse.Namespace) -> None:
         ranks = {n: args.rank for n in layers}
     out = Path(args.tmp) / f"{args.config_name}_{args.phase}"
     trainer = Trainer(cfg, ds, data, out, rank, world, resume=False, first_phase=args.phase, start_ranks=ranks)
+    build_peak = memory_bytes()  # the engine build (ZeRO-3: under deepspeed.zero.Init)
     reset_peak_memory()
     batches = iter(trainer.train_loader)
     times = []
@@ -69,10 +70,31 @@ def worker(args: argparse.Namespace) -> None:
         float(loss)
         times.append(time.perf_counter() - t0)
     trainable, total = trainer.phases.count_params()
-    result = {"peak_memory_bytes": memory_bytes(), "median_step_s": statistics.median(times[1:] or times),
-              "trainable_params": trainable, "total_params": total}  # fmt: skip
+    result = {"peak_memory_bytes": memory_bytes(), "build_peak_bytes": build_peak, "live_tensor_bytes": live_bytes(),
+              "median_step_s": statistics.median(times[1:] or times), "trainable_params": trainable,
+              "total_params": total}  # fmt: skip
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
     trainer.close()
+
+
+def live_bytes() -> int:
+    """Bytes of the tensors alive between steps: weights (or their partitions), gradients, optimizer state and
+    DeepSpeed's buffers. On GPU `memory_allocated`; on CPU the distinct storages of every tensor Python holds (the
+    same count without allocator caching, freed pages still mapped or the libraries' own heap, which make peak
+    RSS blur what ZeRO partitions)."""
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated())
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
 
 
 def run_cell(args: argparse.Namespace, name: str, config: str, phase: str) -> list[dict]:
@@ -82,7 +104,10 @@ def run_cell(args: argparse.Namespace, name: str, config: str, phase: str) -> li
            "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), "--rank", str(args.rank), "--tmp", args.tmp,
            "--result", str(result)]  # fmt: skip
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    # glibc returns a freed block of 1 MiB or more to the OS at once (by default its threshold grows to 32 MiB
+    # after the first large free, and freed gathered parameters stay in the heap): peak RSS then follows live memory
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    subprocess.run(cmd, cwd=ROOT, check=True, env=env)
     return [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(args.ranks)]
 
 
@@ -114,13 +139,19 @@ def main() -> None:
             cells[f"{name}/{phase}"] = run_cell(args, name, config, phase)
     gib = 2**30
     print(f"\n{args.model} at {args.img_size} px, batch {args.batch_size} per rank, {args.ranks} ranks, "
-          f"LoRA rank {args.rank}: peak memory per rank (max over ranks), GiB")  # fmt: skip
-    print("| phase | ZeRO-2 | ZeRO-3 | ZeRO-3 / ZeRO-2 | s/step ZeRO-2 | s/step ZeRO-3 |\n|---|---|---|---|---|---|")
+          f"LoRA rank {args.rank}: GiB per rank (max over ranks), ZeRO-2 / ZeRO-3 and their ratio")  # fmt: skip
+    print("| phase | live tensors | ratio | step peak | ratio | build peak | ratio | s/step |\n"
+          "|---|---|---|---|---|---|---|---|")  # fmt: skip
     for phase in args.phases:
         z2, z3 = cells[f"zero2/{phase}"], cells[f"zero3/{phase}"]
-        m2, m3 = max(r["peak_memory_bytes"] for r in z2), max(r["peak_memory_bytes"] for r in z3)
-        s2, s3 = max(r["median_step_s"] for r in z2), max(r["median_step_s"] for r in z3)
-        print(f"| {phase} | {m2 / gib:.2f} | {m3 / gib:.2f} | {m3 / m2:.2f} | {s2:.1f} | {s3:.1f} |")
+        row = [phase]
+        for key in ("live_tensor_bytes", "peak_memory_bytes", "build_peak_bytes", "median_step_s"):
+            a, b = max(r[key] for r in z2), max(r[key] for r in z3)
+            if key == "median_step_s":
+                row.append(f"{a:.1f} / {b:.1f}")
+            else:
+                row += [f"{a / gib:.2f} / {b / gib:.2f}", f"{b / a:.2f}"]
+        print("| " + " | ".join(row) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))
 

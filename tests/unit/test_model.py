@@ -64,3 +64,31 @@ def test_merged_export_of_a_split_lora_model_is_a_plain_fused_timm_model(tmp_pat
         trained, exported = peft(x), plain(x)
     assert (trained - model("split")(x)).abs().max() > 1e-3  # the LoRA deltas change the function
     torch.testing.assert_close(exported, trained, rtol=1e-4, atol=1e-5)
+
+
+def test_layout_only_model_has_the_initialised_models_names_and_shapes_and_draws_nothing():
+    """`init=False` (for the meta device and ZeRO-3's partitioned build) gives the same parameters by name and shape
+    in either qkv layout, and on the meta device draws no random numbers."""
+    for qkv in ("fused", "split"):
+        cfg = ModelConfig(name="vit_tiny_patch16_224", kwargs=KWARGS, qkv=qkv)
+        state = torch.get_rng_state()
+        with torch.device("meta"):
+            layout = create_model(cfg, 10, init=False)
+        assert torch.equal(torch.get_rng_state(), state)
+        full = {n: p.shape for n, p in create_model(cfg, 10).named_parameters()}
+        assert {n: p.shape for n, p in layout.named_parameters()} == full
+
+
+def test_compute_dtype_and_the_cast_of_unpartitioned_tensors():
+    from prelora_ds.phase_engine import compute_dtype, low_precision
+    from prelora_ds.zero import cast_unpartitioned, local_elements
+
+    assert compute_dtype({"bf16": {"enabled": True}}) == torch.bfloat16
+    assert compute_dtype({"fp16": {"enabled": True}}) == torch.float16
+    assert compute_dtype({"bf16": {"enabled": False}}) == torch.float32 and not low_precision({})
+    m = model("fused")
+    m.register_buffer("steps", torch.zeros(2, dtype=torch.long))  # integer buffers keep their dtype
+    cast_unpartitioned(m, torch.bfloat16)  # no ZeRO-3 parameter here: every floating tensor is cast
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and m.steps.dtype == torch.long
+    n = sum(p.numel() for p in m.parameters())
+    assert local_elements(m) == (n, n)  # unpartitioned: a rank holds every element

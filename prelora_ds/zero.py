@@ -40,9 +40,9 @@ def full_value(p: torch.nn.Parameter) -> torch.Tensor:
     return p.detach().float().cpu().clone()
 
 
-def write_module_value(p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Set the module's copy of `p` (in its dtype) to `value`, on every rank. Collective under ZeRO-3 (every
-    rank passes the same value; the partitions are re-cut from it)."""
+def write_module_value(p: torch.nn.Parameter, value: torch.Tensor | None) -> None:
+    """Set the module's copy of `p` (in its dtype) to `value`, on every rank. Collective under ZeRO-3: the
+    partitions are re-cut from rank 0's value, so the other ranks may pass None."""
     with torch.no_grad():
         if not is_zero3(p):
             p.copy_(value.to(p.device, p.dtype))
@@ -50,7 +50,8 @@ def write_module_value(p: torch.nn.Parameter, value: torch.Tensor) -> None:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            p.copy_(value.to(p.device, p.dtype).view(p.shape))
+            if value is not None:
+                p.copy_(value.to(p.device, p.dtype).view(p.shape))
 
 
 def write_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:
@@ -95,14 +96,9 @@ def partitioned_build(ds_config: dict):
 def write_from_rank0(model: torch.nn.Module, values: dict[str, torch.Tensor] | None) -> None:
     """Copy rank 0's `values` (by parameter name; None on the other ranks) into a partitioned model's ZeRO-3
     parameters, one gathered parameter at a time. Collective: every rank walks the same parameters."""
-    import deepspeed
-
     for name, p in model.named_parameters():
-        if not is_zero3(p):
-            continue
-        with torch.no_grad(), deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            if values is not None:
-                p.copy_(values[name].to(p.device, p.dtype).view(p.shape))
+        if is_zero3(p):
+            write_module_value(p, None if values is None else values[name])
 
 
 def local_elements(model: torch.nn.Module) -> tuple[int, int]:

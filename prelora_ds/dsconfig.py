@@ -9,9 +9,12 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prelora_ds.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -158,6 +161,15 @@ def peak_lr(cfg: dict[str, Any]) -> float:
 
 def weight_decay(cfg: dict[str, Any]) -> float:
     return float(cfg["optimizer"]["params"].get("weight_decay", 0.0))
+
+
+def compute_dtype(cfg: dict[str, Any]) -> torch.dtype:
+    """The dtype the engine holds the module in (bf16, fp16 or fp32)."""
+    import torch  # this module reads JSON; torch only for the dtype object
+
+    if any((cfg.get(k) or {}).get("enabled", False) for k in ("bf16", "bfloat16")):
+        return torch.bfloat16
+    return torch.float16 if (cfg.get("fp16") or {}).get("enabled", False) else torch.float32
 
 
 def zero_stage(cfg: dict[str, Any]) -> int:

@@ -15,7 +15,7 @@ import torch
 
 from prelora_ds import dist, norms, relora, zero
 from prelora_ds.config import RunConfig
-from prelora_ds.dsconfig import weight_decay, zero_stage
+from prelora_ds.dsconfig import compute_dtype, weight_decay, zero_stage
 from prelora_ds.export import lora_scales
 from prelora_ds.export import merge_lora as merge_lora_state
 from prelora_ds.model import count_params, create_model
@@ -28,13 +28,6 @@ from prelora_ds.switch import FP32State, build_engine, gather_fp32_state, load_f
 def low_precision(ds_config: dict) -> bool:
     """Whether DeepSpeed computes in bf16/fp16 (and so keeps no exact copy of frozen weights itself)."""
     return compute_dtype(ds_config) != torch.float32
-
-
-def compute_dtype(ds_config: dict) -> torch.dtype:
-    """The dtype the engine holds the module in."""
-    if any(ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "bfloat16")):
-        return torch.bfloat16
-    return torch.float16 if ds_config.get("fp16", {}).get("enabled", False) else torch.float32
 
 
 class PhaseEngine:

@@ -248,9 +248,9 @@ def _check_disk(out_dir: Path, cfg: RunConfig, ds_config: dict, total_params: in
     """Before any process group: can the output disk hold a checkpoint at all (error) and keep_checkpoints + 1
     of them (warning)?"""
     from prelora_ds.checkpoint import check_free_space, estimate_bytes
+    from prelora_ds.dsconfig import compute_dtype
 
-    half = (ds_config.get("bf16") or {}).get("enabled") or (ds_config.get("fp16") or {}).get("enabled")
-    need = estimate_bytes(total_params, 2 if half else 4)
+    need = estimate_bytes(total_params, compute_dtype(ds_config).itemsize)
     try:
         warning = check_free_space(out_dir, need, cfg.train.keep_checkpoints)
     except OSError as exc:

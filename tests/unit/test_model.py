@@ -80,7 +80,8 @@ def test_layout_only_model_has_the_initialised_models_names_and_shapes_and_draws
 
 
 def test_compute_dtype_and_the_cast_of_unpartitioned_tensors():
-    from prelora_ds.phase_engine import compute_dtype, low_precision
+    from prelora_ds.dsconfig import compute_dtype
+    from prelora_ds.phase_engine import low_precision
     from prelora_ds.zero import cast_unpartitioned, local_elements
 
     assert compute_dtype({"bf16": {"enabled": True}}) == torch.bfloat16

@@ -29,6 +29,7 @@ class Resumed:
     load_tag: str  # `tag`, or its universal conversion for another world size
     ds_config: dict  # the engine's DeepSpeed config for loading (load_universal when converted)
     saved_world: int
+    engine: dict[str, Any]  # the engine layout to rebuild (PhaseEngine.state_dict)
 
 
 class Checkpointer:
@@ -80,7 +81,7 @@ class Checkpointer:
             universal = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
             ds_config = {**self.ds_config, "checkpoint": universal}
         self.saved_step = loop["step"]
-        return Resumed(tag, loop, load_tag, ds_config, saved_world)
+        return Resumed(tag, loop, load_tag, ds_config, saved_world, saved.get("engine", {}))
 
     def load(self, engine, resumed: Resumed) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Load the engine's state; returns (the kept fp32 base, this rank's pending loss sums or None) and

@@ -207,6 +207,15 @@ class PreLoRAConfig:
     """The same in optimizer steps; replaces `warmup_epochs` when set."""
     r_min: int = 8
     r_max: int = 64
+    switch_optimizer: str = "carry"
+    """At every engine rebuild (the switch, the freeze, relora's start and end): 'carry' Adam's moments of each
+    parameter that trains on, with its own step count; 'reset' gives the new engine a fresh optimizer (the paper's
+    and the authors' code; docs/fidelity.md)."""
+    revived_moments: str = "fresh"
+    """EXPERIMENT: fresh | stale."""
+    switch_rewarmup_steps: int = 0
+    """After a rebuild, the LR of the parameters whose Adam state starts fresh ramps linearly from 0 back to the
+    schedule over this many steps (with 'reset' every parameter: the authors' restart with a re-warmup)."""
     lora_lr_scale: float = 1.0
     """LR factor of the base-frozen `lora` phase (on top of the schedule; the authors' hybrid used 0.1)."""
     alpha_ratio: float = 2.0
@@ -226,6 +235,11 @@ class PreLoRAConfig:
             self.window_value in ("mean", "last"),
             f"prelora.window_value={self.window_value!r} is unknown; write mean or last.",
         )
+        _require(
+            self.switch_optimizer in ("carry", "reset"),
+            f"prelora.switch_optimizer={self.switch_optimizer!r} is unknown; write carry or reset.",
+        )
+        _require(self.switch_rewarmup_steps >= 0, "prelora.switch_rewarmup_steps must be >= 0.")
         _require(self.lora_lr_scale > 0, f"prelora.lora_lr_scale must be > 0, got {self.lora_lr_scale}.")
         _require(
             self.window_steps is None or self.window_steps >= 1,

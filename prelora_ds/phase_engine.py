@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from prelora_ds import dist, norms, relora, zero
+from prelora_ds import dist, moments, norms, policy, relora, zero
 from prelora_ds.config import RunConfig
 from prelora_ds.dsconfig import compute_dtype, weight_decay, zero_stage
 from prelora_ds.export import lora_scales
@@ -45,6 +45,9 @@ class PhaseEngine:
         self.phase = "full"
         self.ranks: dict[str, int] = {}
         self.built_elements: tuple[int, int] | None = None  # ZeRO-3: (elements this rank allocated, whole model)
+        self.counts: dict[str, int] = {}  # name -> the Adam step count its moments carried into this engine
+        self.dormant: moments.Moments = {}  # EXPERIMENT: base moments kept through relora
+        self.rewarm_start: int | None = None  # the step this engine was built at by a rebuild (fresh groups ramp)
 
     # ----------------------------------------------------------------- build
     def make_model(self, state: FP32State | None, ds_config: dict | None = None) -> torch.nn.Module:
@@ -109,11 +112,14 @@ class PhaseEngine:
             raise RuntimeError(f"the carried state has no value for {missing[:5]}")
 
     def build(self, phase: str, ranks: dict[str, int] | None, step: int, ds_config: dict | None = None,
-              keep_frozen: bool = True) -> None:
+              keep_frozen: bool = True, saved: dict | None = None) -> None:
         """An engine on a freshly initialised model of `phase` (a new run, or before a resume loads its
         checkpoint); the same initial weights on every rank and in every run. `ds_config`: this engine only;
-        `keep_frozen`: keep the fp32 copy of a frozen base (not before a resume: the checkpoint has one)."""
+        `keep_frozen`: keep the fp32 copy of a frozen base (not before a resume: the checkpoint has one);
+        `saved`: the checkpoint's `state_dict()`, whose optimizer group layout the engine must have to load it."""
         self.phase, self.ranks = phase, dict(ranks or {})
+        saved = saved or {}
+        self.counts, self.rewarm_start = dict(saved.get("adam_counts", {})), saved.get("rewarm_start")
         torch.manual_seed(self.cfg.train.seed)
         model = self.make_model(None, ds_config)
         self.frozen_fp32 = {  # under ZeRO-3 gathered from the partitions (collective): the values the module holds
@@ -121,7 +127,7 @@ class PhaseEngine:
             for n, p in model.named_parameters()
             if not p.requires_grad and self.keep_fp32 and keep_frozen
         }
-        self.engine = build_engine(model, ds_config or self.ds_config, self.wd)
+        self.engine = build_engine(model, ds_config or self.ds_config, self.wd, self.counts)
         self._attach_scheduler(step)
 
     def rebuild(self, phase: str, ranks: dict[str, int] | None, step: int, merge_lora: bool = False) -> float:
@@ -134,19 +140,29 @@ class PhaseEngine:
         if ranks is not None:
             self.ranks = dict(ranks)
         old, self.engine = self.engine, None
-        self.engine, frozen, _ = rebuild(
+        self.engine, frozen, self.counts, left = rebuild(
             old,
             self.frozen_fp32,
             self.make_model,
             self.ds_config,
             self.wd,
             transform=(lambda state: merge_lora_state(state, scales)) if merge_lora else None,
+            carry_moments=self.cfg.prelora.switch_optimizer == "carry",
+            dormant=self.dormant,
         )
+        self.dormant = left if phase == "relora" and self.cfg.prelora.revived_moments == "stale" else {}
+        self.rewarm_start = step
         del old
         self.frozen_fp32 = frozen if self.keep_fp32 else {}
         reset_peak_memory()  # each phase's peak is its own (the rebuild's transient peak counts in neither)
         self._attach_scheduler(step)
         return time.perf_counter() - t0
+
+    def state_dict(self) -> dict:
+        """The engine's layout a resume must rebuild (saved in trainer_state.json): the Adam step count each
+        carried parameter brought in (its parameter group), and the step of the rebuild that built it."""
+        return {"adam_counts": self.counts, "rewarm_start": self.rewarm_start,
+                "group_steps": moments.group_steps(self.engine.optimizer)}
 
     def frozen_state(self, rank: int) -> FP32State:
         """The exact fp32 values of the frozen parameters, for a checkpoint (rank 0 writes them): the kept copy
@@ -161,9 +177,12 @@ class PhaseEngine:
             state[key] = value if value is not None else zero.full_value(p)
         return state if rank == 0 else {}
 
-    def load_frozen(self, frozen: FP32State) -> None:
+    def after_load(self, frozen: FP32State, saved: dict) -> None:
         """After a checkpoint load: the saved fp32 base replaces the module's values (rounded ones under bf16,
-        freshly initialised ones after a universal load); kept beside the engine only under bf16/fp16."""
+        freshly initialised ones after a universal load; kept beside the engine only under bf16/fp16), and each
+        optimizer group gets its saved Adam step count back (`moments.restore_group_steps`)."""
+        if saved.get("group_steps"):
+            moments.restore_group_steps(self.engine.optimizer, saved["group_steps"])
         if frozen:
             load_fp32_state(self.engine.module, frozen)
         self.frozen_fp32 = frozen if self.keep_fp32 else {}
@@ -187,7 +206,14 @@ class PhaseEngine:
         return torch.float32
 
     def set_lr(self, step: int, factor: float = 1.0) -> float:
-        return set_lr(self.scheduler, step, factor)
+        """The schedule's LR for optimizer step `step` (times `factor`); the groups whose Adam state started fresh
+        at this engine's rebuild ramp up over `prelora.switch_rewarmup_steps`. Returns the schedule's value."""
+        lr = set_lr(self.scheduler, step, factor)
+        ramp = policy.rewarmup_factor(step, self.rewarm_start, self.cfg.prelora.switch_rewarmup_steps)
+        if ramp != 1.0:
+            for group in moments.fresh_groups(self.engine.optimizer):
+                group["lr"] *= ramp
+        return lr
 
     def count_params(self) -> tuple[int, int]:
         return count_params(self.engine.module)

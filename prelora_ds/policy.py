@@ -134,6 +134,15 @@ def restart_factor(step: int, start: int, every: int, warmup: int, end: int | No
     return min(1.0, since / warmup)
 
 
+def rewarmup_factor(step: int, start: int | None, warmup: int) -> float:
+    """LR multiplier for optimizer step `step` (0-based) on the parameters whose Adam state started fresh at a
+    rebuild after `start` steps (None: no rebuild): 0, 1/warmup, ..., (warmup-1)/warmup, then 1, as ReLoRA's
+    restarts (the first step fills the fresh moments)."""
+    if start is None or warmup <= 0 or not start <= step < start + warmup:
+        return 1.0
+    return (step - start) / warmup
+
+
 def merge_due(step: int, start: int | None, every: int) -> bool:
     """Whether the ReLoRA merge runs after optimizer step `step` (the count of steps done); `start`: the step
     `relora` began (None: not started)."""

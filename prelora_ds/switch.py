@@ -1,12 +1,14 @@
 """Engine build and the in-process engine switch (docs/design.md §4).
 
-Two traps this module exists for:
+Three traps this module exists for:
 - Under bf16, `deepspeed.initialize` casts the module to bf16 and builds the fp32 masters from the
   rounded weights. So the masters are read out of the old ZeRO optimizer before it is destroyed
   (`safe_get_full_fp32_param`) and written into the new one afterwards (`safe_set_full_fp32_param`).
 - Handing the old `engine.module` to a new engine keeps the old engine and its optimizer alive
   through module hooks (about 1.1 GiB per rebuild on ViT-B). So every rebuild builds a fresh timm
   model and loads the fp32 state into it.
+- A new optimizer forgets: every weight that trains on would restart Adam from zero moments. So the moments of
+  each such parameter are carried with their step counts (`moments.py`), unless the recipe asks for a reset.
 """
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ from collections.abc import Callable
 import deepspeed
 import torch
 
-from prelora_ds import zero
-from prelora_ds.model import param_groups
+from prelora_ds import moments, zero
 from prelora_ds.phases import canonical_name
 
 FP32State = dict[str, torch.Tensor]
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict, weight_decay: float):
-    """A DeepSpeed engine whose optimizer holds exactly the model's trainable parameters."""
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
-    )
+def build_engine(model: torch.nn.Module, ds_config: dict, weight_decay: float, counts: dict[str, int] | None = None):
+    """A DeepSpeed engine whose optimizer holds exactly the model's trainable parameters, in weight-decay groups
+    split by the Adam step count each parameter carries in (`counts`, name -> count; none: one fresh history)."""
+    groups = moments.param_groups(model, weight_decay, counts)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return engine
 
 
@@ -110,22 +111,34 @@ def rebuild(
     ds_config: dict,
     weight_decay: float,
     transform: Callable[[FP32State], FP32State] | None = None,
+    carry_moments: bool = True,
+    dormant: moments.Moments | None = None,
 ):
-    """Switch engines in-process: masters out, old engine destroyed, fresh model, new engine, masters in.
+    """Switch engines in-process: masters and Adam moments out, old engine destroyed, fresh model, new engine,
+    masters and moments in.
 
     `transform(state)` may rewrite the gathered fp32 state first (e.g. merge LoRA deltas into the base);
-    `make_model(state)` builds the new phase's structure on a fresh model with `state` loaded.
-    Returns (new_engine, new_frozen_fp32, state).
+    `make_model(state)` builds the new phase's structure on a fresh model with `state` loaded. Moments travel
+    for the parameters whose value travels unchanged in shape (so not for LoRA factors a merge folded away);
+    `carry_moments=False` gives the new engine a fresh optimizer (the paper's and the authors' behaviour).
+    Returns (new_engine, new_frozen_fp32, counts): counts = name -> the Adam step count each carried parameter
+    brought into the new engine (its group layout).
     """
     state = gather_fp32_state(old_engine, frozen_fp32)
+    gathered = moments.gather(old_engine) if carry_moments else {}
+    carried = {**(dormant or {}), **gathered}
     if transform is not None:
         state = transform(state)
+    carried = {n: m for n, m in carried.items() if n in state and state[n].shape == next(iter(m[1].values())).shape}
     release(old_engine)
     model = make_model(state)
-    engine = build_engine(model, ds_config, weight_decay)
+    counts = {n: c for n, (c, _) in carried.items()}
+    engine = build_engine(model, ds_config, weight_decay, counts)
     if engine.bfloat16_enabled() or engine.fp16_enabled():  # in fp32 the masters were built from exact values
         write_fp32_masters(engine, state)
+    written = moments.write(engine, carried)
     frozen = frozen_fp32_of(engine, state)
-    del model
+    left = {n: m for n, m in gathered.items() if n not in written}
+    del model, carried
     return_freed_memory()
-    return engine, frozen, state
+    return engine, frozen, {n: counts[n] for n in written}, left

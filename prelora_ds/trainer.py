@@ -304,7 +304,7 @@ class Trainer:
         return {"loop": loop, "config": self.cfg.to_dict(), "world_size": self.world,
                 "model": self.cfg.model.name, "num_classes": self.data.num_classes,
                 "train_batch_size": self.ds_config["train_batch_size"], "micro_batch": self.micro,
-                "steps_per_epoch": self.steps_per_epoch}  # fmt: skip
+                "steps_per_epoch": self.steps_per_epoch, "engine": self.phases.state_dict()}  # fmt: skip
 
     def load_state_dict(self, loop: dict[str, Any]) -> None:
         self.state = LoopState(**loop)
@@ -330,10 +330,11 @@ class Trainer:
             self.phases.build("full", None, 0)
             return
         self.load_state_dict(resumed.loop)
-        self.phases.build(self.state.phase, self.state.ranks, self.state.step, resumed.ds_config, keep_frozen=False)
+        self.phases.build(self.state.phase, self.state.ranks, self.state.step, resumed.ds_config, keep_frozen=False,
+                          saved=resumed.engine)
         with self.collective(f"loading checkpoint {self.ckpt.dir / resumed.tag}"):
             frozen, pending = self.ckpt.load(self.engine, resumed)
-        self.phases.load_frozen(frozen)
+        self.phases.after_load(frozen, resumed.engine)
         if pending is not None:
             self.control.pending_loss = pending
         if self.rank == 0 and self.state.step:

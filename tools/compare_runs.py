@@ -229,16 +229,103 @@ def plot_time_to_accuracy(run_dirs: list[Path], labels: list[str], out: Path) ->
     return out
 
 
+# ----------------------------------------------------------------------------- the switches
+def switch_effects(summary: dict[str, Any], target: float = 95.0) -> dict[str, Any]:
+    """Around each phase change: val top-1 at the last validation at or before it (the switch follows the epoch's
+    validation) and at the first after it; the final top-1; the first validation at `target` % (step, wall s)."""
+    val = summary.get("val") or []
+    changes = []
+    for phase in (summary.get("phases") or [])[1:]:
+        at = phase["start_step"]
+        before = [v for v in val if v["step"] <= at]
+        after = [v for v in val if v["step"] > at]
+        changes.append({"to": phase["name"], "step": at, "before": before[-1]["top1"] if before else None,
+                        "after": after[0]["top1"] if after else None,
+                        "after_step": after[0]["step"] if after else None})
+    reached = next((v for v in val if v["top1"] >= target), None)
+    return {"changes": changes, "final": summary.get("final_val_top1"),
+            "target_step": reached["step"] if reached else None,
+            "target_wall_s": reached.get("wall_s") if reached else None}
+
+
+def top1_at(summary: dict[str, Any], step: int | None) -> float | None:
+    return next((v["top1"] for v in summary.get("val") or [] if v["step"] == step), None)
+
+
+def switch_table(run_dirs: list[Path], labels: list[str], baseline: dict[str, Path] | None = None) -> str:
+    """A markdown row per run: top-1 just before / just after each switch (and the baseline run's top-1 at that
+    first validation after it), the final top-1, and when 95 % was first reached. `baseline`: seed label -> the
+    full-training run of that seed (matched by the `_s<seed>` suffix of the run's label)."""
+    lines = ["| run | switch | step | top-1 before | top-1 after | full at that step | final top-1 | 95 % at step | "
+             "95 % at s |", "|" + "---|" * 9]
+    for run_dir, label in zip(run_dirs, labels, strict=True):
+        s = json.loads((run_dir / "summary.json").read_text())
+        eff = switch_effects(s)
+        seed = label.rsplit("_s", 1)[-1] if "_s" in label else None
+        base = json.loads((baseline[seed] / "summary.json").read_text()) if baseline and seed in baseline else None
+        rows = eff["changes"] or [{"to": "-", "step": None, "before": None, "after": None, "after_step": None}]
+        for i, c in enumerate(rows):
+            cells = [label if i == 0 else "", f"-> {c['to']}", fmt(c["step"]), fmt(c["before"], ".1f"),
+                     fmt(c["after"], ".1f"), fmt(top1_at(base, c["after_step"]) if base else None, ".1f")]
+            cells += [fmt(eff["final"], ".2f"), fmt(eff["target_step"]), fmt(eff["target_wall_s"], ".0f")] if i == 0 \
+                else ["", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_switch_curves(run_dirs: list[Path], labels: list[str], out: Path) -> Path:
+    """Val top-1 (top) and the training loss (bottom) against the optimizer step, each run's switches dotted: what
+    the switch does to the model, and when each run reaches its accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from plot_run import read_scalars, xy
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 9), sharex=True)
+    for run_dir, label in zip(run_dirs, labels, strict=True):
+        s = json.loads((run_dir / "summary.json").read_text())
+        val = s.get("val") or []
+        (line,) = top.plot([v["step"] for v in val], [v["top1"] for v in val], marker=".", label=label)
+        loss = read_scalars(run_dir / "tb").get("train/loss")
+        if loss:
+            bottom.plot(*xy(loss), color=line.get_color(), lw=0.8, alpha=0.8, label=label)
+        for phase in (s.get("phases") or [])[1:]:
+            for ax in (top, bottom):
+                ax.axvline(phase["start_step"], color=line.get_color(), ls=":", alpha=0.6)
+    top.axhline(95, color="grey", lw=0.6)
+    top.set_ylabel("val top-1 (%)")
+    top.set_title("Across the switches (dotted): val top-1 and training loss")
+    bottom.set_ylabel("train loss (mean over ranks)")
+    bottom.set_xlabel("optimizer step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories (each holds summary.json)")
     parser.add_argument("--out", type=Path, default=Path("compare_runs.png"), help="PNG to write")
     parser.add_argument("--curve", type=Path, default=None, help="also a PNG of val top-1 against wall time")
+    parser.add_argument("--switches", type=Path, default=None,
+                        help="also the table of top-1 around each switch and a PNG of top-1 and loss by step")
+    parser.add_argument("--baseline", type=Path, nargs="*", default=[],
+                        help="full-training runs named <name>_s<seed>: their top-1 beside each switch of that seed")
     args = parser.parse_args(argv)
     labels = labels_for(args.run_dirs)
     rows = [load_row(d, label) for d, label in zip(args.run_dirs, labels, strict=True)]
     print(markdown_table(rows))
     print(f"wrote {plot(rows, args.out)}")
+    if args.switches:
+        baseline = {d.name.rsplit("_s", 1)[-1]: d for d in args.baseline}
+        print(switch_table(args.run_dirs, labels, baseline))
+        print(f"wrote {plot_switch_curves(args.run_dirs, labels, args.switches)}")
     if args.curve:
         curve = plot_time_to_accuracy(args.run_dirs, labels, args.curve)
         print(f"wrote {curve}" if curve else "no time-to-accuracy curve: the runs recorded no val wall_s")

@@ -1,4 +1,5 @@
-"""The engine switch under bf16 ZeRO-2 on 2 real ranks (docs/design.md §4): one launch, many facts."""
+"""The engine switch on 2 real ranks (docs/design.md §4): bf16 ZeRO-2, then Adam's moments across the switch under
+ZeRO-2 and ZeRO-3 in fp32 and bf16; one launch, many facts."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ pytestmark = pytest.mark.launch
 
 
 @pytest.fixture(scope="module")
-def facts(tmp_path_factory):
+def switch_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("switch")
     run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29611",
          str(ROOT / "tests" / "scripts" / "switch_check.py"), str(out)])
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    run([str(BIN / "python"), str(ROOT / "tests" / "scripts" / "moments_check.py"), str(out), "--universal"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def facts(switch_out):
+    return [json.loads((switch_out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 def test_fp32_masters_survive_both_switches_bit_for_bit(facts):
@@ -73,3 +80,66 @@ def test_norms_are_all_reduced_and_exact(facts):
 
 def test_fresh_timm_model_takes_the_gathered_state(facts):
     assert all(f["fresh_missing"] == [] for f in facts)
+
+
+# ---------------------------------------------------------------- Adam's moments across the switch
+MOMENT_CONFIGS = ("zero2_fp32", "zero2_bf16", "zero3_fp32", "zero3_bf16")
+
+
+def moment_facts(out, name):
+    return [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("name", MOMENT_CONFIGS)
+def test_moments_of_every_continuing_parameter_cross_the_switch_bit_for_bit(switch_out, name):
+    for f in moment_facts(switch_out, name):
+        assert f["full_counts"] == [12]  # 12 steps of full: one history for every parameter
+        assert f["warmup_carried"] == f["full_params"] and len(f["full_params"]) == 32  # every base parameter
+        assert f["warmup_mismatch"] == []  # exp_avg, exp_avg_sq and the step count, bit for bit
+        assert f["lora_mismatch"] == [] and f["lora_carried"]  # warmup -> lora: LoRA factors, head, norms
+        assert set(f["lora_carried"]) == {n.replace("base_model.model.", "") for n in f["lora_trainable"]}
+
+
+@pytest.mark.parametrize("name", MOMENT_CONFIGS)
+def test_lora_factors_start_fresh_and_each_history_keeps_its_bias_correction(switch_out, name):
+    for f in moment_facts(switch_out, name):
+        assert not any(".lora_" in n for n in f["warmup_carried"])  # no state: zero moments at their first step
+        counts = f["counts_after_step"]
+        assert {c for n, c in counts.items() if ".lora_" in n} == {1}  # their own step count, not 13
+        assert {c for n, c in counts.items() if ".lora_" not in n} == {13}  # the base's, not 1
+        assert 0 < f["lora_exp_avg_sq_max"] < 1e-3  # (1 - beta2) g^2 of one step, not a carried value
+
+
+@pytest.mark.parametrize("name", MOMENT_CONFIGS)
+def test_a_resume_right_after_the_switch_restores_the_same_moments(switch_out, name):
+    for f in moment_facts(switch_out, name):
+        assert f["resume_phase"] == "warmup"
+        assert f["resume_mismatch"] == []  # the split parameter groups rebuilt, each group's own state loaded
+        assert f["resume_loss"] == f["loss_after_switch_step"]
+
+
+@pytest.mark.parametrize("name", MOMENT_CONFIGS)
+def test_a_resume_on_another_world_size_restores_the_same_moments_and_step_counts(switch_out, name):
+    """2 ranks -> 1 rank through DeepSpeed's universal checkpoint. Its ZeRO-3 load gives every sub group the first
+    one's step count; the saved per-group counts put each history's own back (without them the LoRA factors got 13,
+    not 1)."""
+    f = json.loads((switch_out / f"{name}.universal.json").read_text())
+    assert f["world"] == 1 and f["phase"] == "warmup"
+    assert f["compared"] == 48 and f["mismatch"] == []
+
+
+@pytest.mark.parametrize("name", MOMENT_CONFIGS)
+def test_the_first_step_after_the_switch_moves_the_model_like_a_step_of_full(switch_out, name):
+    """The base weights' update in the step after the switch against the last steps of `full` in the same run:
+    with the moments carried it is one more step; with a fresh optimizer (the control) every entry moves by about
+    the LR, as in the run's first step."""
+    for f in moment_facts(switch_out, name):
+        last_full = f["update_norms"][-4:]
+        assert f["switch_update_norm"] <= 1.25 * max(last_full), (f["switch_update_norm"], last_full)
+        losses = f["losses"]
+        bound = max(abs(losses[i] - losses[i - 1]) for i in range(len(losses) - 4, len(losses)))
+        assert abs(f["loss_after_switch_step"] - f["loss_at_switch"]) <= bound
+    for f in moment_facts(switch_out, "zero2_fp32_reset"):
+        assert f["warmup_carried"] == []  # switch_optimizer: reset
+        assert f["switch_update_norm"] > 2 * max(f["update_norms"][-4:])  # the shock the carry removes
+        assert f["switch_update_norm"] > 0.8 * f["update_norms"][0]  # as large as a first step from zero moments

@@ -1,7 +1,8 @@
-"""Runs under a real launcher (2 CPU ranks, bf16 ZeRO-2): exercises Trainer.switch_to and writes facts.
+"""Runs under a real launcher (2 CPU ranks, bf16 ZeRO-2): exercises Trainer.switch_to and writes facts; then
+Adam's moments across the switch under every stage and dtype (moments_check.py), in the same launch.
 
 Usage: deepspeed --num_gpus 2 tests/scripts/switch_check.py OUT_DIR
-Each rank writes OUT_DIR/rank<R>.json; tests/test_switch.py asserts on them.
+Each rank writes OUT_DIR/rank<R>.json (and moments_check's files); tests/integration/test_switch.py asserts on them.
 """
 
 from __future__ import annotations
@@ -11,24 +12,15 @@ import json
 import sys
 from pathlib import Path
 
+import moments_check
 import psutil
 import torch
-from tiny_trainer import fixed_batch, tiny_trainer
+from tiny_trainer import fixed_batch, fixed_batch_loss, tiny_trainer
 
 from prelora_ds import norms
 from prelora_ds.model import create_model
 from prelora_ds.phases import is_lora_param
 from prelora_ds.switch import build_engine, gather_fp32_state, load_fp32_state, release
-from prelora_ds.trainer import Trainer
-
-
-def fixed_batch_loss(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor) -> float:
-    engine = trainer.engine
-    engine.eval()
-    with torch.no_grad():
-        loss = torch.nn.functional.cross_entropy(engine(images.to(trainer.phases.dtype)).float(), targets)
-    engine.train()
-    return float(loss)
 
 
 def mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
@@ -108,6 +100,7 @@ def main(out: Path) -> None:
     facts["fresh_missing"] = load_fp32_state(fresh, {k: v for k, v in after_step.items() if ".lora_" not in k})
     trainer.close()
     (out / f"rank{rank}.json").write_text(json.dumps(facts))
+    moments_check.main(out)
 
 
 if __name__ == "__main__":

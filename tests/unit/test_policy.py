@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -108,3 +109,19 @@ def test_restart_factor_around_a_merge():
 
 def test_merge_due_every_n_steps_after_start():
     assert [s for s in range(0, 31) if merge_due(s, 10, 5)] == [15, 20, 25, 30]
+
+
+def test_rewarmup_factor_after_a_rebuild():
+    assert [policy.rewarmup_factor(s, 10, 4) for s in range(8, 16)] == [1.0, 1.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert policy.rewarmup_factor(10, None, 4) == 1.0  # an engine no rebuild made (a new run's first build)
+    assert policy.rewarmup_factor(10, 10, 0) == 1.0  # no re-warmup configured
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"switch_optimizer": "keep"}, "prelora.switch_optimizer='keep' is unknown; write carry or reset"),
+     ({"switch_rewarmup_steps": -1}, "prelora.switch_rewarmup_steps must be >= 0")],
+)
+def test_switch_optimizer_fields_are_validated(fields, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        PreLoRAConfig(**fields)

@@ -1,0 +1,131 @@
+"""Runs under a real launcher (2 CPU ranks): Adam's moments across the engine switch, per ZeRO stage and dtype.
+
+Usage: deepspeed --num_gpus 2 tests/scripts/moments_check.py OUT_DIR
+       python tests/scripts/moments_check.py OUT_DIR --universal     (afterwards, one process)
+For each configuration: steps of `full`, the switch to `warmup` (moments read out of the old engine and out of the
+new one, compared bit for bit), one step, a checkpoint and a resume into a new Trainer (moments compared again),
+the freeze to `lora`. The fixed-batch loss is recorded after every step. `zero2_fp32_reset` is the control with a
+fresh optimizer at the switch. Each rank writes OUT_DIR/<config>.rank<R>.json; `--universal` resumes each
+checkpoint on 1 rank (DeepSpeed's universal format) and writes OUT_DIR/<config>.universal.json.
+tests/integration/test_switch.py asserts on them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tiny_trainer import fixed_batch, fixed_batch_loss, tiny_trainer
+
+from prelora_ds import moments
+
+MODEL = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+ZERO3 = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_zero3_fp32.json").read_text())
+CONFIGS = {  # name -> (ds_configs file, top-level changes, prelora.switch_optimizer)
+    "zero2_fp32": ("cpu_zero2_fp32.json", {}, "carry"),
+    "zero2_bf16": ("cpu_zero2_bf16.json", {}, "carry"),
+    "zero3_fp32": ("cpu_zero3_fp32.json", {}, "carry"),
+    "zero3_bf16": ("cpu_zero3_fp32.json", {"bf16": {"enabled": True}}, "carry"),
+    "zero2_fp32_reset": ("cpu_zero2_fp32.json", {}, "reset"),
+}
+FULL_STEPS = 12
+GLOBAL_BATCH = 8  # 4 images x 2 ranks; on 1 rank 4 x 2 accumulation
+
+
+def settings(name: str) -> tuple[str, dict, dict]:
+    ds_name, changes, mode = CONFIGS[name]
+    sections = {"prelora": {"switch_optimizer": mode}, "train": {"epochs": 10, "seed": 0, "lr_warmup_steps": 0}}
+    return ds_name, changes, sections
+
+
+def compare(a: moments.Moments, b: moments.Moments) -> list[str]:
+    """Names whose step count or any moment differs (bit for bit) between two reads; names missing from b too."""
+    bad = []
+    for name, (count, values) in a.items():
+        if name not in b or b[name][0] != count or any(not torch.equal(v, b[name][1][k]) for k, v in values.items()):
+            bad.append(name)
+    return bad
+
+
+def update_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """The norm of one step's change of the base weights (the parameters trained before and after the switch)."""
+    return float(sum(float((after[k] - before[k]).double().pow(2).sum()) for k in before if ".lora_" not in k) ** 0.5)
+
+
+def check(out: Path, name: str) -> dict:
+    ds_name, changes, sections = settings(name)
+    trainer, rank, _ = tiny_trainer(out / name, MODEL, ds_name, changes, global_batch=GLOBAL_BATCH, **sections)
+    train_images, train_targets = fixed_batch(16)
+    batches = [(train_images[i : i + 4], train_targets[i : i + 4]) for i in range(0, 16, 4)]
+    images, targets = train_images, train_targets
+    facts: dict = {"losses": [fixed_batch_loss(trainer, images, targets)], "update_norms": []}
+    for i in range(FULL_STEPS):
+        w0 = trainer.phases.fp32_state()
+        trainer.train_step([batches[i % 4]])
+        facts["update_norms"].append(update_norm(w0, trainer.phases.fp32_state()))
+        facts["losses"].append(fixed_batch_loss(trainer, images, targets))
+
+    before = moments.gather(trainer.engine)
+    ranks = {n: 8 for n in trainer.phases.layout.layers}
+    trainer.switch_to("warmup", ranks)
+    after = moments.gather(trainer.engine)  # what the new engine holds before its first step
+    facts["full_params"] = sorted(before)
+    facts["full_counts"] = sorted({c for c, _ in before.values()})
+    facts["warmup_carried"] = sorted(after)
+    facts["warmup_mismatch"] = compare(before, after)
+    facts["loss_at_switch"] = fixed_batch_loss(trainer, images, targets)
+    w0 = trainer.phases.fp32_state()
+    trainer.train_step([batches[FULL_STEPS % 4]])
+    facts["switch_update_norm"] = update_norm(w0, trainer.phases.fp32_state())
+    facts["loss_after_switch_step"] = fixed_batch_loss(trainer, images, targets)
+    stepped = moments.gather(trainer.engine)
+    facts["counts_after_step"] = {n: c for n, (c, _) in stepped.items()}
+    facts["lora_exp_avg_sq_max"] = max(  # a fresh factor's moments after one step: (1 - beta2) g^2 only
+        float(v["exp_avg_sq"].abs().max()) for n, (_, v) in stepped.items() if ".lora_" in n
+    )
+
+    trainer.save_checkpoint()
+    if rank == 0:
+        torch.save(stepped, out / f"{name}.saved.pt")
+    trainer.close()
+    resumed, _, _ = tiny_trainer(out / name, MODEL, ds_name, changes, resume=True, global_batch=GLOBAL_BATCH,
+                                 **sections)
+    facts["resume_phase"] = resumed.state.phase
+    facts["resume_mismatch"] = compare(stepped, moments.gather(resumed.engine))
+    facts["resume_loss"] = fixed_batch_loss(resumed, images, targets)
+
+    before = moments.gather(resumed.engine)
+    resumed.switch_to("lora")
+    after = moments.gather(resumed.engine)
+    facts["lora_carried"] = sorted(after)
+    facts["lora_mismatch"] = compare({n: before[n] for n in after if n in before}, after)
+    facts["lora_trainable"] = sorted(n for n, p in resumed.engine.module.named_parameters() if p.requires_grad)
+    resumed.close()
+    (out / f"{name}.rank{rank}.json").write_text(json.dumps(facts))
+    return facts
+
+
+def check_universal(out: Path, name: str) -> None:
+    """Resume the 2-rank checkpoint taken one step after the switch on this 1-rank process."""
+    ds_name, changes, sections = settings(name)
+    trainer, _, world = tiny_trainer(out / name, MODEL, ds_name, changes, resume=True, global_batch=GLOBAL_BATCH,
+                                     **sections)
+    saved = torch.load(out / f"{name}.saved.pt")
+    facts = {"world": world, "phase": trainer.state.phase, "mismatch": compare(saved, moments.gather(trainer.engine)),
+             "compared": len(saved)}
+    trainer.close()
+    (out / f"{name}.universal.json").write_text(json.dumps(facts))
+
+
+def main(out: Path, universal: bool = False) -> None:
+    for name in CONFIGS:
+        if not universal:
+            check(out, name)
+        elif CONFIGS[name][2] == "carry":
+            check_universal(out, name)
+
+
+if __name__ == "__main__":
+    main(Path(next(a for a in sys.argv[1:] if not a.startswith("--"))), "--universal" in sys.argv)

@@ -1,0 +1,47 @@
+"""The optimizer groups of an engine built after a rebuild: weight-decay groups split by each parameter's Adam
+step count, so that one flat ZeRO partition never mixes two bias corrections."""
+
+from __future__ import annotations
+
+from prelora_ds.config import ModelConfig, PreLoRAConfig
+from prelora_ds.model import create_model, param_groups
+from prelora_ds.moments import COUNT
+from prelora_ds.moments import param_groups as split_groups
+from prelora_ds.phases import PHASES, build_structure, canonical_name
+
+TINY = ModelConfig(name="vit_tiny_patch16_224", kwargs={"img_size": 16, "patch_size": 4, "depth": 2})
+
+
+def warmup_model():
+    model = create_model(TINY, 10)
+    return build_structure(model, PHASES["warmup"], {f"blocks.{i}.attn.qkv": 8 for i in range(2)}, PreLoRAConfig())
+
+
+def names(model, group):
+    by_id = {id(p): canonical_name(n) for n, p in model.named_parameters()}
+    return [by_id[id(p)] for p in group["params"]]
+
+
+def test_without_counts_the_groups_are_the_weight_decay_groups():
+    model = warmup_model()
+    plain, split = param_groups(model, 0.05), split_groups(model, 0.05, None)
+    assert [[id(p) for p in g["params"]] for g in plain] == [[id(p) for p in g["params"]] for g in split]
+    assert all(COUNT not in g for g in split)
+
+
+def test_groups_split_by_count_within_each_weight_decay_group():
+    model = warmup_model()
+    counts = {canonical_name(n): 176 for n, _ in model.named_parameters() if ".lora_" not in n}
+    counts["head.weight"] = counts["head.bias"] = 200  # a third history (e.g. trained on through relora)
+    groups = split_groups(model, 0.05, counts)
+    trainable = {canonical_name(n) for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(n for g in groups for n in names(model, g)) == sorted(trainable)  # each parameter once
+    for g in groups:
+        assert {counts.get(n, 0) for n in names(model, g)} == {g[COUNT]}  # one history per group
+    by_decay = {}
+    for g in groups:
+        by_decay.setdefault(g["weight_decay"], []).append(g[COUNT])
+    assert by_decay == {0.0: [200, 176], 0.05: [200, 176, 0]}  # LoRA factors (decayed matrices) start fresh
+    again = split_groups(warmup_model(), 0.05, counts)  # a resume builds the layout its checkpoint has
+    assert [(g[COUNT], g["weight_decay"], len(g["params"])) for g in again] == [
+        (g[COUNT], g["weight_decay"], len(g["params"])) for g in groups]

@@ -6,7 +6,9 @@ Layout of `checkpoints/<tag>/`: DeepSpeed's own files (module, ZeRO partitions p
   structure first;
 - `rank<R>.pt`: that rank's RNG states and pending loss sums;
 - `frozen_fp32.pt` (rank 0, phases with a frozen base): the base's exact fp32 values (the kept copy
-  under bf16/fp16, the module's values in fp32: a universal load restores optimizer parameters only; docs/design.md).
+  under bf16/fp16, the module's values in fp32: a universal load restores optimizer parameters only; docs/design.md);
+- `dormant_moments.pt` (rank 0, in `relora`): the Adam state the base weights had when `relora` froze them, which
+  they take up again at the switch to `warmup` (`moments.py`).
 `latest` is written by us, atomically, only after every rank finished writing: a crash while saving
 leaves `latest` on the previous complete checkpoint, and a resume skips the incomplete one, saying so.
 A checkpoint saved by another number of ranks is converted once to DeepSpeed's universal format
@@ -31,6 +33,7 @@ from prelora_ds import dist, faults
 
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE"
+DORMANT_FILE = "dormant_moments.pt"
 UNIVERSAL_SUFFIX = "_universal"
 
 
@@ -78,6 +81,7 @@ def save(
     frozen_fp32: dict[str, torch.Tensor] | None,
     rank: int,
     keep: int,
+    dormant: dict | None = None,
 ) -> Path:
     """Save on every rank (collective). Returns the tag directory."""
     tag = tag_for(step)
@@ -91,6 +95,8 @@ def save(
         if rank == 0:
             if frozen_fp32:
                 torch.save(frozen_fp32, tag_dir / "frozen_fp32.pt")
+            if dormant:
+                torch.save(dormant, tag_dir / DORMANT_FILE)
             _atomic_write(tag_dir / STATE_FILE, json.dumps(trainer_state, indent=1))
     except (OSError, RuntimeError) as exc:
         error = write_error(exc, tag_dir, rank)
@@ -183,6 +189,11 @@ def read_rank_state(tag_dir: Path, rank: int) -> dict[str, Any] | None:
 
 def read_frozen_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:
     path = tag_dir / "frozen_fp32.pt"
+    return torch.load(path, weights_only=True) if path.is_file() else {}
+
+
+def read_dormant(tag_dir: Path) -> dict:
+    path = tag_dir / DORMANT_FILE
     return torch.load(path, weights_only=True) if path.is_file() else {}
 
 

@@ -47,7 +47,8 @@ class Checkpointer:
         return str(self.dir / done[-1]) if done else "none"
 
     def save(
-        self, engine, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any], frozen: dict | None
+        self, engine, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any], frozen: dict | None,
+        dormant: dict | None = None,
     ) -> bool:
         """Checkpoint step `step` unless this run already has it (a save deletes an existing tag of the same
         step first, so a second save would leave a window with no checkpoint of that step). Returns whether
@@ -55,7 +56,7 @@ class Checkpointer:
         if self.saved_step == step:
             return False
         checkpoint.save(engine, self.dir, step, trainer_state, rank_state, frozen if self.rank == 0 else None,
-                        self.rank, self.keep)
+                        self.rank, self.keep, dormant if self.rank == 0 else None)
         self.saved_step = step
         return True
 

@@ -211,8 +211,6 @@ class PreLoRAConfig:
     """At every engine rebuild (the switch, the freeze, relora's start and end): 'carry' Adam's moments of each
     parameter that trains on, with its own step count; 'reset' gives the new engine a fresh optimizer (the paper's
     and the authors' code; docs/fidelity.md)."""
-    revived_moments: str = "fresh"
-    """EXPERIMENT: fresh | stale."""
     switch_rewarmup_steps: int = 0
     """After a rebuild, the LR of the parameters whose Adam state starts fresh ramps linearly from 0 back to the
     schedule over this many steps (with 'reset' every parameter: the authors' restart with a re-warmup)."""

@@ -46,7 +46,7 @@ class PhaseEngine:
         self.ranks: dict[str, int] = {}
         self.built_elements: tuple[int, int] | None = None  # ZeRO-3: (elements this rank allocated, whole model)
         self.counts: dict[str, int] = {}  # name -> the Adam step count its moments carried into this engine
-        self.dormant: moments.Moments = {}  # EXPERIMENT: base moments kept through relora
+        self.dormant: moments.Moments = {}  # in relora: the frozen base's Adam state from `full`, for `warmup`
         self.rewarm_start: int | None = None  # the step this engine was built at by a rebuild (fresh groups ramp)
 
     # ----------------------------------------------------------------- build
@@ -150,7 +150,8 @@ class PhaseEngine:
             carry_moments=self.cfg.prelora.switch_optimizer == "carry",
             dormant=self.dormant,
         )
-        self.dormant = left if phase == "relora" and self.cfg.prelora.revived_moments == "stale" else {}
+        # `relora` freezes the base until `warmup`: keep its moments for then (measured best, docs/study.md)
+        self.dormant = left if phase == "relora" else {}
         self.rewarm_start = step
         del old
         self.frozen_fp32 = frozen if self.keep_fp32 else {}
@@ -177,12 +178,13 @@ class PhaseEngine:
             state[key] = value if value is not None else zero.full_value(p)
         return state if rank == 0 else {}
 
-    def after_load(self, frozen: FP32State, saved: dict) -> None:
+    def after_load(self, frozen: FP32State, saved: dict, dormant: moments.Moments | None = None) -> None:
         """After a checkpoint load: the saved fp32 base replaces the module's values (rounded ones under bf16,
         freshly initialised ones after a universal load; kept beside the engine only under bf16/fp16), and each
         optimizer group gets its saved Adam step count back (`moments.restore_group_steps`)."""
         if saved.get("group_steps"):
             moments.restore_group_steps(self.engine.optimizer, saved["group_steps"])
+        self.dormant = dict(dormant or {})
         if frozen:
             load_fp32_state(self.engine.module, frozen)
         self.frozen_fp32 = frozen if self.keep_fp32 else {}

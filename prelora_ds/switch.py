@@ -121,8 +121,10 @@ def rebuild(
     `make_model(state)` builds the new phase's structure on a fresh model with `state` loaded. Moments travel
     for the parameters whose value travels unchanged in shape (so not for LoRA factors a merge folded away);
     `carry_moments=False` gives the new engine a fresh optimizer (the paper's and the authors' behaviour).
-    Returns (new_engine, new_frozen_fp32, counts): counts = name -> the Adam step count each carried parameter
-    brought into the new engine (its group layout).
+    `dormant`: moments of parameters the old engine did not train, to take up again (the base after `relora`).
+    Returns (new_engine, new_frozen_fp32, counts, left): counts = name -> the Adam step count each carried
+    parameter brought into the new engine (its group layout); left = the old engine's moments of parameters the
+    new one does not train.
     """
     state = gather_fp32_state(old_engine, frozen_fp32)
     gathered = moments.gather(old_engine) if carry_moments else {}

@@ -316,7 +316,7 @@ class Trainer:
         with self.collective(f"the checkpoint save of step {step} (barriers between the ranks' writes)"):
             saved = self.ckpt.save(self.engine, step, self.state_dict(),
                                    {"pending_loss": self.control.pending_loss.tolist()},
-                                   self.phases.frozen_state(self.rank))
+                                   self.phases.frozen_state(self.rank), self.phases.dormant)
         self.control.save_pending = False
         if saved:
             self.recorder.scalars(step, {tag("save_s"): time.perf_counter() - t0})
@@ -334,7 +334,7 @@ class Trainer:
                           saved=resumed.engine)
         with self.collective(f"loading checkpoint {self.ckpt.dir / resumed.tag}"):
             frozen, pending = self.ckpt.load(self.engine, resumed)
-        self.phases.after_load(frozen, resumed.engine)
+        self.phases.after_load(frozen, resumed.engine, checkpoint.read_dormant(self.ckpt.dir / resumed.tag))
         if pending is not None:
             self.control.pending_loss = pending
         if self.rank == 0 and self.state.step:

@@ -128,6 +128,21 @@ def test_a_resume_on_another_world_size_restores_the_same_moments_and_step_count
     assert f["compared"] == 48 and f["mismatch"] == []
 
 
+@pytest.mark.parametrize("name", ["zero2_fp32", "zero3_bf16"])
+def test_the_base_frozen_through_relora_takes_up_its_moments_at_warmup(switch_out, name):
+    """relora freezes the base: its moments from full are kept aside (through a checkpoint and a resume), and the
+    switch to warmup gives them back (measured best of kept / fresh / fresh with a ramp, docs/study.md)."""
+    for f in moment_facts(switch_out, f"{name}_relora"):
+        frozen = {n.replace("base_model.model.", "").replace(".base_layer", "") for n in f["frozen_in_relora"]}
+        assert f["kept"] == sorted(frozen) and len(frozen) > 10  # every weight relora froze
+        assert f["kept_keys"] == ["exp_avg", "exp_avg_sq"]
+        assert f["kept_vs_full"] == []  # full's state, bit for bit, with its step count
+        assert f["resume_mismatch"] == []  # dormant_moments.pt
+        assert f["warmup_base_vs_kept"] == []  # taken up at relora -> warmup
+        assert f["warmup_extras_vs_relora"] == []  # head and norms trained on through relora
+        assert f["warmup_fresh"] and all(".lora_" in n for n in f["warmup_fresh"])  # only the new factors
+
+
 @pytest.mark.parametrize("name", MOMENT_CONFIGS)
 def test_the_first_step_after_the_switch_moves_the_model_like_a_step_of_full(switch_out, name):
     """The base weights' update in the step after the switch against the last steps of `full` in the same run:

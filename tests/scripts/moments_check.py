@@ -107,6 +107,41 @@ def check(out: Path, name: str) -> dict:
     return facts
 
 
+def check_relora(out: Path, name: str) -> dict:
+    """full -> relora (the base freezes: its moments are kept aside), a checkpoint and a resume in relora, then
+    relora -> warmup (the base trains again and takes them up)."""
+    ds_name, changes, sections = settings(name)
+    sections["relora"] = {"enabled": True, "start_step": 1000, "rank": 8}  # the switches are made by hand here
+    run = out / f"{name}_relora"
+    trainer, rank, _ = tiny_trainer(run, MODEL, ds_name, changes, global_batch=GLOBAL_BATCH, **sections)
+    images, targets = fixed_batch(16)
+    for i in range(6):
+        trainer.train_step([(images[4 * (i % 4) : 4 * (i % 4) + 4], targets[4 * (i % 4) : 4 * (i % 4) + 4])])
+    full = moments.gather(trainer.engine)
+    trainer.switch_to("relora", {n: 8 for n in trainer.phases.layout.layers})
+    kept = dict(trainer.phases.dormant)
+    for i in range(2):
+        trainer.train_step([(images[4 * i : 4 * i + 4], targets[4 * i : 4 * i + 4])])
+    trainer.save_checkpoint()
+    trainer.close()
+    resumed, _, _ = tiny_trainer(run, MODEL, ds_name, changes, resume=True, global_batch=GLOBAL_BATCH, **sections)
+    facts = {"frozen_in_relora": sorted(n for n, p in resumed.engine.module.named_parameters() if not p.requires_grad),
+             "kept": sorted(kept), "kept_keys": sorted({k for _, m in kept.values() for k in m}),
+             "kept_vs_full": compare({n: full[n] for n in kept}, kept),
+             "resume_mismatch": compare(kept, resumed.phases.dormant)}  # fmt: skip
+    relora_state = moments.gather(resumed.engine)
+    resumed.switch_to("warmup", {n: 16 for n in resumed.phases.layout.layers}, merge_lora=True)
+    warmup = moments.gather(resumed.engine)
+    facts["warmup_base_vs_kept"] = compare(kept, warmup)
+    facts["warmup_extras_vs_relora"] = compare({n: m for n, m in relora_state.items() if ".lora_" not in n}, warmup)
+    facts["warmup_fresh"] = sorted(n for n, p in resumed.engine.module.named_parameters()
+                                   if p.requires_grad and n.replace("base_model.model.", "").replace(".base_layer", "")
+                                   not in warmup)  # fmt: skip
+    resumed.close()
+    (out / f"{name}_relora.rank{rank}.json").write_text(json.dumps(facts))
+    return facts
+
+
 def check_universal(out: Path, name: str) -> None:
     """Resume the 2-rank checkpoint taken one step after the switch on this 1-rank process."""
     ds_name, changes, sections = settings(name)
@@ -123,6 +158,8 @@ def main(out: Path, universal: bool = False) -> None:
     for name in CONFIGS:
         if not universal:
             check(out, name)
+            if name in ("zero2_fp32", "zero3_bf16"):
+                check_relora(out, name)
         elif CONFIGS[name][2] == "carry":
             check_universal(out, name)
 

@@ -4,6 +4,8 @@
   python tools/run_study.py --only full relaxed --seeds 0         # a subset
   python tools/run_study.py --only full relaxed_split medium_split strict_split   # split q/k/v, six targets
   python tools/run_study.py --only full_vits relaxed_vits        # a compute-bound scale (ViT-S-sized, 32 px)
+  python tools/run_study.py --only full relaxed relaxed_reset medium medium_reset relora relora_reset --seeds 0 1
+                                                                  # Adam's state across the switch: carry vs reset
 
 Each configuration is one command (printed before it runs): the demo recipe on 2 CPU ranks through the
 deepspeed launcher (all GPUs when CUDA is there), same epochs and seed, only the PreLoRA settings differ.
@@ -44,6 +46,10 @@ VITS = ["--model.kwargs", "{img_size: 32, patch_size: 4, depth: 12, embed_dim: 3
         "--train.epochs", "10", "--train.lr_warmup_epochs", "1", "--prelora.window_epochs", "1",
         "--prelora.warmup_epochs", "1", "--prelora.max_epochs", "5"]
 CONFIGS |= {"full_vits": [*CONFIGS["full"], *VITS], "relaxed_vits": [*CONFIGS["relaxed"], *VITS]}
+# the ReLoRA hybrid (its own recipe, the same thresholds), and the paper's fresh optimizer at every rebuild
+CONFIGS["relora"] = ["--recipe", "recipes/demo_relora.yaml"]  # the later --recipe wins
+RESET = ["--prelora.switch_optimizer", "reset"]
+CONFIGS |= {f"{name}_reset": [*CONFIGS[name], *RESET] for name in ("relaxed", "medium", "relora")}
 
 
 def launcher() -> list[str]:
@@ -71,8 +77,10 @@ def main() -> None:
             cmd = [*launcher(), "--output_dir", str(run_dir), "--train.seed", str(seed), *CONFIGS[name]]
             print("$ " + " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    full = [str(d) for d in dirs if d.name.rsplit("_s", 1)[0] == "full"]
     table = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_runs.py"), *map(str, dirs), "--out",
-                            str(out / "compare.png"), "--curve", str(out / "time_to_accuracy.png")],
+                            str(out / "compare.png"), "--curve", str(out / "time_to_accuracy.png"),
+                            "--switches", str(out / "switches.png"), "--baseline", *full],
                            cwd=ROOT, check=True, capture_output=True, text=True).stdout
     (out / "table.md").write_text(table)
     summaries = {d: json.loads((d / "summary.json").read_text()) for d in dirs}

@@ -44,24 +44,62 @@ def param_groups(model: torch.nn.Module, weight_decay: float, counts: dict[str, 
 
 
 def _partitions(optimizer) -> list[tuple[list[torch.nn.Parameter], torch.Tensor]]:
-    """(module parameters, their flat fp32 partition) for each partition the inner optimizer steps."""
+    """(module parameters, the fp32 tensor the inner optimizer steps for them) for each state entry: a flat
+    partition under ZeRO-1/2/3 and DeepSpeed's bf16 optimizer (stage 0), each parameter itself under a plain
+    torch optimizer (fp32 stage 0)."""
     if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: one flat per sub group
         return list(zip(optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat, strict=True))
-    return list(zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups, strict=True))
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return list(zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups, strict=True))
+    if hasattr(optimizer, "fp32_groups_flat_partition"):  # BF16_Optimizer (stage 0)
+        return list(zip(optimizer.bf16_groups, optimizer.fp32_groups_flat_partition, strict=True))
+    if not _flat(optimizer):
+        return [([p], p) for g in optimizer.param_groups for p in g["params"]]
+    return []  # another wrapper (e.g. FP16_UnfusedOptimizer): no known way to its state; gather() says so
+
+
+def supported(optimizer) -> bool:
+    """Whether the optimizer's state can be read and written here (ZeRO-1/2/3, BF16_Optimizer, plain torch)."""
+    return not _flat(optimizer) or any(hasattr(optimizer, a) for a in (
+        "fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"))
+
+
+def _inner(optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _flat(optimizer) -> bool:
+    """Whether the state lives in flat partitions reached through DeepSpeed's fragment API."""
+    return _inner(optimizer) is not optimizer
+
+
+def _link(optimizer) -> None:
+    """(Re)link every parameter to its optimizer-state fragments in the flat partitions. DeepSpeed links them
+    once, after the first group's first step (relora.py); linking is idempotent (views into the flat state)."""
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+    if hasattr(optimizer, "fp32_partitioned_groups_flat") or not _flat(optimizer):
+        return  # ZeRO-3 reads its partitions directly; a plain optimizer keys its state by parameter
+    state = _inner(optimizer).state
+    for params, flat in _partitions(optimizer):
+        if flat in state:
+            lazy_init_hp_params_optimizer_state(params, flat, state)
 
 
 def _group_ids(optimizer) -> list[int]:
-    """The parameter group of each partition of `_partitions` (ZeRO-3 cuts a group into sub groups)."""
+    """The parameter group of each entry of `_partitions` (ZeRO-3 cuts a group into sub groups)."""
     if hasattr(optimizer, "sub_group_to_group_id"):
         return [optimizer.sub_group_to_group_id[i] for i in range(len(optimizer.fp32_partitioned_groups_flat))]
-    return list(range(len(optimizer.single_partition_of_fp32_groups)))
+    if _flat(optimizer):
+        return list(range(len(_partitions(optimizer))))  # empty for an unsupported wrapper
+    return [i for i, g in enumerate(optimizer.param_groups) for _ in g["params"]]
 
 
 def group_steps(optimizer) -> list[int | None]:
     """Each parameter group's Adam step count now (None: not stepped yet), for a checkpoint. Local, no collective."""
     steps: list[int | None] = [None] * len(optimizer.param_groups)
     for (_params, flat), group in zip(_partitions(optimizer), _group_ids(optimizer), strict=True):
-        state = optimizer.optimizer.state.get(flat, {})
+        state = _inner(optimizer).state.get(flat, {})
         if "step" in state:
             steps[group] = int(state["step"])
     return steps
@@ -71,11 +109,24 @@ def restore_group_steps(optimizer, steps: list[int | None]) -> None:
     """Set each partition's step count to its group's saved one after a checkpoint load: DeepSpeed's universal
     ZeRO-3 load gives every sub group the first one's count (ds_to_universal keeps no per-group step there), which
     would give fresh LoRA factors the base weights' bias correction."""
-    inner = optimizer.optimizer
+    inner = _inner(optimizer)
     for (_params, flat), group in zip(_partitions(optimizer), _group_ids(optimizer), strict=True):
         state = inner.state.get(flat, {})
         if "step" in state and group < len(steps) and steps[group] is not None:
             state["step"] = _step_value(inner, flat, steps[group]) if torch.is_tensor(state["step"]) else steps[group]
+
+
+def _read(optimizer, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+    if not _flat(optimizer):
+        return optimizer.state[p][key].detach().float().cpu().clone()
+    return safe_get_full_optimizer_state(p, key).detach().float().cpu()
+
+
+def _write(optimizer, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+    if not _flat(optimizer):
+        optimizer.state[p][key].copy_(value)
+    else:
+        safe_set_full_optimizer_state(p, value.to("cpu" if hasattr(p, "ds_id") else p.device), key)
 
 
 def _names(engine) -> dict[int, str]:
@@ -85,19 +136,23 @@ def _names(engine) -> dict[int, str]:
 def gather(engine) -> Moments:
     """Every trainable parameter's Adam moments (whole, fp32, CPU) with its step count, by canonical name;
     partitions that have not stepped yet are left out. Collective: every rank calls it, in the same order."""
-    from prelora_ds.relora import link_optimizer_state
-
     optimizer, names = engine.optimizer, _names(engine)
-    link_optimizer_state(optimizer)  # DeepSpeed links the fragments of its first group only (relora.py)
+    if not supported(optimizer):
+        import warnings
+
+        warnings.warn(f"{type(optimizer).__name__}: its Adam state cannot be carried across the rebuild; the new "
+                      "engine starts with a fresh optimizer (use ZeRO stage 1, 2 or 3)", stacklevel=2)
+        return {}
+    _link(optimizer)
     out: Moments = {}
     for params, flat in _partitions(optimizer):
-        state = optimizer.optimizer.state.get(flat, {})
+        state = _inner(optimizer).state.get(flat, {})
         if "step" not in state:
             continue
         keys = [k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape]
         for p in params:
             out[names[id(p)]] = (int(state["step"]), {
-                k: safe_get_full_optimizer_state(p, k).detach().float().cpu() for k in keys})  # fmt: skip
+                k: _read(optimizer, p, k) for k in keys})  # fmt: skip
     return out
 
 
@@ -113,10 +168,8 @@ def _step_value(inner: torch.optim.Optimizer, flat: torch.Tensor, count: int):
 def write(engine, moments: Moments) -> list[str]:
     """Give the new engine's optimizer the carried moments and step counts, before its first step. Returns the
     names that were carried. Collective under ZeRO-3 (each rank copies its own slice of the whole values)."""
-    from prelora_ds.relora import link_optimizer_state
-
     optimizer, names = engine.optimizer, _names(engine)
-    inner, carried = optimizer.optimizer, []
+    inner, carried = _inner(optimizer), []
     for params, flat in _partitions(optimizer):
         keyed = [names[id(p)] for p in params]
         counts = {moments[n][0] for n in keyed if n in moments}
@@ -127,14 +180,14 @@ def write(engine, moments: Moments) -> list[str]:
         keys = list(moments[keyed[0]][1])
         inner.state[flat] = {"step": _step_value(inner, flat, counts.pop()),
                              **{k: torch.zeros_like(flat) for k in keys}}  # fmt: skip
-    link_optimizer_state(optimizer)
-    for params, _flat in _partitions(optimizer):
+    _link(optimizer)
+    for params, _flat_tensor in _partitions(optimizer):
         for p in params:
             name = names[id(p)]
             if name not in moments:
                 continue
             for key, value in moments[name][1].items():
-                safe_set_full_optimizer_state(p, value.to("cpu" if hasattr(p, "ds_id") else p.device), key)
+                _write(optimizer, p, key, value)
             carried.append(name)
     return carried
 

@@ -73,9 +73,12 @@ def _flat(optimizer) -> bool:
     return _inner(optimizer) is not optimizer
 
 
-def _link(optimizer) -> None:
-    """(Re)link every parameter to its optimizer-state fragments in the flat partitions. DeepSpeed links them
-    once, after the first group's first step (relora.py); linking is idempotent (views into the flat state)."""
+def link_state(optimizer) -> None:
+    """(Re)link every parameter to its optimizer-state fragments in the flat partitions (ZeRO-1/2, BF16_Optimizer).
+
+    DeepSpeed 0.19.8 links them once, right after the first parameter group's first step, when the other groups
+    have no state yet; with weight-decay groups the LoRA weights then have no fragments and
+    `safe_get_full_optimizer_state` raises. Linking is idempotent (views into the flat state)."""
     from deepspeed.utils import lazy_init_hp_params_optimizer_state
 
     if hasattr(optimizer, "fp32_partitioned_groups_flat") or not _flat(optimizer):
@@ -143,7 +146,7 @@ def gather(engine) -> Moments:
         warnings.warn(f"{type(optimizer).__name__}: its Adam state cannot be carried across the rebuild; the new "
                       "engine starts with a fresh optimizer (use ZeRO stage 1, 2 or 3)", stacklevel=2)
         return {}
-    _link(optimizer)
+    link_state(optimizer)
     out: Moments = {}
     for params, flat in _partitions(optimizer):
         state = _inner(optimizer).state.get(flat, {})
@@ -180,7 +183,7 @@ def write(engine, moments: Moments) -> list[str]:
         keys = list(moments[keyed[0]][1])
         inner.state[flat] = {"step": _step_value(inner, flat, counts.pop()),
                              **{k: torch.zeros_like(flat) for k in keys}}  # fmt: skip
-    _link(optimizer)
+    link_state(optimizer)
     for params, _flat_tensor in _partitions(optimizer):
         for p in params:
             name = names[id(p)]

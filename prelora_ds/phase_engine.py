@@ -225,7 +225,7 @@ class PhaseEngine:
         Returns ({layer: ||s B A||}, share of first-moment entries zeroed). Collective."""
         r = self.cfg.relora
         deltas = relora.merge_and_reinit(self.engine.module, self.frozen_fp32, seed, merge_index)
-        relora.link_optimizer_state(self.engine.optimizer)
+        moments.link_state(self.engine.optimizer)
         pruned = relora.prune_optimizer_state(self.engine.module, r.prune_ratio, r.reset == "full")
         return deltas, pruned
 

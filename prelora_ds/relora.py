@@ -12,11 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-from deepspeed.utils import (
-    lazy_init_hp_params_optimizer_state,
-    safe_get_full_optimizer_state,
-    safe_set_full_optimizer_state,
-)
+from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
 from prelora_ds import zero
 from prelora_ds.phases import canonical_name
@@ -57,22 +53,6 @@ def merge_and_reinit(
     return deltas
 
 
-def link_optimizer_state(optimizer) -> None:
-    """(Re)link every parameter to its Adam-state fragments in the flat ZeRO-1/2 partitions.
-
-    DeepSpeed 0.19.8 links them once, right after the first parameter group's first step, when the
-    other groups have no state yet; with weight-decay groups the LoRA weights then have no fragments
-    and `safe_get_full_optimizer_state` raises. Linking is idempotent (views into the flat state).
-    """
-    groups = getattr(optimizer, "bit16_groups", None)
-    flats = getattr(optimizer, "single_partition_of_fp32_groups", None)
-    if groups is None or flats is None:
-        return
-    for lp_params, flat in zip(groups, flats, strict=True):
-        if flat in optimizer.optimizer.state:
-            lazy_init_hp_params_optimizer_state(lp_params, flat, optimizer.optimizer.state)
-
-
 def prune_optimizer_state(module: torch.nn.Module, ratio: float, full_reset: bool) -> float:
     """Reset the Adam first moment of every LoRA parameter; returns the share of first-moment entries zeroed.
 
@@ -85,7 +65,7 @@ def prune_optimizer_state(module: torch.nn.Module, ratio: float, full_reset: boo
     normal update for hundreds of steps. With v kept, every post-merge update is at most what the same m
     gives with v zeroed, and the pruned entries restart at (1 - beta1) g / sqrt(v). docs/relora.md.
 
-    Call `link_optimizer_state(engine.optimizer)` first.
+    Call `moments.link_state(engine.optimizer)` first.
     """
     zeroed = total = 0
     for name, p in module.named_parameters():

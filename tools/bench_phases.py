@@ -147,11 +147,11 @@ def worker_ours(args) -> dict:
            "trainable_params": trainable, "total_params": total,
            "optimizer_state_bytes": optimizer_state_bytes(trainer.engine)}
     if args.phase == "relora":  # one merge-and-reinit with Adam-state pruning, in place (ZeRO fragments)
-        from prelora_ds import relora
+        from prelora_ds import moments, relora
 
         t0 = time.perf_counter()
         relora.merge_and_reinit(trainer.engine.module, trainer.phases.frozen_fp32, 0, 0)
-        relora.link_optimizer_state(trainer.engine.optimizer)
+        moments.link_state(trainer.engine.optimizer)
         relora.prune_optimizer_state(trainer.engine.module, 0.9, False)
         out["merge_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()  # the alternative: merge by rebuilding the engine around the merged state

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from tiny_trainer import fixed_batch, tiny_trainer
 
-from prelora_ds import policy, relora
+from prelora_ds import moments, policy, relora
 from prelora_ds.policy import Clock
 
 MERGE_AFTER = 3  # steps before the merge
@@ -77,7 +77,7 @@ def check(out: Path, precision: str) -> tuple[dict, int]:
     a_before = layer.lora_A["default"].weight.detach().float().clone()
     b_norm_before = float(layer.lora_B["default"].weight.detach().float().norm())
     base_before = trainer.phases.fp32_state()["blocks.0.attn.qkv.weight"].clone()  # collective
-    relora.link_optimizer_state(engine.optimizer)
+    moments.link_state(engine.optimizer)
     v_before = second_moments(engine)
     logits_before, loss_before = evaluate(engine, images, targets, dtype)
     # the merge exactly as the loop runs it (state.step == start + every)

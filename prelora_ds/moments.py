@@ -152,7 +152,9 @@ def gather(engine) -> Moments:
         state = _inner(optimizer).state.get(flat, {})
         if "step" not in state:
             continue
-        keys = [k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape]
+        # sorted: each read is a collective, and the state's key order differs by rank after a universal load
+        # (DeepSpeed adds the keys in the os.listdir order of the first parameter folder the rank owns)
+        keys = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
         for p in params:
             out[names[id(p)]] = (int(state["step"]), {
                 k: _read(optimizer, p, k) for k in keys})  # fmt: skip
@@ -189,7 +191,7 @@ def write(engine, moments: Moments) -> list[str]:
             name = names[id(p)]
             if name not in moments:
                 continue
-            for key, value in moments[name][1].items():
+            for key, value in sorted(moments[name][1].items()):
                 _write(optimizer, p, key, value)
             carried.append(name)
     return carried

@@ -98,6 +98,12 @@ def check(out: Path, name: str) -> dict:
     facts["resume_loss"] = fixed_batch_loss(resumed, images, targets)
 
     before = moments.gather(resumed.engine)
+    if rank == 1:  # a universal load leaves each rank's state keys in the listdir order of its first parameter
+        optimizer = resumed.engine.optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for key, state in list(inner.state.items()):
+            inner.state[key] = dict(reversed(state.items()))
+    facts["key_order_mismatch"] = compare(before, moments.gather(resumed.engine))
     resumed.switch_to("lora")
     after = moments.gather(resumed.engine)
     facts["lora_carried"] = sorted(after)

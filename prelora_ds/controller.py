@@ -14,11 +14,10 @@ import torch
 
 from prelora_ds import dist, norms, policy
 from prelora_ds.config import RunConfig
-from prelora_ds.convergence import WindowAccumulator, layer_changes, loss_change, module_changes
+from prelora_ds.convergence import WindowAccumulator, loss_change, module_changes
 from prelora_ds.monitor import memory_bytes
 from prelora_ds.phase_engine import PhaseEngine
 from prelora_ds.policy import Clock
-from prelora_ds.ranks import assign_ranks, ranks_by_module_name
 from prelora_ds.recorder import Recorder, windows_file
 
 
@@ -97,11 +96,7 @@ class PhaseController:
             agreed = dist.agree(decision.switch, "the PreLoRA switch")
         if not agreed:
             return
-        if self.acc.num_closed >= 2:
-            changes = layer_changes(norm_w)
-        else:  # forced by max_epochs before two windows exist: no evidence, the middle rank everywhere
-            changes = {m: [0.0] * len(v) for m, v in self.phases.layout.modules.items()}
-        ranks = ranks_by_module_name(self.phases.layout.modules, assign_ranks(changes, p.r_min, p.r_max))
+        changes, ranks = policy.switch_ranks(norm_w, self.phases.layout.modules, p.r_min, p.r_max)
         state.switch_step, state.switch_epoch = clock.step, clock.epoch
         elapsed = self.switch_to(state, policy.phase_after_switch(p), ranks, clock.epochs_done,
                                  merge_lora=state.phase == "relora")

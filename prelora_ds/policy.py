@@ -9,10 +9,12 @@ epoch (`epoch_end`, after its last step). Windows of steps close mid-epoch, wind
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from prelora_ds.config import PreLoRAConfig, ReLoRAConfig
-from prelora_ds.convergence import partial_convergence
+from prelora_ds.convergence import layer_changes, partial_convergence
+from prelora_ds.ranks import assign_ranks, ranks_by_module_name
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,18 @@ def switch_decision(
     if len(loss_windows) < p.num_windows:
         return Decision(False, False, f"{len(loss_windows)} of num_windows={p.num_windows} windows closed")
     return Decision(False, False, "the test did not pass")
+
+
+def switch_ranks(norm_windows: Mapping[str, Sequence[Sequence[float]]], layers: Mapping[str, Sequence[str]],
+                 r_min: int, r_max: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Algorithm 2 at a switch: (d_{m,l} per module, full layer name -> rank). With fewer than two closed windows
+    (a switch forced by max_epochs) there is no evidence: every layer gets the middle rank. The trainer and the
+    replay tool both call this."""
+    if norm_windows and min(len(w) for w in norm_windows.values()) >= 2:
+        changes = layer_changes(norm_windows)
+    else:
+        changes = {m: [0.0] * len(names) for m, names in layers.items()}
+    return changes, ranks_by_module_name(layers, assign_ranks(changes, r_min, r_max))
 
 
 def phase_after_switch(p: PreLoRAConfig) -> str:

@@ -74,7 +74,7 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for phase in PHASES:
             ranks = {n: args.rank for n in layers} if phase != "full" else None
-            trainer = Trainer(cfg, ds, data, Path(tmp) / phase, rank, world, resume=False, start_phase=phase,
+            trainer = Trainer(cfg, ds, data, Path(tmp) / phase, rank, world, resume=False, first_phase=phase,
                               start_ranks=ranks)
             for _ in range(args.warmup):
                 trainer.train_step(batch)

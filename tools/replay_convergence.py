@@ -7,7 +7,7 @@ For every (delta_w, delta_l, num_windows) of the grid (each defaults to the run'
 window k at which `prelora_ds.policy.switch_decision` says switch is the switch: the very function the trainer
 decides with, on the windows the run recorded (`--window_value mean|last`: each window's mean of samples or its
 last sample; both are recorded), with the run's `prelora.min_epochs` and `max_epochs` (config.yaml).
-Ranks are `ranks.assign_ranks(convergence.layer_changes(windows up to k), r_min, r_max)`,
+Ranks are `policy.switch_ranks(windows up to k, layers, r_min, r_max)` (the trainer's own choice),
 printed as a count per rank (`8:10 16:4 ...`).
 
 With relora enabled, windows.json holds the windows of the `relora` phase (the trainer restarts them
@@ -39,9 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from prelora_ds.config import PreLoRAConfig
-from prelora_ds.convergence import layer_changes
-from prelora_ds.policy import Clock, Decision, switch_decision
-from prelora_ds.ranks import assign_ranks, ranks_by_module_name
+from prelora_ds.policy import Clock, Decision, switch_decision, switch_ranks
 
 
 @dataclass
@@ -108,8 +106,8 @@ def first_passing_window(windows: dict[str, Any], p: PreLoRAConfig) -> tuple[int
 
 def ranks_at(windows: dict[str, Any], k: int, r_min: int, r_max: int) -> dict[str, int]:
     """Full layer name -> rank, as the trainer assigns them when it switches at window k."""
-    changes = layer_changes({m: w[: k + 1] for m, w in windows["norm_windows"].items()})
-    return ranks_by_module_name(windows["layers"], assign_ranks(changes, r_min, r_max))
+    norm_windows = {m: w[: k + 1] for m, w in windows["norm_windows"].items()}
+    return switch_ranks(norm_windows, windows["layers"], r_min, r_max)[1]
 
 
 def rank_counts(ranks: dict[str, int]) -> dict[int, int]:

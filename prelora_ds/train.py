@@ -1,4 +1,4 @@
-"""prelora-train: PreLoRA pre-training of a timm ViT on DeepSpeed ZeRO-2.
+"""prelora-train: PreLoRA pre-training of a timm ViT on DeepSpeed ZeRO (stage 2 by default, every stage runs).
 
 Runbook (from the repo root; every flag of the recipe can be overridden as --section.field value):
 

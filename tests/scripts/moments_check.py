@@ -23,10 +23,10 @@ from prelora_ds import moments
 
 MODEL = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 ZERO3 = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_zero3_fp32.json").read_text())
+# Each stage's state layout and each dtype once (ZeRO-2/3 keep fp32 partitions either way; the two cells
+# left out, zero2_bf16 and zero3_fp32, read and write through the same code as these and cost 25 s of CI)
 CONFIGS = {  # name -> (ds_configs file, top-level changes, prelora.switch_optimizer)
     "zero2_fp32": ("cpu_zero2_fp32.json", {}, "carry"),
-    "zero2_bf16": ("cpu_zero2_bf16.json", {}, "carry"),
-    "zero3_fp32": ("cpu_zero3_fp32.json", {}, "carry"),
     "zero3_bf16": ("cpu_zero3_fp32.json", {"bf16": {"enabled": True}}, "carry"),
     "zero0_fp32": ("cpu_zero2_fp32.json", {"zero_optimization": {"stage": 0}}, "carry"),  # a plain torch AdamW
     "zero2_fp32_reset": ("cpu_zero2_fp32.json", {}, "reset"),

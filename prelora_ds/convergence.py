@@ -81,7 +81,7 @@ def _window_index(k: int, n: int) -> int:
     return kk
 
 
-def _num_norm_windows(norm_windows: Mapping[str, Sequence[Sequence[float]]]) -> int:
+def num_norm_windows(norm_windows: Mapping[str, Sequence[Sequence[float]]]) -> int:
     """The common window count of all modules; ValueError when empty or when modules disagree."""
     if not norm_windows:
         raise ValueError("norm_windows is empty: no target module to test (were any weight norms collected?).")
@@ -96,7 +96,7 @@ def module_changes(norm_windows: Mapping[str, Sequence[Sequence[float]]], k: int
 
     ``k`` may be negative (``-1`` = the latest window), as in Python indexing.
     """
-    kk = _window_index(k, _num_norm_windows(norm_windows))
+    kk = _window_index(k, num_norm_windows(norm_windows))
     out: dict[str, float] = {}
     for m, windows in norm_windows.items():
         d = percent_change(windows[kk - 1], windows[kk])
@@ -114,7 +114,7 @@ def loss_change(loss_windows: Sequence[float], k: int) -> float:
 
 def layer_changes(norm_windows: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[float]]:
     """``d_{m,l}`` between the last two windows, per module: the input of Algorithm 2 (``ranks.assign_ranks``)."""
-    if _num_norm_windows(norm_windows) < 2:
+    if num_norm_windows(norm_windows) < 2:
         raise ValueError("layer_changes needs at least 2 closed windows.")
     return {m: percent_change(w[-2], w[-1]) for m, w in norm_windows.items()}
 
@@ -137,7 +137,7 @@ def partial_convergence(
     if math.isnan(delta_w) or math.isnan(delta_l):
         raise ValueError(f"thresholds must be numbers, got delta_w={delta_w}, delta_l={delta_l}.")
     n = len(loss_windows)
-    n_norm = _num_norm_windows(norm_windows)
+    n_norm = num_norm_windows(norm_windows)
     if n_norm != n:
         raise ValueError(f"{n} loss windows but {n_norm} norm windows; both must be closed together.")
     # Validate the whole history, not only the part tested, so a bad sample fails at once, not N windows later.
@@ -283,7 +283,7 @@ class WindowAccumulator:
         sums = {str(m): [float(x) for x in v] for m, v in op["norm_sums"].items()}
         num_samples = int(op["num_samples"])
         if norms:
-            _num_norm_windows(norms)
+            num_norm_windows(norms)
             if len(next(iter(norms.values()))) != len(loss):
                 raise ValueError("state has different numbers of loss and norm windows.")
         elif loss:

@@ -191,7 +191,7 @@ def write(engine, moments: Moments) -> list[str]:
             name = names[id(p)]
             if name not in moments:
                 continue
-            for key, value in sorted(moments[name][1].items()):
+            for key, value in moments[name][1].items():
                 _write(optimizer, p, key, value)
             carried.append(name)
     return carried

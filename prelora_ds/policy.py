@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from prelora_ds.config import PreLoRAConfig, ReLoRAConfig
-from prelora_ds.convergence import layer_changes, partial_convergence
+from prelora_ds.convergence import layer_changes, num_norm_windows, partial_convergence
 from prelora_ds.ranks import assign_ranks, ranks_by_module_name
 
 
@@ -104,7 +104,7 @@ def switch_ranks(norm_windows: Mapping[str, Sequence[Sequence[float]]], layers: 
     """Algorithm 2 at a switch: (d_{m,l} per module, full layer name -> rank). With fewer than two closed windows
     (a switch forced by max_epochs) there is no evidence: every layer gets the middle rank. The trainer and the
     replay tool both call this."""
-    if norm_windows and min(len(w) for w in norm_windows.values()) >= 2:
+    if norm_windows and num_norm_windows(norm_windows) >= 2:
         changes = layer_changes(norm_windows)
     else:
         changes = {m: [0.0] * len(names) for m, names in layers.items()}

@@ -22,7 +22,6 @@ from tiny_trainer import fixed_batch, fixed_batch_loss, tiny_trainer
 from prelora_ds import moments
 
 MODEL = {"depth": 2, "embed_dim": 64, "num_heads": 2}
-ZERO3 = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_zero3_fp32.json").read_text())
 # Each stage's state layout and each dtype once (ZeRO-2/3 keep fp32 partitions either way; the two cells
 # left out, zero2_bf16 and zero3_fp32, read and write through the same code as these and cost 25 s of CI)
 CONFIGS = {  # name -> (ds_configs file, top-level changes, prelora.switch_optimizer)
@@ -99,8 +98,7 @@ def check(out: Path, name: str) -> dict:
 
     before = moments.gather(resumed.engine)
     if rank == 1:  # a universal load leaves each rank's state keys in the listdir order of its first parameter
-        optimizer = resumed.engine.optimizer
-        inner = getattr(optimizer, "optimizer", optimizer)
+        inner = moments._inner(resumed.engine.optimizer)
         for key, state in list(inner.state.items()):
             inner.state[key] = dict(reversed(state.items()))
     facts["key_order_mismatch"] = compare(before, moments.gather(resumed.engine))

@@ -57,6 +57,12 @@ def init_stats_group(timeout_s: float | None = None):
     return group
 
 
+def forget_stats_group() -> None:
+    """Drop the reference to the statistics group (after `destroy_process_group` destroyed it)."""
+    global _STATS
+    _STATS = None
+
+
 def _default_timeout(world) -> timedelta | None:
     """The default group's own timeout, so a group made on first use waits as long as the default one."""
     for device in ("cpu", "cuda"):  # gloo on CPU; NCCL (or any CUDA-only backend) on GPU

@@ -118,3 +118,18 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float = 600.0) -> t
     except (RuntimeError, ValueError) as exc:  # gloo/NCCL/store errors (DistNetworkError is a RuntimeError)
         raise RendezvousError(f"{netif.rendezvous_help()} ({str(exc).splitlines()[0][:300]})") from exc
     return dist.rank(), local_rank, dist.world_size()
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group (DeepSpeed's, the package's gloo group) before the interpreter exits.
+
+    A gloo group left to the interpreter's teardown can abort the process after a finished run ("terminate
+    called without an active exception", exit -6: its C++ worker threads outlive Python); on NCCL it leaves
+    pending work unfinished. Local: no collective, so a rank whose peers are gone can still call it."""
+    import torch.distributed as tdist
+
+    from prelora_ds import dist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+    dist.forget_stats_group()

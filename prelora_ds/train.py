@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from prelora_ds.launch import RendezvousError, init_distributed
+    from prelora_ds.launch import RendezvousError, init_distributed, shutdown_distributed
 
     # NCCL's watchdog aborts a rank whose collective outlived train.collective_timeout_s: print where each
     # thread was (the package's function names) before the process goes (docs/gpu.md)
@@ -162,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     if world != world_hint:  # the launcher's world differs from what the env promised: re-check batch math
         ds_config = _ds_config(cfg, world)
 
+    try:
+        return _run(cfg, ds_config, data, out_dir, rank, world, args.resume)
+    finally:
+        shutdown_distributed()
+
+
+def _run(cfg: RunConfig, ds_config: dict, data, out_dir: Path, rank: int, world: int, resume: bool) -> int:
+    """Train on a started process group; returns the exit code."""
     from prelora_ds.trainer import Trainer, TrainingError
 
     if rank == 0:
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     stop_request = preempt.StopRequest().install()  # from here a scheduler's signal stops after a step, with a save
     try:
-        trainer = Trainer(cfg, ds_config, data, out_dir, rank, world, resume=args.resume, stop_request=stop_request)
+        trainer = Trainer(cfg, ds_config, data, out_dir, rank, world, resume=resume, stop_request=stop_request)
         summary = trainer.train()
     except TrainingError as exc:
         print(f"prelora-train: error: {exc}", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 
 from prelora_ds.data import build_datasets
 from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
-from prelora_ds.launch import init_distributed
+from prelora_ds.launch import init_distributed, shutdown_distributed
 from prelora_ds.recipe import build_config
 from prelora_ds.trainer import Trainer
 
@@ -24,6 +25,7 @@ def tiny_trainer(
     ds_configs/ file, `ds_changes` replace its top-level keys; `global_batch`: train_batch_size, with the
     accumulation derived (a resume on another world size); `sections` add recipe sections."""
     rank, _, world = init_distributed(600)
+    atexit.register(shutdown_distributed)  # a gloo group left to the interpreter's teardown can abort the process
     torch.set_num_threads(1)
     cfg = build_config({
         "data": {"dataset": "synthetic", "synthetic_train_size": 64, "synthetic_val_size": 16,

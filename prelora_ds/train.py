@@ -41,8 +41,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prelora_ds.config import SPLIT_TARGETS, ConfigError, RunConfig
-from prelora_ds.recipe import load_recipe, parse_override_value
+from prelora_ds.config.recipe import load_recipe, parse_override_value
+from prelora_ds.config.sections import SPLIT_TARGETS, RunConfig
+from prelora_ds.errors import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
 
 def resolve(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[RunConfig, dict, int]:
     """Validated recipe and DeepSpeed config; no process group needed, so errors come first."""
-    from prelora_ds.launch import world_size_hint
+    from prelora_ds.distributed.launch import world_size_hint
 
     if args.output_dir:
         overrides["train.output_dir"] = args.output_dir
@@ -107,15 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = parse_args(argv)
         cfg, ds_config, world_hint = resolve(args, overrides)
-        from prelora_ds.hostfile import check_launch
+        from prelora_ds.distributed.hostfile import check_launch
 
         check_launch()  # a wrong hostfile or --node_rank hangs the rendezvous otherwise
         import torch
 
-        from prelora_ds.data import build_datasets, check_train_size
-        from prelora_ds.model import create_model, input_spec
-        from prelora_ds.phases import target_layers
-        from prelora_ds.relora import validate_rank
+        from prelora_ds.data.datasets import build_datasets, check_train_size
+        from prelora_ds.engine.model import create_model, input_spec
+        from prelora_ds.lora.inject import target_layers
+        from prelora_ds.lora.relora import validate_rank
 
         with torch.device("meta"):  # names and shapes only: no memory, no random init (ViT-H: 2.5 GB a rank)
             probe = create_model(cfg.model, 2, init=False)
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from prelora_ds.launch import RendezvousError, init_distributed, shutdown_distributed
+    from prelora_ds.distributed.launch import init_distributed, shutdown_distributed
+    from prelora_ds.errors import RendezvousError
 
     # NCCL's watchdog aborts a rank whose collective outlived train.collective_timeout_s: print where each
     # thread was (the package's function names) before the process goes (docs/gpu.md)
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg: RunConfig, ds_config: dict, data, out_dir: Path, rank: int, world: int, resume: bool) -> int:
     """Train on a started process group; returns the exit code."""
-    from prelora_ds.trainer import Trainer, TrainingError
+    from prelora_ds.errors import TrainingError
+    from prelora_ds.training.trainer import Trainer
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +186,7 @@ def _run(cfg: RunConfig, ds_config: dict, data, out_dir: Path, rank: int, world:
             f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes",
             flush=True,
         )
-    from prelora_ds import preempt
+    from prelora_ds.distributed import preempt
 
     trainer = None
     stop_request = preempt.StopRequest().install()  # from here a scheduler's signal stops after a step, with a save
@@ -225,7 +228,7 @@ def _check_split_targets(cfg: RunConfig, layers: list[str]) -> None:
 
 def _check_output_dir(out_dir: Path, resume: bool) -> None:
     """A fresh run never writes over the checkpoints of another one."""
-    from prelora_ds.checkpoint import complete_tags, nearest_existing
+    from prelora_ds.checkpoint.storage import complete_tags, nearest_existing
 
     tags = complete_tags(out_dir / "checkpoints")
     if tags and not resume:
@@ -241,7 +244,7 @@ def _check_output_dir(out_dir: Path, resume: bool) -> None:
 
 def _check_resume_fits(out_dir: Path, cfg: RunConfig, num_classes: int, ds_config: dict) -> None:
     """A checkpoint of another model, class count, layer selection or global batch fails here, not in DeepSpeed."""
-    from prelora_ds.checkpoint import find_resume, layout_mismatch, mismatch_message, read_trainer_state
+    from prelora_ds.checkpoint.storage import find_resume, layout_mismatch, mismatch_message, read_trainer_state
 
     ckpt_dir = out_dir / "checkpoints"
     tag, _ = find_resume(ckpt_dir)
@@ -255,8 +258,8 @@ def _check_resume_fits(out_dir: Path, cfg: RunConfig, num_classes: int, ds_confi
 def _check_disk(out_dir: Path, cfg: RunConfig, ds_config: dict, total_params: int) -> None:
     """Before any process group: can the output disk hold a checkpoint at all (error) and keep_checkpoints + 1
     of them (warning)?"""
-    from prelora_ds.checkpoint import check_free_space, estimate_bytes
-    from prelora_ds.dsconfig import compute_dtype
+    from prelora_ds.checkpoint.storage import check_free_space, estimate_bytes
+    from prelora_ds.config.deepspeed import compute_dtype
 
     need = estimate_bytes(total_params, compute_dtype(ds_config).itemsize)
     try:
@@ -268,7 +271,7 @@ def _check_disk(out_dir: Path, cfg: RunConfig, ds_config: dict, total_params: in
 
 
 def _check_faults() -> None:
-    from prelora_ds import faults
+    from prelora_ds.testing import faults
 
     try:
         faults.active()
@@ -278,7 +281,7 @@ def _check_faults() -> None:
 
 def _ds_config(cfg: RunConfig, world: int) -> dict:
     """The recipe's DeepSpeed config, checked and completed for `world` ranks."""
-    from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
+    from prelora_ds.config.deepspeed import load_ds_config, prepare_ds_config
 
     return prepare_ds_config(load_ds_config(cfg.train.deepspeed_config), world)
 

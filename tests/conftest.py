@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prelora_ds.config import SPLIT_TARGETS
+from prelora_ds.config.sections import SPLIT_TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

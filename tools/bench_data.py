@@ -80,8 +80,8 @@ def write_images(root: Path, n: int, seed: int = 0, classes: int = 4) -> list[in
 
 
 def _source(kind: str, workdir: Path):
-    from prelora_ds.images import RobustImageFolder
-    from prelora_ds.shards import ShardDataset
+    from prelora_ds.data.images import RobustImageFolder
+    from prelora_ds.data.shards import ShardDataset
 
     if kind == "files":
         return RobustImageFolder(workdir / "folder" / "train")
@@ -92,8 +92,8 @@ def _make_step(path: str, source: str, workdir: Path, recipe: str, device: str, 
     """A function that processes one batch of indices; the set-up (transforms, pipelines) is not timed."""
     import torch
 
-    from prelora_ds.data import build_transforms
-    from prelora_ds.recipe import load_recipe
+    from prelora_ds.config.recipe import load_recipe
+    from prelora_ds.data.datasets import build_transforms
 
     cfg = load_recipe(recipe, {"data.root": str(workdir / "folder")}).data
     ds = _source(source, workdir)
@@ -103,13 +103,13 @@ def _make_step(path: str, source: str, workdir: Path, recipe: str, device: str, 
         ds.transform = train_tf
         return lambda idx: [ds[i] for i in idx]
     if path == "pil-decode":
-        from prelora_ds.images import load_image
+        from prelora_ds.data.images import load_image
 
         return lambda idx: [load_image(__import__("io").BytesIO(ds.read_bytes(i))) for i in idx]
     if path == "read":
         return lambda idx: [ds.read_bytes(i) for i in idx]
     if path == "device":
-        from prelora_ds.device_input import DeviceImages, build_device_transforms
+        from prelora_ds.data.device_input import DeviceImages, build_device_transforms
 
         train_tf, _ = build_device_transforms(cfg, 224, 3, mean, std)
         images = DeviceImages(ds, train_tf, mean, std, 3, seed=0)
@@ -132,7 +132,7 @@ def _dali_step(ds, cfg, device: str, batch: int):
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug import rand_augment
 
-    from prelora_ds.device_input import rand_augment_args
+    from prelora_ds.data.device_input import rand_augment_args
 
     num_ops, magnitude = rand_augment_args(cfg.auto_augment)
     pending: list[list[int]] = []
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="JSON result")
     args = parser.parse_args(argv)
 
-    from prelora_ds.shards import write_shards
+    from prelora_ds.data.shards import write_shards
 
     tmp = tempfile.TemporaryDirectory() if not args.workdir else None
     workdir = Path(args.workdir or tmp.name)

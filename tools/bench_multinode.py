@@ -29,7 +29,7 @@ PHASES = ("full", "warmup", "lora")
 
 
 def link_bytes() -> int:
-    """tx + rx bytes of the interface gloo uses (GLOO_SOCKET_IFNAME, set by prelora_ds.netif)."""
+    """tx + rx bytes of the interface gloo uses (GLOO_SOCKET_IFNAME, set by prelora_ds.distributed.netif)."""
     stats = Path("/sys/class/net") / os.environ["GLOO_SOCKET_IFNAME"] / "statistics"
     return sum(int((stats / f).read_text()) for f in ("tx_bytes", "rx_bytes"))
 
@@ -39,15 +39,15 @@ def worker(args) -> None:
     import deepspeed.comm as dscomm
     import torch
 
-    from prelora_ds import dist
-    from prelora_ds.config import ModelConfig
-    from prelora_ds.data import build_datasets
-    from prelora_ds.dsconfig import prepare_ds_config
-    from prelora_ds.launch import init_distributed
-    from prelora_ds.model import count_params, create_model
-    from prelora_ds.phases import target_layers
-    from prelora_ds.recipe import build_config
-    from prelora_ds.trainer import Trainer
+    from prelora_ds.config.deepspeed import prepare_ds_config
+    from prelora_ds.config.recipe import build_config
+    from prelora_ds.config.sections import ModelConfig
+    from prelora_ds.data.datasets import build_datasets
+    from prelora_ds.distributed import collectives
+    from prelora_ds.distributed.launch import init_distributed
+    from prelora_ds.engine.model import count_params, create_model
+    from prelora_ds.lora.inject import target_layers
+    from prelora_ds.training.trainer import Trainer
 
     rank, _, world = init_distributed(600)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the two "hosts" share this machine's cores
@@ -78,7 +78,7 @@ def worker(args) -> None:
                               start_ranks=ranks)
             for _ in range(args.warmup):
                 trainer.train_step(batch)
-            dist.barrier()
+            collectives.barrier()
             dscomm.comms_logger.comms_dict.clear()
             wire0, times = link_bytes(), []
             for _ in range(args.steps):
@@ -91,7 +91,7 @@ def worker(args) -> None:
             logged = sum(int(size) * v[0] for sizes in dscomm.comms_logger.comms_dict.values()
                          for size, v in sizes.items())
             trainable, total = count_params(trainer.engine.module)
-            step_s = dist.all_reduce_max([statistics.median(times)])[0]  # the slower rank sets the pace
+            step_s = collectives.all_reduce_max([statistics.median(times)])[0]  # the slower rank sets the pace
             results[phase] = {"median_step_s": step_s, "comms_logger_bytes_per_step": logged / args.steps,
                               "link_bytes_per_step": wire / args.steps, "ops_per_step": ops,
                               "trainable_params": trainable, "total_params": total}

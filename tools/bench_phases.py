@@ -5,7 +5,7 @@
 Each phase runs in its own process (world size 1, ZeRO-2 from --ds-config), so a phase's peak memory
 (peak RSS on CPU, max_memory_allocated on GPU) is not polluted by an earlier one. Per phase: median step
 time after warm-up steps, peak memory, trainable/total parameters, optimizer-state bytes. `ours` runs
-`prelora_ds.trainer.Trainer.train_step` on the phase's structure (LoRA rank `--rank` on every target
+`prelora_ds.training.trainer.Trainer.train_step` on the phase's structure (LoRA rank `--rank` on every target
 layer, the same for both); `bare` is plain `deepspeed.initialize` + `peft.get_peft_model`, no prelora_ds
 code on the step path. One more process times the in-process switches full -> warmup -> lora and RSS
 over 5 rebuilds; the `full` worker also times the norm statistics and the convergence test.
@@ -103,10 +103,10 @@ def timed_steps(step, n_warm: int, n: int, profile: dict | None = None) -> list[
 
 def ours_trainer(args, phase: str = "full", ranks: dict[str, int] | None = None):
     """prelora_ds's Trainer on synthetic images, world size 1, starting in `phase`."""
-    from prelora_ds.data import build_datasets
-    from prelora_ds.dsconfig import prepare_ds_config
-    from prelora_ds.recipe import build_config
-    from prelora_ds.trainer import Trainer
+    from prelora_ds.config.deepspeed import prepare_ds_config
+    from prelora_ds.config.recipe import build_config
+    from prelora_ds.data.datasets import build_datasets
+    from prelora_ds.training.trainer import Trainer
 
     init_single()
     cfg = build_config({
@@ -125,11 +125,11 @@ def ours_trainer(args, phase: str = "full", ranks: dict[str, int] | None = None)
 def worker_ours(args) -> dict:
     import torch
 
-    from prelora_ds import norms
-    from prelora_ds.config import ModelConfig
-    from prelora_ds.convergence import partial_convergence
-    from prelora_ds.model import count_params, create_model
-    from prelora_ds.phases import target_layers
+    from prelora_ds.algorithm.convergence import partial_convergence
+    from prelora_ds.config.sections import ModelConfig
+    from prelora_ds.engine import norms
+    from prelora_ds.engine.model import count_params, create_model
+    from prelora_ds.lora.inject import target_layers
 
     with torch.device("meta"):
         layers = target_layers(create_model(ModelConfig(name=args.model), 10, init=False), TARGETS)
@@ -147,7 +147,8 @@ def worker_ours(args) -> dict:
            "trainable_params": trainable, "total_params": total,
            "optimizer_state_bytes": optimizer_state_bytes(trainer.engine)}
     if args.phase == "relora":  # one merge-and-reinit with Adam-state pruning, in place (ZeRO fragments)
-        from prelora_ds import moments, relora
+        from prelora_ds.engine import moments
+        from prelora_ds.lora import relora
 
         t0 = time.perf_counter()
         relora.merge_and_reinit(trainer.engine.module, trainer.phases.frozen_fp32, 0, 0)

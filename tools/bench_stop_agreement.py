@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def worker(rank: int, world: int, calls: int, port: int, out: dict) -> None:
     import torch.distributed as tdist
 
-    from prelora_ds import dist, preempt
+    from prelora_ds.distributed import collectives, preempt
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)
-    dist.init_stats_group(60)
+    collectives.init_stats_group(60)
     request = preempt.StopRequest()
     for _ in range(50):  # warm-up
         request.agreed()
@@ -43,7 +43,7 @@ def worker(rank: int, world: int, calls: int, port: int, out: dict) -> None:
         times.sort()
         out["median_us"] = 1e6 * statistics.median(times)
         out["p99_us"] = 1e6 * times[int(0.99 * len(times))]
-    dist.barrier()  # neither rank tears the groups down while the other still uses them
+    collectives.barrier()  # neither rank tears the groups down while the other still uses them
     tdist.destroy_process_group()
 
 

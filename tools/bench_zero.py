@@ -28,13 +28,13 @@ GPU_CONFIGS = {"zero2": "ds_configs/vit_large_zero2_a100_64.json", "zero3": "ds_
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from prelora_ds.data import build_datasets
-    from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
-    from prelora_ds.launch import init_distributed
-    from prelora_ds.monitor import memory_bytes, reset_peak_memory
-    from prelora_ds.phases import target_layers
-    from prelora_ds.recipe import build_config
-    from prelora_ds.trainer import Trainer
+    from prelora_ds.config.deepspeed import load_ds_config, prepare_ds_config
+    from prelora_ds.config.recipe import build_config
+    from prelora_ds.data.datasets import build_datasets
+    from prelora_ds.distributed.launch import init_distributed
+    from prelora_ds.lora.inject import target_layers
+    from prelora_ds.metrics.monitor import memory_bytes, reset_peak_memory
+    from prelora_ds.training.trainer import Trainer
 
     rank, _, world = init_distributed(1800)
     if not torch.cuda.is_available():
@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
     ranks = None
     if args.phase != "full":
         with torch.device("meta"):
-            from prelora_ds.model import create_model
+            from prelora_ds.engine.model import create_model
 
             layers = target_layers(create_model(cfg.model, 1000, init=False), cfg.prelora.target_modules)
         ranks = {n: args.rank for n in layers}

@@ -34,8 +34,8 @@ def write_imagefolder(root: Path, img_size: int) -> tuple[int, int]:
     """The digits' stratified split as RGB JPEGs under root/{train,val}/<class>/; returns (train, val) counts."""
     from PIL import Image
 
-    from prelora_ds.config import DataConfig
-    from prelora_ds.data import _digits_split
+    from prelora_ds.config.sections import DataConfig
+    from prelora_ds.data.datasets import _digits_split
 
     x_tr, y_tr, x_va, y_va = _digits_split(DataConfig(), seed=0)
     for split, xs, ys in (("train", x_tr, y_tr), ("val", x_va, y_va)):
@@ -95,9 +95,9 @@ def export_top1(run_dir: Path, data: Path, model_name: str, model_kwargs: dict) 
     import torch
     from safetensors.torch import load_file
 
-    from prelora_ds.config import DataConfig
-    from prelora_ds.data import build_datasets
-    from prelora_ds.model import input_spec
+    from prelora_ds.config.sections import DataConfig
+    from prelora_ds.data.datasets import build_datasets
+    from prelora_ds.engine.model import input_spec
 
     model = timm.create_model(model_name, pretrained=False, num_classes=10, **model_kwargs)
     model.load_state_dict(load_file(str(run_dir / "model_merged.safetensors")))  # strict: a plain timm state dict

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     args = parser.parse_args(argv)
 
-    from prelora_ds.config import ConfigError
-    from prelora_ds.shards import write_shards
+    from prelora_ds.data.shards import write_shards
+    from prelora_ds.errors import ConfigError
 
     if args.shard_size < 1 or args.workers < 1:
         parser.error("--shard-size and --workers must be >= 1")

@@ -36,7 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 
-from prelora_ds.convergence import layer_changes  # noqa: E402
+from prelora_ds.algorithm.convergence import layer_changes  # noqa: E402
 
 PHASE_COLORS = {"full": "tab:blue", "relora": "tab:purple", "warmup": "tab:orange", "lora": "tab:green"}
 KIND_COLORS = {"base": "tab:blue", "lora": "tab:red", "effective": "tab:green"}
@@ -227,7 +227,7 @@ def layer_groups(run: RunData, names: list[str]) -> dict[str, list[str]]:
     layers = (run.windows or {}).get("layers")
     if layers:
         return layers
-    from prelora_ds.phases import layer_index, module_key  # imports torch + peft (seconds): only when needed
+    from prelora_ds.lora.inject import layer_index, module_key  # imports torch + peft (seconds): only when needed
 
     groups: dict[str, list[str]] = {}
     for name in sorted(names, key=layer_index):

@@ -4,7 +4,7 @@
   .venv/bin/python tools/replay_convergence.py runs/demo --json replay.json   # the run's own thresholds
 
 For every (delta_w, delta_l, num_windows) of the grid (each defaults to the run's own value), the first closed
-window k at which `prelora_ds.policy.switch_decision` says switch is the switch: the very function the trainer
+window k at which `prelora_ds.algorithm.policy.switch_decision` says switch is the switch: the very function the trainer
 decides with, on the windows the run recorded (`--window_value mean|last`: each window's mean of samples or its
 last sample; both are recorded), with the run's `prelora.min_epochs` and `max_epochs` (config.yaml).
 Ranks are `policy.switch_ranks(windows up to k, layers, r_min, r_max)` (the trainer's own choice),
@@ -19,7 +19,7 @@ forced row says so in its note. Windows stop being recorded once the run switche
 the run's may print "not reached (windows end at step S)".
 
 Trainable parameters in the `lora` phase = sum over target layers of r * (in_features + out_features)
-(LoRA A and B, no bias) + the parameters `prelora_ds.phases.set_trainable` leaves trainable in `lora`
+(LoRA A and B, no bias) + the parameters `prelora_ds.lora.inject.set_trainable` leaves trainable in `lora`
 (`prelora.trainable_extra`: head, norm, fc_norm, blocks.N.norm1/2), counted on the timm model built on the
 meta device from config.yaml (`model.name`, `model.kwargs`). The number of classes comes from, in order:
 --num_classes; the `head.weight` shape in model_merged.safetensors (what the run trained, read from the
@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prelora_ds.config import PreLoRAConfig
-from prelora_ds.policy import Clock, Decision, switch_decision, switch_ranks
+from prelora_ds.algorithm.policy import Clock, Decision, switch_decision, switch_ranks
+from prelora_ds.config.sections import PreLoRAConfig
 
 
 @dataclass
@@ -68,7 +68,7 @@ def read_windows(run_dir: Path) -> dict[str, Any]:
 
 
 def read_config(run_dir: Path):
-    from prelora_ds.recipe import load_recipe
+    from prelora_ds.config.recipe import load_recipe
 
     return load_recipe(run_dir / "config.yaml")
 
@@ -129,7 +129,7 @@ def _head_classes_from_safetensors(path: Path) -> int | None:
 def _meta_model(cfg, num_classes: int):
     import torch
 
-    from prelora_ds.model import create_model
+    from prelora_ds.engine.model import create_model
 
     with torch.device("meta"):
         return create_model(cfg.model, num_classes, init=False)
@@ -137,7 +137,7 @@ def _meta_model(cfg, num_classes: int):
 
 def _classes_from_total(cfg, total: int) -> int | None:
     """Solve total_params(C) = total: the count is linear in C (head weight rows + bias)."""
-    from prelora_ds.model import count_params
+    from prelora_ds.engine.model import count_params
 
     p1 = count_params(_meta_model(cfg, 1))[1]
     per_class = count_params(_meta_model(cfg, 2))[1] - p1
@@ -170,8 +170,8 @@ class ParamCounter:
     """Trainable parameters of the `lora` phase for given ranks, on a meta-device model (no memory)."""
 
     def __init__(self, cfg, num_classes: int) -> None:
-        from prelora_ds.model import count_params
-        from prelora_ds.phases import PHASES, set_trainable
+        from prelora_ds.engine.model import count_params
+        from prelora_ds.lora.inject import PHASES, set_trainable
 
         self.model = _meta_model(cfg, num_classes)
         set_trainable(self.model, PHASES["lora"], cfg.prelora.trainable_extra)  # no LoRA yet: only the extras

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prelora_ds.config import SPLIT_TARGETS
+from prelora_ds.config.sections import SPLIT_TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,4 +1,5 @@
-"""prelora_ds.dist on a default group that refuses CPU tensors (NCCL's device dispatch, made on this CPU)."""
+"""prelora_ds.distributed.collectives on a default group that refuses CPU tensors (NCCL's device dispatch, made on
+this CPU)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import json
 import pytest
 from conftest import BIN, ROOT, SWITCH, TINY, deepspeed_cmd, run, scalars, summary, write_digit_jpegs
 
-from prelora_ds.shards import write_shards
+from prelora_ds.data.shards import write_shards
 
 pytestmark = pytest.mark.launch
 

@@ -92,8 +92,8 @@ def test_custom_scalars_layout_charts_what_the_run_wrote(uninterrupted):
 
 
 def test_merged_model_loads_into_timm_and_reproduces_val_accuracy(uninterrupted):
-    from prelora_ds.config import DataConfig
-    from prelora_ds.data import build_datasets
+    from prelora_ds.config.sections import DataConfig
+    from prelora_ds.data.datasets import build_datasets
 
     state = load_file(str(uninterrupted / "model_merged.safetensors"))
     model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, depth=6)

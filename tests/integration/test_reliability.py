@@ -1,5 +1,5 @@
 """Faults on real 2-rank jobs: SIGKILL in every phase, a kill inside a save, a world-size change on resume,
-non-finite steps, a hung rank, a full disk. Faults come from PRELORA_FAULTS (prelora_ds/faults.py): the
+non-finite steps, a hung rank, a full disk. Faults come from PRELORA_FAULTS (prelora_ds/testing/faults.py): the
 process really dies, hangs or gets a NaN. Kill steps are drawn at random; the seed is printed and can be
 fixed with PRELORA_FAULT_SEED to replay a failure.
 """
@@ -20,7 +20,7 @@ import torch
 import yaml
 from conftest import BIN, RELORA_RUN, ROOT, SPLIT_RUN, SWITCH, SWITCH_RUN, TINY, deepspeed_cmd, run, scalars, summary
 
-from prelora_ds import preempt
+from prelora_ds.distributed import preempt
 from prelora_ds.train import main
 
 pytestmark = pytest.mark.launch
@@ -285,9 +285,9 @@ def test_split_export_is_a_fused_timm_model_computing_what_was_trained(preempted
     import timm
     from safetensors.torch import load_file
 
-    from prelora_ds.model import create_model
-    from prelora_ds.phases import PHASES, build_structure
-    from prelora_ds.recipe import build_config
+    from prelora_ds.config.recipe import build_config
+    from prelora_ds.engine.model import create_model
+    from prelora_ds.lora.inject import PHASES, build_structure
 
     out, _, _ = preempted
     cfg = build_config(yaml.safe_load((out / "config.yaml").read_text()))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import deepspeed_cmd, run, summary
 
-from prelora_ds.convergence import layer_changes
-from prelora_ds.ranks import assign_ranks, ranks_by_module_name
+from prelora_ds.algorithm.convergence import layer_changes
+from prelora_ds.algorithm.ranks import assign_ranks, ranks_by_module_name
 
 PY = str(Path(sys.executable))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """The package's collectives on a default group that takes no CPU tensors, as NCCL's does on a GPU cluster.
 
 The default group is started as `cuda:gloo`: a backend for CUDA tensors only, the device dispatch of an
-NCCL group, on this CPU. Every function of prelora_ds.dist and the code paths that reduce through it
+NCCL group, on this CPU. Every function of prelora_ds.distributed.collectives and the code paths that reduce through it
 (a norm sample, the LoRA norms, the validation counts) run on it; facts go to OUT/rank<R>.json.
 
 Usage (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): python tests/scripts/dist_check.py OUT
@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from prelora_ds import dist, norms
-from prelora_ds.config import PreLoRAConfig
-from prelora_ds.evaluate import TopKCounts
-from prelora_ds.phases import PHASES, build_structure, target_layers
+from prelora_ds.config.sections import PreLoRAConfig
+from prelora_ds.distributed import collectives
+from prelora_ds.engine import norms
+from prelora_ds.lora.inject import PHASES, build_structure, target_layers
+from prelora_ds.training.validation import TopKCounts
 
 TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 
@@ -46,15 +47,15 @@ def main(out: Path) -> None:
     except RuntimeError as exc:
         facts["default_group_error"] = str(exc).splitlines()[0]
 
-    facts["sum"] = dist.all_reduce_sum([rank + 1.0, 0.25])
-    facts["max"] = dist.all_reduce_max([float(rank), -float(rank)])
-    facts["agree_true"], facts["agree_false"] = dist.agree(True, "t"), dist.agree(False, "f")
+    facts["sum"] = collectives.all_reduce_sum([rank + 1.0, 0.25])
+    facts["max"] = collectives.all_reduce_max([float(rank), -float(rank)])
+    facts["agree_true"], facts["agree_false"] = collectives.agree(True, "t"), collectives.agree(False, "f")
     try:
-        dist.agree(rank == 0, "a forced disagreement")
+        collectives.agree(rank == 0, "a forced disagreement")
         facts["disagree_message"] = None
     except RuntimeError as exc:
         facts["disagree_message"] = str(exc)
-    dist.barrier()
+    collectives.barrier()
 
     # a norm sample as in `full`: plain parameters (no ZeRO fragments), counted once (rank 0), frozen fp32 used
     model = tiny_vit()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tiny_trainer import fixed_batch, fixed_batch_loss, tiny_trainer
 
-from prelora_ds import moments
+from prelora_ds.engine import moments
 
 MODEL = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 # Each stage's state layout and each dtype once (ZeRO-2/3 keep fp32 partitions either way; the two cells

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from tiny_trainer import fixed_batch, tiny_trainer
 
-from prelora_ds import moments, policy, relora
-from prelora_ds.policy import Clock
+from prelora_ds.algorithm import policy
+from prelora_ds.algorithm.policy import Clock
+from prelora_ds.engine import moments
+from prelora_ds.lora import relora
 
 MERGE_AFTER = 3  # steps before the merge
 STEPS_AFTER = 4  # steps after it: 0, 1/2 of the LR (restart_warmup_steps 2), then the full LR twice

@@ -17,10 +17,10 @@ import psutil
 import torch
 from tiny_trainer import fixed_batch, fixed_batch_loss, tiny_trainer
 
-from prelora_ds import norms
-from prelora_ds.model import create_model
-from prelora_ds.phases import is_lora_param
-from prelora_ds.switch import build_engine, gather_fp32_state, load_fp32_state, release
+from prelora_ds.engine import norms
+from prelora_ds.engine.model import create_model
+from prelora_ds.engine.switch import build_engine, gather_fp32_state, load_fp32_state, release
+from prelora_ds.lora.inject import is_lora_param
 
 
 def mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:

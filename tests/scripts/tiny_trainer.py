@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from prelora_ds.data import build_datasets
-from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
-from prelora_ds.launch import init_distributed, shutdown_distributed
-from prelora_ds.recipe import build_config
-from prelora_ds.trainer import Trainer
+from prelora_ds.config.deepspeed import load_ds_config, prepare_ds_config
+from prelora_ds.config.recipe import build_config
+from prelora_ds.data.datasets import build_datasets
+from prelora_ds.distributed.launch import init_distributed, shutdown_distributed
+from prelora_ds.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ import pytest
 import torch.distributed as dist
 from conftest import ROOT
 
-from prelora_ds import launch
-from prelora_ds.config import ConfigError
+from prelora_ds.distributed import launch
+from prelora_ds.errors import ConfigError
 from prelora_ds.train import main, parse_args
 
 DEMO = ["--recipe", "recipes/demo.yaml", "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json"]
@@ -236,7 +236,7 @@ def test_main_output_dir_under_a_file(capsys, tmp_path):
 
 
 def test_main_bad_fault_spec(capsys, monkeypatch, tmp_path):
-    from prelora_ds import faults
+    from prelora_ds.testing import faults
 
     monkeypatch.setenv(faults.ENV, "kill@x")
     faults.active.cache_clear()
@@ -258,7 +258,7 @@ def test_main_warns_when_keep_checkpoints_do_not_fit(capsys, monkeypatch, tmp_pa
     # more checkpoints than the disk holds only warns (saves stop the run cleanly if it does fill up);
     # a bad fault spec then stops main() before any process group, so nothing trains
     monkeypatch.setenv("PRELORA_FAULTS", "nope")
-    from prelora_ds import faults
+    from prelora_ds.testing import faults
 
     faults.active.cache_clear()
     try:

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from prelora_ds.config import ConfigError, RunConfig
-from prelora_ds.recipe import SECTIONS, apply_overrides, build_config, load_recipe, parse_override_value
+from prelora_ds.config.recipe import SECTIONS, apply_overrides, build_config, load_recipe, parse_override_value
+from prelora_ds.config.sections import RunConfig
+from prelora_ds.errors import ConfigError
 
 
 def cfg_with(**overrides: str) -> RunConfig:

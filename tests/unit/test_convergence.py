@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from prelora_ds.convergence import (
+from prelora_ds.algorithm.convergence import (
     WindowAccumulator,
     layer_changes,
     loss_change,

@@ -14,8 +14,8 @@ from PIL import Image
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
-from prelora_ds.config import ConfigError, DataConfig
-from prelora_ds.data import (
+from prelora_ds.config.sections import DataConfig
+from prelora_ds.data.datasets import (
     DataBundle,
     ResumableDistributedSampler,
     SeededDataset,
@@ -26,6 +26,7 @@ from prelora_ds.data import (
     build_train_loss,
     set_train_epoch,
 )
+from prelora_ds.errors import ConfigError
 
 IMG = 32
 

@@ -1,4 +1,5 @@
-"""The package's collectives all go through prelora_ds/dist.py (an AST scan), and per-phase peak memory."""
+"""The package's collectives all go through prelora_ds/distributed/collectives.py (an AST scan), and per-phase peak
+memory."""
 
 from __future__ import annotations
 
@@ -41,13 +42,16 @@ def direct_collectives(source: str) -> list[int]:
 
 
 def test_no_collective_outside_dist():
-    """Every collective of the package and its tools goes through prelora_ds/dist.py (CPU tensors, gloo)."""
+    """Every collective of the package and its tools goes through prelora_ds/distributed/collectives.py (CPU tensors,
+    gloo)."""
     offenders = []
-    for path in [*(ROOT / "prelora_ds").glob("*.py"), *(ROOT / "tools").glob("*.py")]:
-        if path.name == "dist.py":
+    scanned = [*(ROOT / "prelora_ds").rglob("*.py"), *(ROOT / "tools").glob("*.py")]
+    assert len(scanned) > 40  # the sub-packages are scanned too
+    for path in scanned:
+        if path == ROOT / "prelora_ds" / "distributed" / "collectives.py":
             continue
         offenders += [f"{path.relative_to(ROOT)}:{i}" for i in direct_collectives(path.read_text())]
-    assert not offenders, "collectives outside prelora_ds/dist.py:\n" + "\n".join(offenders)
+    assert not offenders, "collectives outside prelora_ds/distributed/collectives.py:\n" + "\n".join(offenders)
 
 
 def test_the_scan_finds_direct_collectives():
@@ -57,14 +61,15 @@ def test_the_scan_finds_direct_collectives():
         "dist.all_reduce(t)\ntorch.distributed.barrier()\ncomm.all_gather_object(x, y)\nb()\n"
     )
     assert found == [5, 6, 7, 8]
-    assert direct_collectives("from prelora_ds import dist\ndist.barrier()\ndist.all_reduce_sum([1.0])\n") == []
+    source = "from prelora_ds.distributed import collectives as dist\ndist.barrier()\ndist.all_reduce_sum([1.0])\n"
+    assert direct_collectives(source) == []
 
 
 def test_peak_memory_resets_per_phase():
     """What each phase reports as its peak: the CPU path (VmHWM) of what torch.cuda.reset_peak_memory_stats does."""
     import numpy as np
 
-    from prelora_ds.monitor import memory_bytes, reset_peak_memory
+    from prelora_ds.metrics.monitor import memory_bytes, reset_peak_memory
 
     big = np.ones(400 * 2**20 // 8)
     big[::4096] = 2.0  # touched: resident

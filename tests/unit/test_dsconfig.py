@@ -8,8 +8,8 @@ import re
 import pytest
 from conftest import ROOT
 
-from prelora_ds.config import ConfigError
-from prelora_ds.dsconfig import load_ds_config, peak_lr, prepare_ds_config, resolve_batch, zero_stage
+from prelora_ds.config.deepspeed import load_ds_config, peak_lr, prepare_ds_config, resolve_batch, zero_stage
+from prelora_ds.errors import ConfigError
 
 G, M, A = "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
 

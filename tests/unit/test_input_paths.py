@@ -15,9 +15,10 @@ import torch
 from conftest import write_digit_jpegs
 from PIL import Image
 
-from prelora_ds.config import ConfigError, DataConfig
-from prelora_ds.data import build_datasets, build_loaders, set_train_epoch
-from prelora_ds.shards import write_shards
+from prelora_ds.config.sections import DataConfig
+from prelora_ds.data.datasets import build_datasets, build_loaders, set_train_epoch
+from prelora_ds.data.shards import write_shards
+from prelora_ds.errors import ConfigError
 
 IMG = 24
 AUG = dict(auto_augment="rand-m9-mstd0.5-inc1", hflip=0.5, scale=[0.3, 1.0], crop_pct=0.875)
@@ -88,8 +89,8 @@ def test_device_augmentation_is_a_function_of_seed_epoch_and_index(folder):
 def test_shards_hold_the_imagefolder_in_its_order(folder, shards):
     """Sample i of the shards is sample i of the ImageFolder (same bytes, same label), the members carry
     webdataset's names, and the torch loader yields the same batches from either for the same sampler."""
-    from prelora_ds.images import RobustImageFolder
-    from prelora_ds.shards import ShardDataset
+    from prelora_ds.data.images import RobustImageFolder
+    from prelora_ds.data.shards import ShardDataset
 
     for split in ("train", "val"):
         files, packed = RobustImageFolder(folder / split), ShardDataset(shards, split)
@@ -114,8 +115,8 @@ def test_pack_resized_shards(folder, tmp_path):
     out = tmp_path / "small"
     index = write_shards(folder, out, shard_size=100, resize_shorter=18, quality=75, log=lambda s: None)
     assert index["resize_shorter"] == 18 and index["quality"] == 75
-    from prelora_ds.images import RobustImageFolder
-    from prelora_ds.shards import ShardDataset
+    from prelora_ds.data.images import RobustImageFolder
+    from prelora_ds.data.shards import ShardDataset
 
     files, packed = RobustImageFolder(folder / "train"), ShardDataset(out, "train")
     for i in range(0, len(files), 7):
@@ -195,7 +196,7 @@ def test_device_loader_config_errors():
         DataConfig(loader="dali")
     with pytest.raises(ConfigError, match="data.dataset=shards needs data.root"):
         DataConfig(dataset="shards")
-    from prelora_ds.device_input import rand_augment_args
+    from prelora_ds.data.device_input import rand_augment_args
 
     # (num_ops, magnitude): timm's default of 2 ops, and its clip of the magnitude at 10 (the ViT-L recipe's m15)
     assert rand_augment_args("rand-m9-mstd0.5-inc1") == (2, 9)

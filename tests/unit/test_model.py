@@ -6,10 +6,10 @@ from __future__ import annotations
 import timm
 import torch
 
-from prelora_ds.config import SPLIT_TARGETS, ModelConfig, PreLoRAConfig
-from prelora_ds.export import lora_scales, save_merged
-from prelora_ds.model import create_model, fuse_qkv, split_qkv
-from prelora_ds.phases import PHASES, build_structure, canonical_name, target_layers
+from prelora_ds.config.sections import SPLIT_TARGETS, ModelConfig, PreLoRAConfig
+from prelora_ds.engine.model import create_model, fuse_qkv, split_qkv
+from prelora_ds.lora.inject import PHASES, build_structure, canonical_name, target_layers
+from prelora_ds.lora.merge import lora_scales, save_merged
 
 KWARGS = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
@@ -80,9 +80,9 @@ def test_layout_only_model_has_the_initialised_models_names_and_shapes_and_draws
 
 
 def test_compute_dtype_and_the_cast_of_unpartitioned_tensors():
-    from prelora_ds.dsconfig import compute_dtype
-    from prelora_ds.phase_engine import low_precision
-    from prelora_ds.zero import cast_unpartitioned, local_elements
+    from prelora_ds.config.deepspeed import compute_dtype
+    from prelora_ds.engine.phase_engine import low_precision
+    from prelora_ds.engine.zero import cast_unpartitioned, local_elements
 
     assert compute_dtype({"bf16": {"enabled": True}}) == torch.bfloat16
     assert compute_dtype({"fp16": {"enabled": True}}) == torch.float16

@@ -3,11 +3,11 @@ step count, so that one flat ZeRO partition never mixes two bias corrections."""
 
 from __future__ import annotations
 
-from prelora_ds.config import ModelConfig, PreLoRAConfig
-from prelora_ds.model import create_model, param_groups
-from prelora_ds.moments import COUNT
-from prelora_ds.moments import param_groups as split_groups
-from prelora_ds.phases import PHASES, build_structure, canonical_name
+from prelora_ds.config.sections import ModelConfig, PreLoRAConfig
+from prelora_ds.engine.model import create_model, param_groups
+from prelora_ds.engine.moments import COUNT
+from prelora_ds.engine.moments import param_groups as split_groups
+from prelora_ds.lora.inject import PHASES, build_structure, canonical_name
 
 TINY = ModelConfig(name="vit_tiny_patch16_224", kwargs={"img_size": 16, "patch_size": 4, "depth": 2})
 

@@ -9,8 +9,8 @@ from collections import OrderedDict
 import pytest
 from conftest import ROOT
 
-from prelora_ds import hostfile, netif
-from prelora_ds.config import ConfigError
+from prelora_ds.distributed import hostfile, netif
+from prelora_ds.errors import ConfigError
 
 
 def test_interface_routing_to_loopback_is_lo():
@@ -36,7 +36,7 @@ def test_gloo_interface_chosen_unless_set(monkeypatch, capsys):
 
 def test_rendezvous_watchdog_ends_a_stuck_process_naming_address_and_variable():
     code = ("import os, time; os.environ.update(MASTER_ADDR='10.9.9.9', MASTER_PORT='29999', RANK='1', "
-            "WORLD_SIZE='2');\nfrom prelora_ds.netif import RendezvousWatchdog\n"
+            "WORLD_SIZE='2');\nfrom prelora_ds.distributed.netif import RendezvousWatchdog\n"
             "with RendezvousWatchdog(1):\n    time.sleep(30)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=25)
     assert proc.returncode == 1

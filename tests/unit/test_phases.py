@@ -8,10 +8,11 @@ import pytest
 import timm
 import torch
 
-from prelora_ds.config import ConfigError, PreLoRAConfig
-from prelora_ds.export import lora_scales, merge_lora
-from prelora_ds.model import param_groups
-from prelora_ds.phases import PHASES, build_structure, canonical_name, inject_lora, module_key, target_layers
+from prelora_ds.config.sections import PreLoRAConfig
+from prelora_ds.engine.model import param_groups
+from prelora_ds.errors import ConfigError
+from prelora_ds.lora.inject import PHASES, build_structure, canonical_name, inject_lora, module_key, target_layers
+from prelora_ds.lora.merge import lora_scales, merge_lora
 
 CFG = PreLoRAConfig()
 

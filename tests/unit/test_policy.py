@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-from prelora_ds import policy
-from prelora_ds.config import ConfigError, PreLoRAConfig, ReLoRAConfig
-from prelora_ds.policy import Clock, merge_due, restart_factor, switch_decision
+from prelora_ds.algorithm import policy
+from prelora_ds.algorithm.policy import Clock, merge_due, restart_factor, switch_decision
+from prelora_ds.config.sections import PreLoRAConfig, ReLoRAConfig
+from prelora_ds.errors import ConfigError
 
 STEPS = PreLoRAConfig(window_steps=8, num_windows=3, delta_w=1.0, delta_l=1.0)
 EPOCHS = PreLoRAConfig(window_epochs=2, num_windows=3, delta_w=1.0, delta_l=1.0)

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from prelora_ds import preempt
+from prelora_ds.distributed import preempt
 
 
 def test_stop_request_records_the_first_signal_and_ignores_the_rest():

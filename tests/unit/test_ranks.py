@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from prelora_ds.convergence import layer_changes
-from prelora_ds.ranks import assign_ranks, candidate_ranks, rank_pattern, ranks_by_module_name
+from prelora_ds.algorithm.convergence import layer_changes
+from prelora_ds.algorithm.ranks import assign_ranks, candidate_ranks, rank_pattern, ranks_by_module_name
 
 # --------------------------------------------------------------------------- candidate_ranks
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from prelora_ds.schedule import build_scheduler, set_lr
+from prelora_ds.engine.schedule import build_scheduler, set_lr
 
 PEAK, MIN_LR, TOTAL, WARMUP = 1e-3, 1e-5, 100, 10
 

@@ -9,10 +9,10 @@ import torch
 from conftest import ROOT
 from deepspeed.launcher.runner import fetch_hostfile
 
-from prelora_ds.dsconfig import load_ds_config, prepare_ds_config
-from prelora_ds.model import create_model
-from prelora_ds.phases import PHASES, build_structure, target_layers
-from prelora_ds.recipe import load_recipe
+from prelora_ds.config.deepspeed import load_ds_config, prepare_ds_config
+from prelora_ds.config.recipe import load_recipe
+from prelora_ds.engine.model import create_model
+from prelora_ds.lora.inject import PHASES, build_structure, target_layers
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))

@@ -6,7 +6,7 @@ import dataclasses
 
 from conftest import load_tool
 
-from prelora_ds.config import PreLoRAConfig
+from prelora_ds.config.sections import PreLoRAConfig
 
 
 def test_replay_decides_with_the_trainers_policy():
@@ -53,7 +53,7 @@ def test_every_tool_builds_its_trainer_with_the_trainers_parameters():
 
     from conftest import ROOT
 
-    from prelora_ds.trainer import Trainer
+    from prelora_ds.training.trainer import Trainer
 
     accepted = set(inspect.signature(Trainer.__init__).parameters)
     bad = []

@@ -1,0 +1,144 @@
+"""The run's checkpoints: one save per optimizer step, and a resume that finds the newest complete checkpoint
+and fits it to this run (another world size through DeepSpeed's universal format, another micro batch).
+
+The file layout and the crash-safe `latest` are in `storage.py`; this module holds the decisions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prelora_ds.checkpoint import storage
+from prelora_ds.distributed import collectives
+from prelora_ds.errors import TrainingError
+
+
+@dataclass
+class Resumed:
+    """What a resume found: the loop state to continue from and how to load the engine."""
+
+    tag: str
+    loop: dict[str, Any]  # LoopState fields, the position in the epoch already mapped to this run
+    load_tag: str  # `tag`, or its universal conversion for another world size
+    ds_config: dict  # the engine's DeepSpeed config for loading (load_universal when converted)
+    saved_world: int
+    engine: dict[str, Any]  # the engine layout to rebuild (PhaseEngine.state_dict)
+
+
+class Checkpointer:
+    """Saves and finds the checkpoints of `ckpt_dir` for this rank (every method is collective)."""
+
+    def __init__(self, ckpt_dir: Path, rank: int, world: int, keep: int, ds_config: dict, steps_per_epoch: int):
+        self.dir, self.rank, self.world, self.keep = ckpt_dir, rank, world, keep
+        self.ds_config, self.steps_per_epoch = ds_config, steps_per_epoch
+        self.micro = ds_config["train_micro_batch_size_per_gpu"]
+        self.accum = ds_config["gradient_accumulation_steps"]
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run has (saved or resumed)
+
+    def last_complete(self) -> str:
+        done = storage.complete_tags(self.dir)
+        return str(self.dir / done[-1]) if done else "none"
+
+    def save(
+        self, engine, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any], frozen: dict | None,
+        dormant: dict | None = None,
+    ) -> bool:
+        """Checkpoint step `step` unless this run already has it (a save deletes an existing tag of the same
+        step first, so a second save would leave a window with no checkpoint of that step). Returns whether
+        it saved."""
+        if self.saved_step == step:
+            return False
+        storage.save(engine, self.dir, step, trainer_state, rank_state, frozen if self.rank == 0 else None,
+                        self.rank, self.keep, dormant if self.rank == 0 else None)
+        self.saved_step = step
+        return True
+
+    # ----------------------------------------------------------------- resume
+    def find(self, cfg, num_classes: int) -> Resumed | None:
+        """The checkpoint to continue from (None: start from step 0), checked against this run."""
+        tag, msg = storage.find_resume(self.dir)
+        if self.rank == 0:
+            print(msg, flush=True)
+        if tag is None:
+            return None
+        tag_dir = self.dir / tag
+        saved = storage.read_trainer_state(tag_dir)
+        problems = storage.layout_mismatch(saved, cfg, num_classes, self.ds_config)
+        if problems:
+            raise TrainingError(storage.mismatch_message(tag_dir, problems))
+        loop = dict(saved["loop"])
+        loop["batch_in_epoch"] = self._map_epoch_position(saved, tag, loop)
+        saved_world = saved.get("world_size", self.world)
+        ds_config, load_tag = self.ds_config, tag
+        if saved_world != self.world:
+            load_tag = self._to_universal(saved, tag, loop)
+            universal = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+            ds_config = {**self.ds_config, "checkpoint": universal}
+        self.saved_step = loop["step"]
+        return Resumed(tag, loop, load_tag, ds_config, saved_world, saved.get("engine", {}))
+
+    def load(self, engine, resumed: Resumed) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Load the engine's state; returns (the kept fp32 base, this rank's pending loss sums or None) and
+        restores this rank's RNG. On another world size rank 0 takes every saved rank's loss sums."""
+        tag_dir = self.dir / resumed.tag
+        load_path, _ = engine.load_checkpoint(str(self.dir), tag=resumed.load_tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / resumed.load_tag}")
+        frozen = storage.read_frozen_fp32(tag_dir)
+        pending = None
+        if resumed.saved_world == self.world:
+            rank_state = storage.read_rank_state(tag_dir, self.rank)
+            if rank_state is not None:
+                pending = torch.tensor(rank_state["pending_loss"], dtype=torch.float64)
+                storage.set_rng_state(rank_state["rng"])
+        else:
+            states = [storage.read_rank_state(tag_dir, r) for r in range(resumed.saved_world)]
+            if self.rank == 0:
+                pending = torch.tensor([sum(s["pending_loss"][i] for s in states if s) for i in range(2)],
+                                       dtype=torch.float64)
+            if self.rank < resumed.saved_world and states[self.rank] is not None:
+                storage.set_rng_state(states[self.rank]["rng"])
+        return frozen, pending
+
+    def _map_epoch_position(self, saved: dict[str, Any], tag: str, loop: dict[str, Any]) -> int:
+        """The position in the epoch is kept in micro batches per rank; with another micro batch or world size
+        it is re-expressed from the images consumed (same global batch, so always a whole number of steps)."""
+        old_micro, old_world = saved.get("micro_batch", self.micro), saved.get("world_size", self.world)
+        if (old_micro, old_world) == (self.micro, self.world):
+            return loop["batch_in_epoch"]
+        images = loop["batch_in_epoch"] * old_micro * old_world
+        if images % (self.micro * self.world):
+            raise TrainingError(
+                f"checkpoint {tag} stopped after {images} images of epoch {loop['epoch']}, not a whole number of "
+                f"micro batches of {self.micro} on {self.world} rank(s); keep train_batch_size the same."
+            )
+        return images // (self.micro * self.world)
+
+    def _to_universal(self, saved: dict[str, Any], tag: str, loop: dict[str, Any]) -> str:
+        """Convert a checkpoint of another world size to DeepSpeed's universal format (rank 0, once)."""
+        t0 = time.perf_counter()
+        if self.rank == 0:
+            storage.to_universal(self.dir, tag)
+        collectives.barrier()
+        if self.rank == 0:
+            images = loop["batch_in_epoch"] * self.micro * self.world
+            print(
+                f"resuming {tag}, saved by {saved['world_size']} rank(s), on {self.world} rank(s): converted to a "
+                f"DeepSpeed universal checkpoint ({self.dir / (tag + storage.UNIVERSAL_SUFFIX)}, "
+                f"{time.perf_counter() - t0:.1f} s); global batch {self.ds_config['train_batch_size']} = "
+                f"{self.micro} micro x {self.accum} accumulation x {self.world} rank(s); continuing at image "
+                f"{images} of epoch {loop['epoch']}",
+                flush=True,
+            )
+            if saved.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
+                print(
+                    f"warning: an epoch is now {self.steps_per_epoch} steps (it was {saved['steps_per_epoch']}): "
+                    "the sampler's padding differs by world size; the LR schedule follows the new count.",
+                    flush=True,
+                )
+        return tag + storage.UNIVERSAL_SUFFIX

@@ -1,0 +1,289 @@
+"""DeepSpeed checkpoints with the loop state beside them, a crash-safe `latest`, and keep-last-K.
+
+Layout of `checkpoints/<tag>/`: DeepSpeed's own files (module, ZeRO partitions per rank), plus
+- `trainer_state.json` (rank 0): step, epoch, position in the epoch, phase, ranks, history,
+  convergence windows; readable *before* an engine exists, so a resume can rebuild the phase's
+  structure first;
+- `rank<R>.pt`: that rank's RNG states and pending loss sums;
+- `frozen_fp32.pt` (rank 0, phases with a frozen base): the base's exact fp32 values (the kept copy
+  under bf16/fp16, the module's values in fp32: a universal load restores optimizer parameters only; docs/design.md);
+- `dormant_moments.pt` (rank 0, in `relora`): the Adam state the base weights had when `relora` froze them, which
+  they take up again at the switch to `warmup` (`moments.py`).
+`latest` is written by us, atomically, only after every rank finished writing: a crash while saving
+leaves `latest` on the previous complete checkpoint, and a resume skips the incomplete one, saying so.
+A checkpoint saved by another number of ranks is converted once to DeepSpeed's universal format
+(`<tag>_universal/`) before it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prelora_ds.distributed import collectives
+from prelora_ds.errors import CheckpointWriteError
+from prelora_ds.testing import faults
+
+STATE_FILE = "trainer_state.json"
+COMPLETE_FILE = "COMPLETE"
+DORMANT_FILE = "dormant_moments.pt"
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        # this rank's device only: get_rng_state_all() would create a CUDA context on every GPU of the node
+        # in every rank (hundreds of MB each on GPU 0..n), and its list would not fit another node layout
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    frozen_fp32: dict[str, torch.Tensor] | None,
+    rank: int,
+    keep: int,
+    dormant: dict | None = None,
+) -> Path:
+    """Save on every rank (collective). Returns the tag directory."""
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    if rank == 0 and tag_dir.exists():  # left by an interrupted save (or an abandoned timeline): never mix files
+        shutil.rmtree(tag_dir)
+    collectives.barrier()
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        torch.save({**rank_state, "rng": rng_state()}, tag_dir / f"rank{rank}.pt")
+        if rank == 0:
+            if frozen_fp32:
+                torch.save(frozen_fp32, tag_dir / "frozen_fp32.pt")
+            if dormant:
+                torch.save(dormant, tag_dir / DORMANT_FILE)
+            _atomic_write(tag_dir / STATE_FILE, json.dumps(trainer_state, indent=1))
+    except (OSError, RuntimeError) as exc:
+        error = write_error(exc, tag_dir, rank)
+        if error is None:
+            raise
+        raise error from exc
+    faults.in_save(step, rank)
+    collectives.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    if rank == 0:
+        _atomic_write(tag_dir / COMPLETE_FILE, tag)
+        _atomic_write(ckpt_dir / "latest", tag)
+        prune(ckpt_dir, keep)
+    collectives.barrier()
+    return tag_dir
+
+
+def write_error(exc: BaseException, tag_dir: Path, rank: int) -> CheckpointWriteError | None:
+    """The user's message for an error while writing checkpoint `tag_dir`, or None when it is not about the
+    files: a collective that timed out inside DeepSpeed's save (a rank stopped answering) keeps its own error.
+    torch.save reports a full disk as a RuntimeError, so RuntimeErrors other than timeouts count as writes."""
+    if collectives.is_timeout(exc) or not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    latest = complete_tags(tag_dir.parent)
+    return CheckpointWriteError(
+        f"rank {rank} could not write checkpoint {tag_dir}: {exc}. That checkpoint stays incomplete and is "
+        f"never resumed; the last complete one is {latest[-1] if latest else 'none'}. Free disk space (or "
+        "fix the directory's permissions), then run the same command with --resume."
+    )
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.parent.name for p in ckpt_dir.glob(f"step*/{COMPLETE_FILE}") if p.parent.name[4:].isdigit())
+
+
+def incomplete_tags(ckpt_dir: Path) -> list[str]:
+    """Checkpoint folders without the COMPLETE marker (a save that was interrupted or failed), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in ckpt_dir.glob("step*")
+        if p.is_dir() and p.name[4:].isdigit() and not (p / COMPLETE_FILE).exists()
+    )
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and incomplete leftovers older than them."""
+    tags = complete_tags(ckpt_dir)
+    kept = tags[-keep:]
+    for tag in tags[:-keep] + [t for t in incomplete_tags(ckpt_dir) if kept and t < kept[-1]]:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    for universal in ckpt_dir.glob(f"*{UNIVERSAL_SUFFIX}"):
+        if universal.name.removesuffix(UNIVERSAL_SUFFIX) not in kept:
+            shutil.rmtree(universal, ignore_errors=True)
+
+
+def find_resume(ckpt_dir: Path) -> tuple[str | None, str]:
+    """(tag, message): the checkpoint `latest` names if complete, else the newest complete one; the message
+    names any newer incomplete checkpoint that is skipped."""
+    tags = complete_tags(ckpt_dir)
+    latest_file = ckpt_dir / "latest"
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    if latest and latest in tags:
+        tag, msg = latest, f"resuming from {ckpt_dir / latest}"
+    elif tags:
+        why = f"'latest' names {latest!r}, which is incomplete or missing" if latest else "no 'latest' file"
+        tag, msg = tags[-1], f"{why}; resuming from the newest complete checkpoint {ckpt_dir / tags[-1]}"
+    else:
+        tag, msg = None, f"no checkpoint to resume in {ckpt_dir}; starting from step 0"
+    skipped = [t for t in incomplete_tags(ckpt_dir) if tag is None or t > tag]
+    if skipped:
+        msg = (
+            f"skipping incomplete checkpoint(s) {', '.join(skipped)} (a save was interrupted: no {COMPLETE_FILE} "
+            f"marker); {msg}"
+        )
+    return tag, msg
+
+
+def read_trainer_state(tag_dir: Path) -> dict[str, Any]:
+    return json.loads((tag_dir / STATE_FILE).read_text())
+
+
+def read_rank_state(tag_dir: Path, rank: int) -> dict[str, Any] | None:
+    path = tag_dir / f"rank{rank}.pt"
+    return torch.load(path, weights_only=False) if path.is_file() else None
+
+
+def read_frozen_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:
+    path = tag_dir / "frozen_fp32.pt"
+    return torch.load(path, weights_only=True) if path.is_file() else {}
+
+
+def read_dormant(tag_dir: Path) -> dict:
+    path = tag_dir / DORMANT_FILE
+    return torch.load(path, weights_only=True) if path.is_file() else {}
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> Path:
+    """Convert checkpoint `tag` to DeepSpeed's universal format (once; rank 0 only), for a new world size."""
+    out = ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
+    if (out / COMPLETE_FILE).exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(ckpt_dir / tag), "--output_folder", str(out),
+        "--inject_missing_state",  # prelora_ds models carry no Megatron-style universal metadata; none is needed
+        "--num_extract_workers", "2", "--num_merge_workers", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"converting {ckpt_dir / tag} to a universal checkpoint failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}"
+        )
+    _atomic_write(out / COMPLETE_FILE, tag)
+    return out
+
+
+# Structure-defining recipe values: a checkpoint only loads into a model built with the same ones.
+LAYOUT_KEYS = (
+    ("model", "name"),
+    ("model", "kwargs"),
+    ("model", "qkv"),
+    ("prelora", "target_modules"),
+    ("prelora", "trainable_extra"),
+)
+
+
+def layout_mismatch(saved: dict[str, Any], cfg, num_classes: int, ds_config: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's saved trainer state and this run, in words (empty: it fits)."""
+    problems = []
+    now = cfg.to_dict()
+    for section, key in LAYOUT_KEYS:
+        old = saved.get("config", {}).get(section, {}).get(key)
+        if old is not None and old != now[section][key]:
+            problems.append(f"{section}.{key} was {old!r}, now {now[section][key]!r}")
+    if saved.get("num_classes") not in (None, num_classes):
+        problems.append(f"the data had {saved['num_classes']} classes, now {num_classes}")
+    phase = saved.get("loop", {}).get("phase")
+    old_rank = saved.get("config", {}).get("relora", {}).get("rank")
+    if phase == "relora" and old_rank not in (None, cfg.relora.rank):
+        problems.append(f"relora.rank was {old_rank}, now {cfg.relora.rank} (the checkpoint is in phase relora)")
+    old_batch = saved.get("train_batch_size")
+    if old_batch not in (None, ds_config["train_batch_size"]):
+        problems.append(
+            f"the global batch (train_batch_size) was {old_batch}, now {ds_config['train_batch_size']}: set "
+            f'"train_batch_size": {old_batch} in the DeepSpeed config and DeepSpeed derives the accumulation for '
+            "this world size"
+        )
+    return problems
+
+
+def mismatch_message(tag_dir: Path, problems: list[str]) -> str:
+    return (
+        f"checkpoint {tag_dir} does not fit this run: {'; '.join(problems)}. Resume with the values it was saved "
+        "with, or pass another --output_dir to start a new run."
+    )
+
+
+def estimate_bytes(total_params: int, dtype_bytes: int) -> int:
+    """Upper estimate of one checkpoint: the module in its dtype, fp32 masters + two Adam moments (12 bytes a
+    parameter, all trainable in `full`), and 25% for LoRA factors of the warmup phase and file overhead."""
+    return int(total_params * (dtype_bytes + 12) * 1.25)
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest existing parent: where a run directory that does not exist yet will be made."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(out_dir: Path, need: int, keep: int) -> str | None:
+    """OSError when not even one checkpoint of `need` bytes fits; a warning text when `keep` + 1 do not
+    (the new one is written before the oldest is pruned); else None."""
+    free = shutil.disk_usage(nearest_existing(out_dir)).free
+    gib = 2**30
+    if free < need:
+        raise OSError(
+            f"output_dir {out_dir} has {free / gib:.2f} GiB free, but one checkpoint of this model needs about "
+            f"{need / gib:.2f} GiB; free space or pass an --output_dir on a larger disk."
+        )
+    if free < need * (keep + 1):
+        return (
+            f"warning: output_dir {out_dir} has {free / gib:.2f} GiB free; train.keep_checkpoints={keep} needs "
+            f"about {need * (keep + 1) / gib:.2f} GiB (the new checkpoint is written before the oldest is pruned). "
+            "A save that runs out of space stops the run and keeps the last complete checkpoint."
+        )
+    return None

@@ -1,0 +1,86 @@
+"""Pre-emption: a scheduler's stop signal becomes one stop that every rank makes after the same optimizer step.
+
+SIGTERM (SLURM, Kubernetes, the `deepspeed` launcher), SIGINT (Ctrl-C, the launcher's pdsh runner) and SIGUSR1
+(SLURM's `--signal=USR1@<seconds>` before the time limit) only set a flag here. After every optimizer step the
+ranks all-reduce (MAX) the flag together with the earliest signal time, so a signal that reaches one rank, one
+node, or every rank at different moments stops all of them after the same step; that step is checkpointed and
+the process exits with EXIT_CODE. Further signals while stopping are logged and ignored: the save finishes
+(a SIGKILL mid-save still leaves the previous complete checkpoint, see checkpoint.py). docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from prelora_ds.distributed import collectives
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# sysexits.h EX_TEMPFAIL, "a temporary failure, the user is invited to retry": a scheduler script or a
+# Kubernetes podFailurePolicy reads it as "requeue me" (docs/reliability.md)
+EXIT_CODE = 75
+MARKER = "preempted.json"  # in the run directory from the stop until a --resume starts training
+LAUNCHER_GRACE_S = 30.0  # the deepspeed launcher SIGKILLs its ranks this long after it terminates them
+
+
+@dataclass(frozen=True)
+class StopDecision:
+    """The common decision after a step: whether to stop, which signal came first, and when (wall clock)."""
+
+    stop: bool
+    signal_name: str = ""
+    first_signal_time: float = math.nan
+
+
+class StopRequest:
+    """Signal handlers that only record; `agreed()` is the per-step collective that turns them into a decision."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.time: float = math.nan
+        self.extra: int = 0  # signals after the first
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopRequest:
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum, self.time = signum, time.time()
+            print(f"prelora-train: got {signal.Signals(signum).name}: stopping after this step", file=sys.stderr,
+                  flush=True)
+        else:
+            self.extra += 1
+            print(f"prelora-train: got {signal.Signals(signum).name} again: still stopping, the checkpoint is being "
+                  "saved", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def agreed(self) -> StopDecision:
+        """One all-reduce (MAX) of [flag, -signal time, signal number] over the statistics group: every rank
+        calls it after every optimizer step."""
+        flag = float(self.requested)
+        neg_time = -self.time if self.requested else -math.inf
+        got, first, signum = collectives.all_reduce_max([flag, neg_time, float(self.signum or 0)])
+        if not got:
+            return StopDecision(False)
+        return StopDecision(True, signal.Signals(int(signum)).name, -first)
+
+
+def ignore_in_worker(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: a scheduler that signals every process (SLURM, the launcher's process-tree
+    terminate) must not kill the input workers while the main process finishes its step and checkpoint."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -1,0 +1,256 @@
+"""What a run shows: TensorBoard scalars (every tag name in `TAGS`), a custom-scalars layout that groups the
+per-layer series into one chart per module type, and the run files (summary.json, windows.json, ranks.json).
+
+Rank 0 writes; on other ranks every method is a no-op, so call sites need no rank checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from prelora_ds.distributed import preempt
+from prelora_ds.lora.inject import PHASES
+from prelora_ds.metrics.monitor import Monitor, memory_bytes
+
+# Every TensorBoard tag the package writes; `{...}` fields are filled per module type, layer or phase.
+TAGS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "images_per_s": "train/images_per_s",
+    "step_s": "train/step_s",
+    "memory": "train/memory_bytes",
+    "grad_norm": "train/grad_norm",
+    "skipped_steps": "train/skipped_steps",
+    "phase_loss": "phase_loss/{phase}",  # the loss again, one series per phase: the boundaries show as colours
+    "phase_lr": "phase_lr/{phase}",
+    "phase_index": "phase/index",
+    "switch_s": "phase/switch_s",
+    "trainable": "params/trainable",
+    "total": "params/total",
+    "norm": "norm/{module}",
+    "norm_layer": "norm_layer/{module}/{layer:02d}",
+    "dL": "window/dL",
+    "D": "window/D/{module}",
+    "delta_l": "window/delta_l",
+    "delta_w": "window/delta_w",
+    "lora_norm": "lora_norm/{kind}/{layer}",
+    "lora_norm_mean": "lora_norm/{kind}/mean",
+    "rank": "ranks/{layer}",
+    "rank_histogram": "ranks/histogram",
+    "val_top1": "val/top1",
+    "val_top5": "val/top5",
+    "val_loss": "val/loss",
+    "merges": "relora/merges",
+    "merged_delta_norm": "relora/merged_delta_norm",
+    "pruned_share": "relora/pruned_share",
+    "merge_s": "relora/merge_s",
+    "save_s": "checkpoint/save_s",
+    "signal_to_saved_s": "preempt/signal_to_saved_s",
+}
+LORA_KINDS = ("base", "lora", "effective")
+
+
+def tag(name: str, **fields: Any) -> str:
+    return TAGS[name].format(**fields)
+
+
+def _series(name: str, **fields: str) -> str:
+    """A regex over the tags of `TAGS[name]` with `fields` fixed (escaped) and every other field free."""
+    parts = re.split(r"(\{[^}]+\})", TAGS[name])
+    out = []
+    for part in parts:
+        key = part[1:-1].split(":")[0] if part.startswith("{") else None
+        out.append(re.escape(fields[key]) if key in fields else r"[^/]+" if key else re.escape(part))
+    return "".join(out)
+
+
+def custom_scalars_layout(modules: dict[str, list[str]]) -> dict[str, dict[str, list]]:
+    """TensorBoard's custom-scalars layout: `modules` maps a module type (e.g. 'attn.qkv') to its layer names."""
+    chart = lambda *regexes: ["Multiline", list(regexes)]  # noqa: E731
+    layout: dict[str, dict[str, list]] = {
+        "PreLoRA test": {
+            "window change of the loss dL (%) and delta_l": chart(_series("dL"), _series("delta_l")),
+            "window change per module D (%) and delta_w": chart(_series("D"), _series("delta_w")),
+        },
+        "Training by phase": {
+            "train loss, one series per phase": chart(_series("phase_loss")),
+            "learning rate, one series per phase": chart(_series("phase_lr")),
+            "val top-1 (%)": chart(_series("val_top1")),
+            "trainable parameters": chart(_series("trainable")),
+        },
+        "Weight norms per layer (before the switch)": {
+            f"{m}: mean norm per layer": chart(_series("norm_layer", module=m)) for m in modules
+        },
+    }
+    for kind in LORA_KINDS:
+        layout[f"LoRA {kind} norms per layer (after the switch)"] = {
+            f"{m}: ||{kind}|| per layer": chart(*(f"^{re.escape(tag('lora_norm', kind=kind, layer=n))}$"
+                                                  for n in names))
+            for m, names in modules.items()
+        }
+    layout["Ranks"] = {"rank per layer": chart(_series("rank"))}
+    return layout
+
+
+class Recorder:
+    """Silent until `start` (so engines built and switched outside a run, e.g. by benchmarks, write nothing)."""
+
+    def __init__(self, out_dir: Path, rank: int) -> None:
+        self.out_dir, self.rank = out_dir, rank
+        self.monitor = Monitor(out_dir, -1, 0, 0)
+
+    def start(self, total_steps: int, start_step: int, modules: dict[str, list[str]]) -> None:
+        """Open TensorBoard and the progress bar (rank 0) and write the custom-scalars layout."""
+        self.monitor = Monitor(self.out_dir, self.rank, total_steps, start_step)
+        if self.monitor.writer:
+            self.monitor.writer.add_custom_scalars(custom_scalars_layout(modules))
+
+    # ----------------------------------------------------------------- TensorBoard
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.monitor.scalars(step, values)
+
+    def train_step(self, step: int, phase: str, loss: float, lr: float, dt: float, images: int, grad_norm) -> None:
+        values = {
+            tag("loss"): loss, tag("lr"): lr, tag("images_per_s"): images / dt, tag("step_s"): dt,
+            tag("memory"): memory_bytes(), tag("phase_loss", phase=phase): loss, tag("phase_lr", phase=phase): lr,
+            tag("phase_index"): list(PHASES).index(phase),
+        }  # fmt: skip
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            values[tag("grad_norm")] = float(grad_norm)
+        self.monitor.scalars(step, values)
+        self.monitor.progress(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images / dt:.0f}", phase=phase)
+
+    def progress(self, step: int) -> None:
+        self.monitor.progress(step)
+
+    def params(self, step: int, phase: str, trainable: int, total: int) -> None:
+        self.monitor.scalars(step, {tag("trainable"): trainable, tag("total"): total})
+        share = 100 * trainable / total
+        self.log(f"[{phase}] step {step}: {trainable:,} of {total:,} parameters trainable ({share:.1f}%)")
+
+    def phase_change(self, step: int, name: str, elapsed: float) -> None:
+        self.monitor.text("phase", f"step {step}: -> {name} ({elapsed:.2f} s)", step)
+        self.monitor.scalars(step, {tag("phase_index"): list(PHASES).index(name), tag("switch_s"): elapsed})
+
+    def norms(self, step: int, sampled: dict[str, list[float]]) -> None:
+        values = {}
+        for m, vals in sampled.items():
+            values[tag("norm", module=m)] = sum(vals) / len(vals)
+            values.update({tag("norm_layer", module=m, layer=i): v for i, v in enumerate(vals)})
+        self.monitor.scalars(step, values)
+
+    def window(self, step: int, dL: float, D: dict[str, float], delta_l: float, delta_w: float) -> None:
+        self.monitor.scalars(
+            step,
+            {tag("dL"): dL, tag("delta_l"): delta_l, tag("delta_w"): delta_w}
+            | {tag("D", module=m): v for m, v in D.items()},
+        )
+
+    def lora_norms(self, step: int, values: dict[str, dict[str, float]]) -> None:
+        out = {}
+        for layer, v in values.items():
+            out.update({tag("lora_norm", kind=kind, layer=layer): x for kind, x in v.items()})
+        for kind in LORA_KINDS:
+            out[tag("lora_norm_mean", kind=kind)] = sum(v[kind] for v in values.values()) / len(values)
+        self.monitor.scalars(step, out)
+
+    def switch(self, step: int, epoch: int, ranks: dict[str, int], changes, reason: str, elapsed: float) -> None:
+        self.write_json("ranks.json", ranks)
+        self.monitor.histogram(tag("rank_histogram"), list(ranks.values()), step)
+        self.monitor.scalars(step, {tag("rank", layer=name): r for name, r in ranks.items()})
+        self.monitor.text(
+            "switch", f"switch at step {step} (epoch {epoch}, {reason}), {elapsed:.2f} s; layer changes "
+            f"{json.dumps(changes)}", step,
+        )  # fmt: skip
+        self.log(f"PreLoRA switch at step {step} ({reason}): ranks {sorted(set(ranks.values()))} written to ranks.json")
+
+    def val(self, step: int, epoch: int, phase: str, result: dict[str, float]) -> None:
+        self.monitor.scalars(
+            step, {tag("val_top1"): result["top1"], tag("val_top5"): result["top5"], tag("val_loss"): result["loss"]}
+        )
+        self.log(
+            f"epoch {epoch} step {step} [{phase}]: val top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
+            f"loss {result['loss']:.4f}"
+        )
+
+    def merge(self, step: int, merges: int, deltas: dict[str, float], pruned: float, elapsed: float) -> None:
+        self.monitor.scalars(step, {
+            tag("merges"): merges, tag("merged_delta_norm"): math.sqrt(sum(d * d for d in deltas.values())),
+            tag("pruned_share"): pruned, tag("merge_s"): elapsed,
+        })  # fmt: skip
+
+    def skipped(self, step: int, skipped: int, streak: int, limit: int) -> None:
+        self.monitor.scalars(step, {tag("skipped_steps"): skipped})
+        self.log(
+            f"step {step}: non-finite loss or gradient, step skipped by DeepSpeed ({streak} in a row, {skipped} in "
+            f"all; the limit is {limit} in a row)"
+        )
+
+    def preempted(self, decision, step: int, phase: str, checkpoint: Path) -> None:
+        """A signal stopped every rank after `step`, checkpointed: the marker file for a scheduler script (the
+        deepspeed launcher may exit 1 when it was signalled itself) and the message."""
+        elapsed = time.time() - decision.first_signal_time
+        self.scalars(step, {tag("signal_to_saved_s"): elapsed})
+        self.write_json(preempt.MARKER, {"signal": decision.signal_name, "step": step, "phase": phase,
+                                         "checkpoint": str(checkpoint), "signal_to_saved_s": elapsed,
+                                         "exit_code": preempt.EXIT_CODE})  # fmt: skip
+        budget = "within" if elapsed < preempt.LAUNCHER_GRACE_S else "NOT within"
+        self.log(
+            f"pre-empted by {decision.signal_name}: every rank stopped after step {step} ({phase}); checkpoint "
+            f"{checkpoint} complete {elapsed:.1f} s after the first signal ({budget} the deepspeed launcher's "
+            f"{preempt.LAUNCHER_GRACE_S:.0f} s before SIGKILL). Continue with the same command and --resume (exit "
+            f"code {preempt.EXIT_CODE}: requeue)."
+        )
+
+    def log(self, msg: str) -> None:
+        self.monitor.log(msg)
+
+    def close(self) -> None:
+        self.monitor.close()
+
+    # ----------------------------------------------------------------- run files
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.rank == 0:
+            (self.out_dir / name).write_text(json.dumps(obj, indent=1))
+
+
+def summary(state, meta: dict[str, Any]) -> dict[str, Any]:
+    """summary.json from the loop state (`LoopState`) and the run's constants in `meta`."""
+    phases = []
+    for h in state.history:
+        times = state.step_times.get(h["name"], [])
+        phases.append({
+            "name": h["name"], "start_step": h["start_step"], "end_step": h.get("end_step", state.step),
+            "trainable_params": h.get("trainable_params"), "total_params": h.get("total_params"),
+            "median_step_s": statistics.median(times) if times else None, "switch_s": h.get("switch_s"),
+            "peak_memory_bytes": h.get("peak_memory_bytes"),
+        })  # fmt: skip
+    final = state.val[-1] if state.val else {}
+    return {
+        "phases": phases,
+        "switch_step": state.switch_step,
+        "relora_merges": state.relora_merges,
+        "relora_merge_s": statistics.median(state.merge_s) if state.merge_s else None,
+        "switch_epoch": state.switch_epoch,
+        "final_val_top1": final.get("top1"),
+        "final_val_top5": final.get("top5"),
+        "val": state.val,
+        "steps": state.step,
+        "epochs": state.epoch,
+        "wall_time_s": state.wall_s,
+        "skipped_steps": state.skipped_steps,
+        **meta,
+    }
+
+
+def windows_file(checks: list[dict], layers: dict[str, list[str]], p, accumulator_state: dict) -> dict[str, Any]:
+    """windows.json: what tools/replay_convergence.py needs to replay the test at other thresholds."""
+    thresholds = {k: getattr(p, k) for k in ("delta_w", "delta_l", "num_windows", "window_steps", "window_epochs",
+                                             "r_min", "r_max", "min_epochs", "max_epochs")}
+    return {"checks": checks, "layers": layers, "thresholds": thresholds, **accumulator_state}

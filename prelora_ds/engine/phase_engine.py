@@ -1,5 +1,15 @@
 """The DeepSpeed engine of the current phase, with what belongs to it: the frozen base's fp32 copy, the LR
-scheduler and the compute dtype. A phase change is `rebuild` (the traps it avoids: `switch.py`, docs/design.md).
+scheduler and the compute dtype. A phase change is `PhaseEngine.rebuild`, in the same process (docs/design.md §4).
+
+Three traps the rebuild exists for:
+- Under bf16, `deepspeed.initialize` casts the module to bf16 and builds the fp32 masters from the rounded
+  weights. So the masters are read out of the old ZeRO optimizer before it is destroyed
+  (`safe_get_full_fp32_param`) and written into the new one afterwards (`safe_set_full_fp32_param`).
+- Handing the old `engine.module` to a new engine keeps the old engine and its optimizer alive through module
+  hooks (about 1.1 GiB per rebuild on ViT-B). So every rebuild builds a fresh timm model and loads the fp32
+  state into it.
+- A new optimizer forgets: every weight that trains on would restart Adam from zero moments. So the moments of
+  each such parameter are carried with their step counts (`moments.py`), unless the recipe asks for a reset.
 
 The fp32 copy of a frozen base exists because under bf16/fp16 DeepSpeed casts the module down and keeps
 fp32 masters of trainable parameters only: without the copy a frozen base would lose its low bits at the
@@ -9,8 +19,12 @@ no copy is kept (it would double the base's memory).
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import sys
 import time
 
+import deepspeed
 import torch
 
 from prelora_ds.algorithm import policy
@@ -20,12 +34,90 @@ from prelora_ds.distributed import collectives
 from prelora_ds.engine import moments, norms, zero
 from prelora_ds.engine.model import count_params, create_model
 from prelora_ds.engine.schedule import build_scheduler, set_lr
-from prelora_ds.engine.switch import FP32State, build_engine, gather_fp32_state, load_fp32_state, rebuild
 from prelora_ds.lora import relora
 from prelora_ds.lora.inject import PHASES, build_structure, canonical_name, target_layers
 from prelora_ds.lora.merge import lora_scales
 from prelora_ds.lora.merge import merge_lora as merge_lora_state
 from prelora_ds.metrics.monitor import reset_peak_memory
+
+FP32State = dict[str, torch.Tensor]
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, weight_decay: float, counts: dict[str, int] | None = None):
+    """A DeepSpeed engine whose optimizer holds exactly the model's trainable parameters, in weight-decay groups
+    split by the Adam step count each parameter carries in (`counts`, name -> count; none: one fresh history)."""
+    groups = moments.param_groups(model, weight_decay, counts)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    return engine
+
+
+def gather_fp32_state(engine, frozen_fp32: FP32State) -> FP32State:
+    """Every parameter's fp32 value on CPU, by canonical name. Collective: all ranks call it.
+
+    Trainable parameters come from the ZeRO fp32 masters (all-gathered from the partitions);
+    frozen ones from `frozen_fp32`, the masters kept when they were frozen (the engine holds bf16).
+    """
+    state: FP32State = {}
+    for name, p in engine.module.named_parameters():
+        key = canonical_name(name)
+        state[key] = frozen_fp32[key] if not p.requires_grad and key in frozen_fp32 else zero.full_value(p)
+    return state
+
+
+def load_fp32_state(model: torch.nn.Module, state: FP32State) -> list[str]:
+    """Copy `state` into a model's parameters (a fresh one, or an engine's module: partitioned under ZeRO-3, then
+    collective); returns the canonical names it had no value for."""
+    missing = []
+    for name, p in model.named_parameters():
+        key = canonical_name(name)
+        if key in state:
+            zero.write_module_value(p, state[key])
+        else:
+            missing.append(key)
+    return missing
+
+
+def write_fp32_masters(engine, state: FP32State) -> None:
+    """Overwrite the new engine's fp32 masters (and its low-precision copies) with exact fp32 values."""
+    for name, p in engine.module.named_parameters():
+        key = canonical_name(name)
+        if p.requires_grad and key in state:
+            zero.write_master(p, state[key])
+
+
+def frozen_fp32_of(engine, state: FP32State) -> FP32State:
+    """The fp32 values of the engine's frozen parameters (kept on CPU: the engine has only bf16)."""
+    return {
+        canonical_name(n): state[canonical_name(n)]
+        for n, p in engine.module.named_parameters()
+        if not p.requires_grad and canonical_name(n) in state
+    }
+
+
+def release(engine) -> None:
+    """Destroy an engine and drop what it holds so its memory can be returned."""
+    engine.destroy()
+    for attr in ("optimizer", "module", "lr_scheduler", "training_dataloader"):
+        if hasattr(engine, attr):
+            try:
+                setattr(engine, attr, None)
+            except (AttributeError, TypeError):
+                pass
+    del engine
+    return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Collect garbage and hand freed memory back (CUDA cache; glibc heap, which otherwise keeps the
+    freed engine's pages and makes RSS creep up by fragmentation although nothing leaks)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl)
+            pass
 
 
 def low_precision(ds_config: dict) -> bool:
@@ -143,20 +235,31 @@ class PhaseEngine:
         if ranks is not None:
             self.ranks = dict(ranks)
         old, self.engine = self.engine, None
-        self.engine, frozen, self.counts, left = rebuild(
-            old,
-            self.frozen_fp32,
-            self.make_model,
-            self.ds_config,
-            self.wd,
-            transform=(lambda state: merge_lora_state(state, scales)) if merge_lora else None,
-            carry_moments=self.cfg.prelora.switch_optimizer == "carry",
-            dormant=self.dormant,
-        )
+        # masters and Adam moments out of the old engine (collective), then the old engine goes
+        state = gather_fp32_state(old, self.frozen_fp32)
+        carry = self.cfg.prelora.switch_optimizer == "carry"  # `reset`: a fresh optimizer, the paper's behaviour
+        gathered = moments.gather(old) if carry else {}
+        carried = {**self.dormant, **gathered}  # dormant: the base's moments kept through `relora`
+        if merge_lora:
+            state = merge_lora_state(state, scales)
+        # moments travel for parameters whose value travels unchanged in shape (not LoRA factors a merge folded away)
+        carried = {n: m for n, m in carried.items() if n in state and state[n].shape == next(iter(m[1].values())).shape}
+        release(old)
+        del old
+        model = self.make_model(state)
+        counts = {n: c for n, (c, _) in carried.items()}
+        self.engine = build_engine(model, self.ds_config, self.wd, counts)
+        if self.engine.bfloat16_enabled() or self.engine.fp16_enabled():  # in fp32 the masters were exact already
+            write_fp32_masters(self.engine, state)
+        written = moments.write(self.engine, carried)
+        frozen = frozen_fp32_of(self.engine, state)
+        left = {n: m for n, m in gathered.items() if n not in written}  # moments the new engine does not train
+        self.counts = {n: counts[n] for n in written}
+        del model, carried, state
+        return_freed_memory()
         # `relora` freezes the base until `warmup`: keep its moments for then (measured best, docs/study.md)
         self.dormant = left if phase == "relora" else {}
         self.rewarm_start = step
-        del old
         self.frozen_fp32 = frozen if self.keep_fp32 else {}
         reset_peak_memory()  # each phase's peak is its own (the rebuild's transient peak counts in neither)
         self._attach_scheduler(step)

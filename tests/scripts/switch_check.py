@@ -19,7 +19,7 @@ from tiny_trainer import fixed_batch, fixed_batch_loss, tiny_trainer
 
 from prelora_ds.engine import norms
 from prelora_ds.engine.model import create_model
-from prelora_ds.engine.switch import build_engine, gather_fp32_state, load_fp32_state, release
+from prelora_ds.engine.phase_engine import build_engine, gather_fp32_state, load_fp32_state, release
 from prelora_ds.lora.inject import is_lora_param
 
 

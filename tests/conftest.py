@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from prelora_ds.config.sections import SPLIT_TARGETS
+from prelora_ds.metrics.readers import scalars  # noqa: F401  (the tests' reader of TensorBoard files)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -65,22 +66,6 @@ def load_tool(name: str):
 def deepspeed_cmd(*args: str, port: int | None = None) -> list[str]:
     extra = ["--master_port", str(port)] if port else []
     return [str(BIN / "deepspeed"), "--num_gpus", "2", *extra, "--module", "prelora_ds.train", *args]
-
-
-def scalars(run_dir: Path, prefix: str = "") -> dict[str, list[tuple[int, float]]]:
-    """All scalar series of a run's TensorBoard events (merged over event files, e.g. across a resume)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, dict[int, float]] = {}
-    for f in sorted((run_dir / "tb").glob("events.*")):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            if tag.startswith(prefix):
-                series = out.setdefault(tag, {})
-                for e in acc.Scalars(tag):
-                    series[e.step] = e.value
-    return {tag: sorted(s.items()) for tag, s in out.items()}
 
 
 def write_digit_jpegs(root: Path, count: int = 800, val_every: int = 5) -> Path:

@@ -16,8 +16,8 @@ import timm
 import torch
 from conftest import BIN, SWITCH_RUN, run, scalars, summary
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.custom_scalar import layout_pb2
+
+from prelora_ds.metrics.readers import custom_scalars_charts
 
 pytestmark = pytest.mark.launch
 
@@ -72,12 +72,8 @@ def test_custom_scalars_layout_charts_what_the_run_wrote(uninterrupted):
     """TensorBoard's custom-scalars layout in the run's events: one chart per module type with a line per layer,
     and every chart's regexes find series the run wrote (tools/tb_screenshot.sh shows it in a browser)."""
     tb = scalars(uninterrupted)
-    (events,) = sorted((uninterrupted / "tb").glob("events.*"))[:1]
-    acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
-    acc.Reload()
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+    charts = custom_scalars_charts(uninterrupted)
+    assert charts
     for title, regexes in charts.items():
         matched = [t for t in tb if any(re.fullmatch(r, t) for r in regexes)]
         assert matched, f"chart {title!r} ({regexes}) matches no tag the run wrote"

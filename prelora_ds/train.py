@@ -38,12 +38,14 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prelora_ds.config.recipe import load_recipe, parse_override_value
 from prelora_ds.config.sections import SPLIT_TARGETS, RunConfig
-from prelora_ds.errors import ConfigError
+from prelora_ds.errors import ConfigError, RendezvousError, TrainingError
+from prelora_ds.log import RANK_ZERO, logger, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -104,97 +106,121 @@ def resolve(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[RunCon
     return cfg, ds_config, world
 
 
+@dataclass
+class Preflight:
+    """What the checks before any process group produced: the validated run, its data and where it writes."""
+
+    cfg: RunConfig
+    ds_config: dict
+    world_hint: int
+    data: Any
+    out_dir: Path
+    resume: bool
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Pre-flight (exit 2 on bad input, nothing started), start the process group, run, report."""
+    setup_logging()
     try:
-        args, overrides = parse_args(argv)
-        cfg, ds_config, world_hint = resolve(args, overrides)
-        from prelora_ds.distributed.hostfile import check_launch
-
-        check_launch()  # a wrong hostfile or --node_rank hangs the rendezvous otherwise
-        import torch
-
-        from prelora_ds.data.datasets import build_datasets, check_train_size
-        from prelora_ds.engine.model import create_model, input_spec
-        from prelora_ds.lora.inject import target_layers
-        from prelora_ds.lora.relora import validate_rank
-
-        with torch.device("meta"):  # names and shapes only: no memory, no random init (ViT-H: 2.5 GB a rank)
-            probe = create_model(cfg.model, 2, init=False)
-        layers = target_layers(probe, cfg.prelora.target_modules)  # a regex that matches nothing fails here
-        _check_split_targets(cfg, layers)
-        if cfg.relora.enabled:
-            validate_rank(probe, layers, cfg.relora.rank)
-        img, in_chans, mean, std = input_spec(probe)
-        total_params = sum(p.numel() for p in probe.parameters())
-        del probe
-        data = build_datasets(cfg.data, img, in_chans, seed=cfg.train.seed, mean=mean, std=std)
-        check_train_size(len(data.train), ds_config["train_micro_batch_size_per_gpu"], world_hint)
-        out_dir = Path(cfg.train.output_dir)
-        _check_output_dir(out_dir, args.resume)
-        if args.resume:
-            _check_resume_fits(out_dir, cfg, data.num_classes, ds_config)
-        _check_disk(out_dir, cfg, ds_config, total_params)
-        _check_faults()
+        pre = preflight(argv)
     except ConfigError as exc:
-        print(f"prelora-train: error: {exc}", file=sys.stderr)
+        logger.error(str(exc))
         return 2
+    try:
+        rank, world, ds_config = start(pre)
+    except RendezvousError as exc:
+        logger.error(str(exc))
+        return 1
+    try:
+        return run(pre, ds_config, rank, world)
+    finally:
+        from prelora_ds.distributed.launch import shutdown_distributed
 
+        shutdown_distributed()
+
+
+def preflight(argv: list[str] | None) -> Preflight:
+    """Every check that needs no process group, so bad input fails on every rank at once with a ConfigError."""
+    args, overrides = parse_args(argv)
+    cfg, ds_config, world_hint = resolve(args, overrides)
+    from prelora_ds.distributed.hostfile import check_launch
+
+    check_launch()  # a wrong hostfile or --node_rank hangs the rendezvous otherwise
+    import torch
+
+    from prelora_ds.data.datasets import build_datasets, check_train_size
+    from prelora_ds.engine.model import create_model, input_spec
+    from prelora_ds.lora.inject import target_layers
+    from prelora_ds.lora.relora import validate_rank
+
+    with torch.device("meta"):  # names and shapes only: no memory, no random init (ViT-H: 2.5 GB a rank)
+        probe = create_model(cfg.model, 2, init=False)
+    layers = target_layers(probe, cfg.prelora.target_modules)  # a regex that matches nothing fails here
+    _check_split_targets(cfg, layers)
+    if cfg.relora.enabled:
+        validate_rank(probe, layers, cfg.relora.rank)
+    img, in_chans, mean, std = input_spec(probe)
+    total_params = sum(p.numel() for p in probe.parameters())
+    del probe
+    data = build_datasets(cfg.data, img, in_chans, seed=cfg.train.seed, mean=mean, std=std)
+    check_train_size(len(data.train), ds_config["train_micro_batch_size_per_gpu"], world_hint)
+    out_dir = Path(cfg.train.output_dir)
+    _check_output_dir(out_dir, args.resume)
+    if args.resume:
+        _check_resume_fits(out_dir, cfg, data.num_classes, ds_config)
+    _check_disk(out_dir, cfg, ds_config, total_params)
+    _check_faults()
+    return Preflight(cfg, ds_config, world_hint, data, out_dir, args.resume)
+
+
+def start(pre: Preflight) -> tuple[int, int, dict]:
+    """Start the process group (RendezvousError when this rank cannot join); returns (rank, world, the DeepSpeed
+    config for the world the launcher really gave)."""
     import faulthandler
 
     import torch
 
-    from prelora_ds.distributed.launch import init_distributed, shutdown_distributed
-    from prelora_ds.errors import RendezvousError
+    from prelora_ds.distributed.launch import init_distributed
 
     # NCCL's watchdog aborts a rank whose collective outlived train.collective_timeout_s: print where each
     # thread was (the package's function names) before the process goes (docs/gpu.md)
     faulthandler.enable()
-    try:  # sets the GPU first
-        rank, local_rank, world = init_distributed(cfg.train.collective_timeout_s, cfg.train.rendezvous_timeout_s)
-    except RendezvousError as exc:
-        print(f"prelora-train: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+    train = pre.cfg.train
+    rank, _, world = init_distributed(train.collective_timeout_s, train.rendezvous_timeout_s)  # sets the GPU first
+    setup_logging(rank)
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # ranks sharing a CPU: one thread pool each, not cores x ranks
-        torch.set_num_threads(
-            max(
-                1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
-            )
-        )
-    if world != world_hint:  # the launcher's world differs from what the env promised: re-check batch math
-        ds_config = _ds_config(cfg, world)
-
-    try:
-        return _run(cfg, ds_config, data, out_dir, rank, world, args.resume)
-    finally:
-        shutdown_distributed()
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    # the launcher's world differs from what the environment promised: check the batch arithmetic again
+    ds_config = pre.ds_config if world == pre.world_hint else _ds_config(pre.cfg, world)
+    return rank, world, ds_config
 
 
-def _run(cfg: RunConfig, ds_config: dict, data, out_dir: Path, rank: int, world: int, resume: bool) -> int:
-    """Train on a started process group; returns the exit code."""
-    from prelora_ds.errors import TrainingError
+def run(pre: Preflight, ds_config: dict, rank: int, world: int) -> int:
+    """Train on the started process group; returns the exit code (0 done or stopped at train.stop_at_step, 1 a
+    run that stopped with a message, 75 pre-empted)."""
+    from prelora_ds.distributed import preempt
     from prelora_ds.training.trainer import Trainer
 
+    cfg, data, out_dir = pre.cfg, pre.data, pre.out_dir
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
         (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
-        print(
-            f"prelora-train: {world} rank(s), images per optimizer step = "
-            f"{ds_config['train_micro_batch_size_per_gpu']} micro x {ds_config['gradient_accumulation_steps']} "
-            f"accumulation x {world} ranks = {ds_config['train_batch_size']}; "
-            f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes",
-            flush=True,
-        )
-    from prelora_ds.distributed import preempt
-
+    logger.info(
+        f"prelora-train: {world} rank(s), images per optimizer step = "
+        f"{ds_config['train_micro_batch_size_per_gpu']} micro x {ds_config['gradient_accumulation_steps']} "
+        f"accumulation x {world} ranks = {ds_config['train_batch_size']}; "
+        f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes"
+    )
     trainer = None
     stop_request = preempt.StopRequest().install()  # from here a scheduler's signal stops after a step, with a save
     try:
-        trainer = Trainer(cfg, ds_config, data, out_dir, rank, world, resume=resume, stop_request=stop_request)
+        trainer = Trainer(cfg, ds_config, data, out_dir, rank, world, resume=pre.resume, stop_request=stop_request)
         summary = trainer.train()
     except TrainingError as exc:
-        print(f"prelora-train: error: {exc}", file=sys.stderr, flush=True)
+        logger.error(str(exc))
         return 1
     finally:
         if trainer is not None:
@@ -202,14 +228,13 @@ def _run(cfg: RunConfig, ds_config: dict, data, out_dir: Path, rank: int, world:
         stop_request.uninstall()
     if summary is None:  # pre-empted (requeue), or stopped at train.stop_at_step
         return preempt.EXIT_CODE if trainer.preempted else 0
-    if rank == 0:
-        print(
-            f"prelora-train: done in {summary['wall_time_s']:.1f} s, final val top-1 {summary['final_val_top1']:.2f}%"
-        )
-        print(f"  TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
-        print(f"  summary:     {out_dir / 'summary.json'}")
-        print(f"  model:       {out_dir / 'model_merged.safetensors'}")
-        print(f"  checkpoints: {out_dir / 'checkpoints'}")
+    logger.info(
+        f"prelora-train: done in {summary['wall_time_s']:.1f} s, final val top-1 {summary['final_val_top1']:.2f}%\n"
+        f"  TensorBoard: tensorboard --logdir {out_dir / 'tb'}\n"
+        f"  summary:     {out_dir / 'summary.json'}\n"
+        f"  model:       {out_dir / 'model_merged.safetensors'}\n"
+        f"  checkpoints: {out_dir / 'checkpoints'}"
+    )
     return 0
 
 
@@ -266,8 +291,8 @@ def _check_disk(out_dir: Path, cfg: RunConfig, ds_config: dict, total_params: in
         warning = check_free_space(out_dir, need, cfg.train.keep_checkpoints)
     except OSError as exc:
         raise ConfigError(str(exc)) from exc
-    if warning and os.environ.get("RANK", "0") == "0":
-        print(f"prelora-train: {warning}", file=sys.stderr, flush=True)
+    if warning:
+        logger.warning(warning, extra=RANK_ZERO)
 
 
 def _check_faults() -> None:

@@ -33,7 +33,7 @@ def worker(args: argparse.Namespace) -> None:
     from prelora_ds.data.datasets import build_datasets
     from prelora_ds.distributed.launch import init_distributed
     from prelora_ds.lora.inject import target_layers
-    from prelora_ds.metrics.monitor import memory_bytes, reset_peak_memory
+    from prelora_ds.metrics.memory import memory_bytes, reset_peak_memory
     from prelora_ds.training.trainer import Trainer
 
     rank, _, world = init_distributed(1800)

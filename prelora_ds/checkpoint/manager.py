@@ -16,6 +16,7 @@ import torch
 from prelora_ds.checkpoint import storage
 from prelora_ds.distributed import collectives
 from prelora_ds.errors import TrainingError
+from prelora_ds.log import logger
 
 
 @dataclass
@@ -62,8 +63,7 @@ class Checkpointer:
     def find(self, cfg, num_classes: int) -> Resumed | None:
         """The checkpoint to continue from (None: start from step 0), checked against this run."""
         tag, msg = storage.find_resume(self.dir)
-        if self.rank == 0:
-            print(msg, flush=True)
+        logger.info(msg)
         if tag is None:
             return None
         tag_dir = self.dir / tag
@@ -127,18 +127,16 @@ class Checkpointer:
         collectives.barrier()
         if self.rank == 0:
             images = loop["batch_in_epoch"] * self.micro * self.world
-            print(
+            logger.info(
                 f"resuming {tag}, saved by {saved['world_size']} rank(s), on {self.world} rank(s): converted to a "
                 f"DeepSpeed universal checkpoint ({self.dir / (tag + storage.UNIVERSAL_SUFFIX)}, "
                 f"{time.perf_counter() - t0:.1f} s); global batch {self.ds_config['train_batch_size']} = "
                 f"{self.micro} micro x {self.accum} accumulation x {self.world} rank(s); continuing at image "
-                f"{images} of epoch {loop['epoch']}",
-                flush=True,
+                f"{images} of epoch {loop['epoch']}"
             )
             if saved.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
-                print(
-                    f"warning: an epoch is now {self.steps_per_epoch} steps (it was {saved['steps_per_epoch']}): "
-                    "the sampler's padding differs by world size; the LR schedule follows the new count.",
-                    flush=True,
+                logger.warning(
+                    f"an epoch is now {self.steps_per_epoch} steps (it was {saved['steps_per_epoch']}): the sampler's "
+                    "padding differs by world size; the LR schedule follows the new count."
                 )
         return tag + storage.UNIVERSAL_SUFFIX

@@ -282,7 +282,7 @@ def check_free_space(out_dir: Path, need: int, keep: int) -> str | None:
         )
     if free < need * (keep + 1):
         return (
-            f"warning: output_dir {out_dir} has {free / gib:.2f} GiB free; train.keep_checkpoints={keep} needs "
+            f"output_dir {out_dir} has {free / gib:.2f} GiB free; train.keep_checkpoints={keep} needs "
             f"about {need * (keep + 1) / gib:.2f} GiB (the new checkpoint is written before the oldest is pruned). "
             "A save that runs out of space stops the run and keeps the last complete checkpoint."
         )

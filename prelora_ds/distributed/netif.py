@@ -13,8 +13,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import sys
 import threading
+
+from prelora_ds.log import EVERY_RANK, logger
 
 GLOO_VAR = "GLOO_SOCKET_IFNAME"
 
@@ -65,16 +66,16 @@ def choose_gloo_interface(log: bool) -> str:
     master = os.environ["MASTER_ADDR"]
     if os.environ.get(GLOO_VAR):
         if log:
-            print(f"prelora-train: {socket.gethostname()}: {GLOO_VAR}={os.environ[GLOO_VAR]} (set by the user)",
-                  flush=True)
+            logger.info(f"prelora-train: {socket.gethostname()}: {GLOO_VAR}={os.environ[GLOO_VAR]} (set by the user)",
+                        extra=EVERY_RANK)
         return os.environ[GLOO_VAR]
     name, local = route_to(master)
     os.environ[GLOO_VAR] = name
     if log:
-        print(
+        logger.info(
             f"prelora-train: {socket.gethostname()}: {GLOO_VAR}={name} (address {local}, the interface that routes to "
             f"MASTER_ADDR={master}; set {GLOO_VAR} to choose another)",
-            flush=True,
+            extra=EVERY_RANK,
         )
     return name
 
@@ -105,11 +106,9 @@ class RendezvousWatchdog:
 
     def _watch(self) -> None:
         if not self._done.wait(self.timeout_s):
-            print(
-                f"prelora-train: error: the process group did not start within train.rendezvous_timeout_s="
-                f"{self.timeout_s:g} s: {rendezvous_help()}",
-                file=sys.stderr,
-                flush=True,
+            logger.error(
+                f"the process group did not start within train.rendezvous_timeout_s={self.timeout_s:g} s: "
+                f"{rendezvous_help()}"
             )
             os._exit(1)  # the main thread is blocked in C++ (store or gloo connect): nothing else can end it
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 
 from prelora_ds.distributed import collectives
+from prelora_ds.log import logger
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # sysexits.h EX_TEMPFAIL, "a temporary failure, the user is invited to retry": a scheduler script or a
@@ -57,12 +57,10 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         if self.signum is None:
             self.signum, self.time = signum, time.time()
-            print(f"prelora-train: got {signal.Signals(signum).name}: stopping after this step", file=sys.stderr,
-                  flush=True)
+            logger.warning(f"got {signal.Signals(signum).name}: stopping after this step")
         else:
             self.extra += 1
-            print(f"prelora-train: got {signal.Signals(signum).name} again: still stopping, the checkpoint is being "
-                  "saved", file=sys.stderr, flush=True)
+            logger.warning(f"got {signal.Signals(signum).name} again: still stopping, the checkpoint is being saved")
 
     @property
     def requested(self) -> bool:

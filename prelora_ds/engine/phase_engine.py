@@ -38,7 +38,7 @@ from prelora_ds.lora import relora
 from prelora_ds.lora.inject import PHASES, build_structure, canonical_name, target_layers
 from prelora_ds.lora.merge import lora_scales
 from prelora_ds.lora.merge import merge_lora as merge_lora_state
-from prelora_ds.metrics.monitor import reset_peak_memory
+from prelora_ds.metrics.memory import reset_peak_memory
 
 FP32State = dict[str, torch.Tensor]
 

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from prelora_ds.distributed import preempt
+from prelora_ds.log import logger
 from prelora_ds.lora.inject import PHASES
-from prelora_ds.metrics.monitor import Monitor, memory_bytes
+from prelora_ds.metrics.memory import memory_bytes
+from prelora_ds.metrics.monitor import Monitor
 
 # Every TensorBoard tag the package writes; `{...}` fields are filled per module type, layer or phase.
 TAGS = {
@@ -103,11 +105,11 @@ class Recorder:
 
     def __init__(self, out_dir: Path, rank: int) -> None:
         self.out_dir, self.rank = out_dir, rank
-        self.monitor = Monitor(out_dir, -1, 0, 0)
+        self.monitor = Monitor.off()
 
     def start(self, total_steps: int, start_step: int, modules: dict[str, list[str]]) -> None:
         """Open TensorBoard and the progress bar (rank 0) and write the custom-scalars layout."""
-        self.monitor = Monitor(self.out_dir, self.rank, total_steps, start_step)
+        self.monitor = Monitor(self.out_dir, self.rank == 0, total_steps, start_step)
         if self.monitor.writer:
             self.monitor.writer.add_custom_scalars(custom_scalars_layout(modules))
 
@@ -132,7 +134,7 @@ class Recorder:
     def params(self, step: int, phase: str, trainable: int, total: int) -> None:
         self.monitor.scalars(step, {tag("trainable"): trainable, tag("total"): total})
         share = 100 * trainable / total
-        self.log(f"[{phase}] step {step}: {trainable:,} of {total:,} parameters trainable ({share:.1f}%)")
+        logger.info(f"[{phase}] step {step}: {trainable:,} of {total:,} parameters trainable ({share:.1f}%)")
 
     def phase_change(self, step: int, name: str, elapsed: float) -> None:
         self.monitor.text("phase", f"step {step}: -> {name} ({elapsed:.2f} s)", step)
@@ -168,13 +170,15 @@ class Recorder:
             "switch", f"switch at step {step} (epoch {epoch}, {reason}), {elapsed:.2f} s; layer changes "
             f"{json.dumps(changes)}", step,
         )  # fmt: skip
-        self.log(f"PreLoRA switch at step {step} ({reason}): ranks {sorted(set(ranks.values()))} written to ranks.json")
+        logger.info(
+            f"PreLoRA switch at step {step} ({reason}): ranks {sorted(set(ranks.values()))} written to ranks.json"
+        )
 
     def val(self, step: int, epoch: int, phase: str, result: dict[str, float]) -> None:
         self.monitor.scalars(
             step, {tag("val_top1"): result["top1"], tag("val_top5"): result["top5"], tag("val_loss"): result["loss"]}
         )
-        self.log(
+        logger.info(
             f"epoch {epoch} step {step} [{phase}]: val top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
             f"loss {result['loss']:.4f}"
         )
@@ -187,7 +191,7 @@ class Recorder:
 
     def skipped(self, step: int, skipped: int, streak: int, limit: int) -> None:
         self.monitor.scalars(step, {tag("skipped_steps"): skipped})
-        self.log(
+        logger.info(
             f"step {step}: non-finite loss or gradient, step skipped by DeepSpeed ({streak} in a row, {skipped} in "
             f"all; the limit is {limit} in a row)"
         )
@@ -201,15 +205,12 @@ class Recorder:
                                          "checkpoint": str(checkpoint), "signal_to_saved_s": elapsed,
                                          "exit_code": preempt.EXIT_CODE})  # fmt: skip
         budget = "within" if elapsed < preempt.LAUNCHER_GRACE_S else "NOT within"
-        self.log(
+        logger.info(
             f"pre-empted by {decision.signal_name}: every rank stopped after step {step} ({phase}); checkpoint "
             f"{checkpoint} complete {elapsed:.1f} s after the first signal ({budget} the deepspeed launcher's "
             f"{preempt.LAUNCHER_GRACE_S:.0f} s before SIGKILL). Continue with the same command and --resume (exit "
             f"code {preempt.EXIT_CODE}: requeue)."
         )
-
-    def log(self, msg: str) -> None:
-        self.monitor.log(msg)
 
     def close(self) -> None:
         self.monitor.close()

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prelora_ds.log import EVERY_RANK, logger
+
 ENV = "PRELORA_FAULTS"
 KINDS = ("kill", "kill_in_save", "nan", "nan_weights", "hang", "term", "term_self", "usr1_self", "term_in_save")
 _PATTERN = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?$")
@@ -70,13 +72,13 @@ def after_step(step: int, rank: int, module=None) -> None:
 
         name, param = next((n, p) for n, p in module.named_parameters()  # a weight the norm statistics read
                            if p.requires_grad and ".blocks.0." in f".{n}" and p.dim() == 2)
-        print(f"[{ENV}] rank {rank}: NaN into the fp32 master of {name} after step {step}", flush=True)
+        logger.info(f"[{ENV}] rank {rank}: NaN into the fp32 master of {name} after step {step}", extra=EVERY_RANK)
         safe_set_full_fp32_param(param, torch.full_like(safe_get_full_fp32_param(param), float("nan")))
     if due("kill", step, rank):
-        print(f"[{ENV}] rank {rank}: SIGKILL after step {step}", flush=True)
+        logger.info(f"[{ENV}] rank {rank}: SIGKILL after step {step}", extra=EVERY_RANK)
         os.kill(os.getpid(), signal.SIGKILL)
     if due("hang", step, rank):
-        print(f"[{ENV}] rank {rank}: hanging after step {step}", flush=True)
+        logger.info(f"[{ENV}] rank {rank}: hanging after step {step}", extra=EVERY_RANK)
         # alive but never reaching the next collective; a launcher's SIGTERM still ends it (the pre-emption
         # handler only records signals, so end here the way the default action would)
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
@@ -84,22 +86,22 @@ def after_step(step: int, rank: int, module=None) -> None:
         os._exit(128 + signal.SIGTERM)
     if due("term", step, rank):
         target = _launcher_pid()
-        print(f"[{ENV}] rank {rank}: SIGTERM to {'the launcher' if target != os.getpid() else 'itself'} "
-              f"(pid {target}) after step {step}", flush=True)
+        logger.info(f"[{ENV}] rank {rank}: SIGTERM to {'the launcher' if target != os.getpid() else 'itself'} "
+                    f"(pid {target}) after step {step}", extra=EVERY_RANK)
         os.kill(target, signal.SIGTERM)
     for kind, sig in (("term_self", signal.SIGTERM), ("usr1_self", signal.SIGUSR1)):
         if due(kind, step, rank):
-            print(f"[{ENV}] rank {rank}: {sig.name} to this rank only after step {step}", flush=True)
+            logger.info(f"[{ENV}] rank {rank}: {sig.name} to this rank only after step {step}", extra=EVERY_RANK)
             os.kill(os.getpid(), sig)
 
 
 def in_save(step: int, rank: int) -> None:
     """Hook inside `checkpoint.save`, between DeepSpeed's files and the COMPLETE marker."""
     if due("kill_in_save", step, rank):
-        print(f"[{ENV}] rank {rank}: SIGKILL while saving step {step}", flush=True)
+        logger.info(f"[{ENV}] rank {rank}: SIGKILL while saving step {step}", extra=EVERY_RANK)
         os.kill(os.getpid(), signal.SIGKILL)
     if due("term_in_save", step, rank):
-        print(f"[{ENV}] rank {rank}: SIGTERM while saving step {step}", flush=True)
+        logger.info(f"[{ENV}] rank {rank}: SIGTERM while saving step {step}", extra=EVERY_RANK)
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -19,7 +19,7 @@ from prelora_ds.config.sections import RunConfig
 from prelora_ds.distributed import collectives
 from prelora_ds.engine import norms
 from prelora_ds.engine.phase_engine import PhaseEngine
-from prelora_ds.metrics.monitor import memory_bytes
+from prelora_ds.metrics.memory import memory_bytes
 from prelora_ds.metrics.recorder import Recorder, windows_file
 
 

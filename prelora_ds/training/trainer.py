@@ -27,8 +27,9 @@ from prelora_ds.data.datasets import DataBundle, build_loaders, build_mixup, bui
 from prelora_ds.distributed import collectives, preempt
 from prelora_ds.engine.phase_engine import PhaseEngine
 from prelora_ds.errors import CheckpointWriteError, NonFiniteError, TrainingError
+from prelora_ds.log import RANK_ZERO, logger
 from prelora_ds.lora.merge import lora_scales, save_merged
-from prelora_ds.metrics.monitor import memory_bytes
+from prelora_ds.metrics.memory import memory_bytes
 from prelora_ds.metrics.recorder import Recorder, summary, tag
 from prelora_ds.testing import faults
 from prelora_ds.training.controller import PhaseController, relora_start, start_phase
@@ -155,7 +156,7 @@ class Trainer:
         self.recorder.start(self.total_steps, self.state.step, self.phases.layout.modules)
         if self.phases.built_elements is not None:
             held, whole = self.phases.built_elements
-            self.recorder.log(f"ZeRO-3: model built partitioned (deepspeed.zero.Init): rank {self.rank} allocated "
+            logger.info(f"ZeRO-3: model built partitioned (deepspeed.zero.Init): rank {self.rank} allocated "
                               f"{held:,} of {whole:,} parameter elements")
         if not self.state.history[-1].get("trainable_params"):
             self.control.record_params(self.state)
@@ -339,9 +340,9 @@ class Trainer:
         self.phases.after_load(frozen, resumed.engine, storage.read_dormant(self.ckpt.dir / resumed.tag))
         if pending is not None:
             self.control.pending_loss = pending
-        if self.rank == 0 and self.state.step:
-            print(f"resumed at step {self.state.step} (epoch {self.state.epoch}, phase {self.state.phase}) in "
-                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+        if self.state.step:
+            logger.info(f"resumed at step {self.state.step} (epoch {self.state.epoch}, phase {self.state.phase}) in "
+                        f"{time.perf_counter() - t0:.1f} s")
 
     def _stop(self, decision: preempt.StopDecision) -> None:
         """Checkpoint this step (unless it has one) and end the run early: pre-empted, or train.stop_at_step."""
@@ -351,7 +352,7 @@ class Trainer:
             where = self.ckpt.dir / storage.tag_for(self.state.step)
             self.recorder.preempted(decision, self.state.step, self.state.phase, where)
         else:
-            self.recorder.log(f"stopped at step {self.state.step} (train.stop_at_step); continue with --resume")
+            logger.info(f"stopped at step {self.state.step} (train.stop_at_step); continue with --resume")
         self.recorder.close()
 
     # ----------------------------------------------------------------- outputs
@@ -364,7 +365,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch, "world_size": self.world, "model": self.cfg.model.name,
             "train_batch_size": self.ds_config["train_batch_size"], "skipped_images": skipped})  # fmt: skip
         if skipped:
-            self.recorder.log(f"warning: {skipped} unreadable images were skipped (see the log)")
+            logger.warning(f"{skipped} unreadable images were skipped (see the log)", extra=RANK_ZERO)
         if self.rank == 0:
             save_merged(self.out_dir / "model_merged.safetensors", state, lora_scales(self.engine.module))
         self.recorder.write_json("summary.json", result)

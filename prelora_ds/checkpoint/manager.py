@@ -16,7 +16,8 @@ import torch
 from prelora_ds.checkpoint import storage
 from prelora_ds.distributed import collectives
 from prelora_ds.errors import TrainingError
-from prelora_ds.log import logger
+from prelora_ds.log import RANK_ZERO, logger
+from prelora_ds.training.loop_state import BatchGeometry
 
 
 @dataclass
@@ -34,11 +35,9 @@ class Resumed:
 class Checkpointer:
     """Saves and finds the checkpoints of `ckpt_dir` for this rank (every method is collective)."""
 
-    def __init__(self, ckpt_dir: Path, rank: int, world: int, keep: int, ds_config: dict, steps_per_epoch: int):
-        self.dir, self.rank, self.world, self.keep = ckpt_dir, rank, world, keep
-        self.ds_config, self.steps_per_epoch = ds_config, steps_per_epoch
-        self.micro = ds_config["train_micro_batch_size_per_gpu"]
-        self.accum = ds_config["gradient_accumulation_steps"]
+    def __init__(self, ckpt_dir: Path, rank: int, keep: int, ds_config: dict, geometry: BatchGeometry):
+        """`geometry`: the trainer's batch geometry (read, not copied: the trainer owns it)."""
+        self.dir, self.rank, self.keep, self.ds_config, self.geometry = ckpt_dir, rank, keep, ds_config, geometry
         self.saved_step: int | None = None  # the step of the newest checkpoint this run has (saved or resumed)
 
     def last_complete(self) -> str:
@@ -73,9 +72,9 @@ class Checkpointer:
             raise TrainingError(storage.mismatch_message(tag_dir, problems))
         loop = dict(saved["loop"])
         loop["batch_in_epoch"] = self._map_epoch_position(saved, tag, loop)
-        saved_world = saved.get("world_size", self.world)
+        saved_world = saved.get("world_size", self.geometry.world)
         ds_config, load_tag = self.ds_config, tag
-        if saved_world != self.world:
+        if saved_world != self.geometry.world:
             load_tag = self._to_universal(saved, tag, loop)
             universal = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
             ds_config = {**self.ds_config, "checkpoint": universal}
@@ -91,7 +90,7 @@ class Checkpointer:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / resumed.load_tag}")
         frozen = storage.read_frozen_fp32(tag_dir)
         pending = None
-        if resumed.saved_world == self.world:
+        if resumed.saved_world == self.geometry.world:
             rank_state = storage.read_rank_state(tag_dir, self.rank)
             if rank_state is not None:
                 pending = torch.tensor(rank_state["pending_loss"], dtype=torch.float64)
@@ -108,35 +107,36 @@ class Checkpointer:
     def _map_epoch_position(self, saved: dict[str, Any], tag: str, loop: dict[str, Any]) -> int:
         """The position in the epoch is kept in micro batches per rank; with another micro batch or world size
         it is re-expressed from the images consumed (same global batch, so always a whole number of steps)."""
-        old_micro, old_world = saved.get("micro_batch", self.micro), saved.get("world_size", self.world)
-        if (old_micro, old_world) == (self.micro, self.world):
+        g = self.geometry
+        old_micro, old_world = saved.get("micro_batch", g.micro), saved.get("world_size", g.world)
+        if (old_micro, old_world) == (g.micro, g.world):
             return loop["batch_in_epoch"]
         images = loop["batch_in_epoch"] * old_micro * old_world
-        if images % (self.micro * self.world):
+        if images % (g.micro * g.world):
             raise TrainingError(
                 f"checkpoint {tag} stopped after {images} images of epoch {loop['epoch']}, not a whole number of "
-                f"micro batches of {self.micro} on {self.world} rank(s); keep train_batch_size the same."
+                f"micro batches of {g.micro} on {g.world} rank(s); keep train_batch_size the same."
             )
-        return images // (self.micro * self.world)
+        return images // (g.micro * g.world)
 
     def _to_universal(self, saved: dict[str, Any], tag: str, loop: dict[str, Any]) -> str:
         """Convert a checkpoint of another world size to DeepSpeed's universal format (rank 0, once)."""
-        t0 = time.perf_counter()
+        t0, g = time.perf_counter(), self.geometry
         if self.rank == 0:
             storage.to_universal(self.dir, tag)
         collectives.barrier()
-        if self.rank == 0:
-            images = loop["batch_in_epoch"] * self.micro * self.world
-            logger.info(
-                f"resuming {tag}, saved by {saved['world_size']} rank(s), on {self.world} rank(s): converted to a "
-                f"DeepSpeed universal checkpoint ({self.dir / (tag + storage.UNIVERSAL_SUFFIX)}, "
-                f"{time.perf_counter() - t0:.1f} s); global batch {self.ds_config['train_batch_size']} = "
-                f"{self.micro} micro x {self.accum} accumulation x {self.world} rank(s); continuing at image "
-                f"{images} of epoch {loop['epoch']}"
+        images = loop["batch_in_epoch"] * g.micro * g.world
+        logger.info(
+            f"resuming {tag}, saved by {saved['world_size']} rank(s), on {g.world} rank(s): converted to a "
+            f"DeepSpeed universal checkpoint ({self.dir / (tag + storage.UNIVERSAL_SUFFIX)}, "
+            f"{time.perf_counter() - t0:.1f} s); global batch {self.ds_config['train_batch_size']} = "
+            f"{g.micro} micro x {g.accum} accumulation x {g.world} rank(s); continuing at image "
+            f"{images} of epoch {loop['epoch']}"
+        )
+        if saved.get("steps_per_epoch", g.steps_per_epoch) != g.steps_per_epoch:
+            logger.warning(
+                f"an epoch is now {g.steps_per_epoch} steps (it was {saved['steps_per_epoch']}): the sampler's "
+                "padding differs by world size; the LR schedule follows the new count.",
+                extra=RANK_ZERO,
             )
-            if saved.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
-                logger.warning(
-                    f"an epoch is now {self.steps_per_epoch} steps (it was {saved['steps_per_epoch']}): the sampler's "
-                    "padding differs by world size; the LR schedule follows the new count."
-                )
         return tag + storage.UNIVERSAL_SUFFIX

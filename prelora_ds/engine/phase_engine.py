@@ -137,23 +137,22 @@ class PhaseEngine:
         self.scheduler = None
         self.frozen_fp32: FP32State = {}
         self.layout: norms.NormLayout | None = None
-        self.phase = "full"
-        self.ranks: dict[str, int] = {}
         self.built_elements: tuple[int, int] | None = None  # ZeRO-3: (elements this rank allocated, whole model)
         self.counts: dict[str, int] = {}  # name -> the Adam step count its moments carried into this engine
         self.dormant: moments.Moments = {}  # in relora: the frozen base's Adam state from `full`, for `warmup`
         self.rewarm_start: int | None = None  # the step this engine was built at by a rebuild (fresh groups ramp)
 
     # ----------------------------------------------------------------- build
-    def make_model(self, state: FP32State | None, ds_config: dict | None = None) -> torch.nn.Module:
-        """A fresh timm model with the phase's structure (and `state` loaded when given).
+    def make_model(self, state: FP32State | None, phase: str, ranks: dict[str, int] | None,
+                   ds_config: dict | None = None) -> torch.nn.Module:  # fmt: skip
+        """A fresh timm model with the structure of `phase` (LoRA of `ranks`), `state` loaded when given.
 
         With a `state`, every base weight is overwritten, so the model is allocated without timm's random
         init (meta device, then `to_empty`): seconds saved per switch on ViT-L. Under ZeRO-3 the model is
         built partitioned (`_make_partitioned`). Collective under ZeRO-3.
         """
         if zero_stage(ds_config or self.ds_config) == 3:
-            return self._make_partitioned(state, ds_config or self.ds_config)
+            return self._make_partitioned(state, phase, ranks, ds_config or self.ds_config)
         if state is None:
             model = create_model(self.cfg.model, self.num_classes)
         else:
@@ -163,12 +162,13 @@ class PhaseEngine:
                 model = create_model(self.cfg.model, self.num_classes)
             else:
                 model = model.to_empty(device="cpu")
-        model = self._structure(model)
+        model = self._structure(model, phase, ranks)
         if state is not None:
             self._load(model, state)
         return model
 
-    def _make_partitioned(self, state: FP32State | None, ds_config: dict) -> torch.nn.Module:
+    def _make_partitioned(self, state: FP32State | None, phase: str, ranks: dict[str, int] | None,
+                          ds_config: dict) -> torch.nn.Module:  # fmt: skip
         """ZeRO-3: the model is built under `deepspeed.zero.Init`, so a rank allocates its partitions only (each
         rank building the whole model first, as ZeRO-1/2 do, costs a whole model per rank: ViT-H/14 did not fit).
 
@@ -187,7 +187,7 @@ class PhaseEngine:
             zero.write_from_rank0(model, initial)
             del initial
         self.built_elements = zero.local_elements(model)  # before PEFT's factors, which the engine partitions
-        model = self._structure(model)
+        model = self._structure(model, phase, ranks)
         if state is not None:
             self._load(model, state)
         dtype = compute_dtype(ds_config)
@@ -195,10 +195,10 @@ class PhaseEngine:
             zero.cast_unpartitioned(model, dtype)
         return model
 
-    def _structure(self, model: torch.nn.Module) -> torch.nn.Module:
+    def _structure(self, model: torch.nn.Module, phase: str, ranks: dict[str, int] | None) -> torch.nn.Module:
         if self.layout is None:
             self.layout = norms.NormLayout.from_layers(target_layers(model, self.cfg.prelora.target_modules))
-        return build_structure(model, PHASES[self.phase], self.ranks or None, self.cfg.prelora)
+        return build_structure(model, PHASES[phase], ranks or None, self.cfg.prelora)
 
     @staticmethod
     def _load(model: torch.nn.Module, state: FP32State) -> None:
@@ -212,11 +212,10 @@ class PhaseEngine:
         checkpoint); the same initial weights on every rank and in every run. `ds_config`: this engine only;
         `keep_frozen`: keep the fp32 copy of a frozen base (not before a resume: the checkpoint has one);
         `saved`: the checkpoint's `state_dict()`, whose optimizer group layout the engine must have to load it."""
-        self.phase, self.ranks = phase, dict(ranks or {})
         saved = saved or {}
         self.counts, self.rewarm_start = dict(saved.get("adam_counts", {})), saved.get("rewarm_start")
         torch.manual_seed(self.cfg.train.seed)
-        model = self.make_model(None, ds_config)
+        model = self.make_model(None, phase, ranks, ds_config)
         self.frozen_fp32 = {  # under ZeRO-3 gathered from the partitions (collective): the values the module holds
             canonical_name(n): zero.full_value(p)
             for n, p in model.named_parameters()
@@ -231,9 +230,6 @@ class PhaseEngine:
         `merge_lora`: fold the current LoRA deltas into the base (in fp32) first, for a new rank layout."""
         t0 = time.perf_counter()
         scales = lora_scales(self.engine.module) if merge_lora else {}
-        self.phase = phase
-        if ranks is not None:
-            self.ranks = dict(ranks)
         old, self.engine = self.engine, None
         # masters and Adam moments out of the old engine (collective), then the old engine goes
         state = gather_fp32_state(old, self.frozen_fp32)
@@ -246,7 +242,7 @@ class PhaseEngine:
         carried = {n: m for n, m in carried.items() if n in state and state[n].shape == next(iter(m[1].values())).shape}
         release(old)
         del old
-        model = self.make_model(state)
+        model = self.make_model(state, phase, ranks)
         counts = {n: c for n, (c, _) in carried.items()}
         self.engine = build_engine(model, self.ds_config, self.wd, counts)
         if self.engine.bfloat16_enabled() or self.engine.fp16_enabled():  # in fp32 the masters were exact already

@@ -225,12 +225,12 @@ def summary(state, meta: dict[str, Any]) -> dict[str, Any]:
     """summary.json from the loop state (`LoopState`) and the run's constants in `meta`."""
     phases = []
     for h in state.history:
-        times = state.step_times.get(h["name"], [])
+        times = state.step_times.get(h.name, [])
         phases.append({
-            "name": h["name"], "start_step": h["start_step"], "end_step": h.get("end_step", state.step),
-            "trainable_params": h.get("trainable_params"), "total_params": h.get("total_params"),
-            "median_step_s": statistics.median(times) if times else None, "switch_s": h.get("switch_s"),
-            "peak_memory_bytes": h.get("peak_memory_bytes"),
+            "name": h.name, "start_step": h.start_step, "end_step": state.step if h.end_step is None else h.end_step,
+            "trainable_params": h.trainable_params, "total_params": h.total_params,
+            "median_step_s": statistics.median(times) if times else None, "switch_s": h.switch_s,
+            "peak_memory_bytes": h.peak_memory_bytes,
         })  # fmt: skip
     final = state.val[-1] if state.val else {}
     return {

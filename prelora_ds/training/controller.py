@@ -21,6 +21,7 @@ from prelora_ds.engine import norms
 from prelora_ds.engine.phase_engine import PhaseEngine
 from prelora_ds.metrics.memory import memory_bytes
 from prelora_ds.metrics.recorder import Recorder, windows_file
+from prelora_ds.training.loop_state import LoopState
 
 
 def zero_loss() -> torch.Tensor:
@@ -29,7 +30,8 @@ def zero_loss() -> torch.Tensor:
 
 
 class PhaseController:
-    """Owns the convergence windows and this rank's pending loss sums; reads and writes the loop state."""
+    """Owns the convergence windows and this rank's loss sums since the last sample; changes the loop state's phase
+    (through `LoopState.start_phase`) and the engine's structure together."""
 
     def __init__(self, cfg: RunConfig, phases: PhaseEngine, recorder: Recorder, rank: int, world: int,
                  collective: Callable[[str], contextlib.AbstractContextManager]) -> None:  # fmt: skip
@@ -37,12 +39,29 @@ class PhaseController:
         self.collective = collective
         self.acc = WindowAccumulator(cfg.prelora.window_value)
         self.pending_loss = zero_loss()  # this rank's (sum of per-image losses, images) since the last sample
-        self.save_pending = False  # a phase changed: the step wants a checkpoint
 
-    def after_step(self, state, clock: Clock) -> None:
+    # ----------------------------------------------------------------- the loss between samples
+    def add_loss(self, value: torch.Tensor, images: int) -> None:
+        """One micro batch's mean loss (0-dim float64 on the device: no host sync) over `images` images; a skipped
+        step's non-finite loss must not poison the convergence test's loss windows, so it counts as no images."""
+        n = torch.isfinite(value).double() * images
+        self.pending_loss = self.pending_loss.to(value.device) + torch.stack(
+            [torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0) * n, n]
+        )
+
+    def pending_loss_sums(self) -> list[float]:
+        """(sum of per-image losses, images) since the last sample, for this rank's checkpoint file."""
+        return self.pending_loss.tolist()
+
+    def restore_pending_loss(self, sums: torch.Tensor) -> None:
+        self.pending_loss = sums
+
+    # ----------------------------------------------------------------- after each step
+    def after_step(self, state: LoopState, clock: Clock) -> bool:
         """Everything due after optimizer step `clock.step` (or at the end of its epoch), in this order:
-        sample -> switch decision -> ReLoRA start -> ReLoRA merge -> end of warmup."""
-        p, r = self.cfg.prelora, self.cfg.relora
+        sample -> switch decision -> ReLoRA start -> ReLoRA merge -> end of warmup. Returns whether the phase
+        changed (the step then wants a checkpoint)."""
+        p, r, phase_before = self.cfg.prelora, self.cfg.relora, state.phase
         closed = self._sample(state, clock) if policy.sample_due(p, state.phase, clock) else False
         forcing_due = clock.epoch_end and p.max_epochs is not None
         if p.enabled and policy.tests_convergence(state.phase) and (closed or forcing_due):
@@ -52,13 +71,14 @@ class PhaseController:
             self.acc = WindowAccumulator(p.window_value)  # relora passes the test on windows of its own
             self.pending_loss = zero_loss()
         in_relora = state.phase == "relora" and not clock.epoch_end
-        if in_relora and policy.merge_due(clock.step, relora_start(state), r.merge_every_steps):
+        if in_relora and policy.merge_due(clock.step, state.relora_start(), r.merge_every_steps):
             self._merge(state)
-        start = state.history[-1]
-        if state.phase == "warmup" and policy.warmup_done(p, clock, start["start_step"], start["start_epoch"]):
+        start = state.current
+        if state.phase == "warmup" and policy.warmup_done(p, clock, start.start_step, start.start_epoch):
             self.switch_to(state, "lora", start_epoch=clock.epochs_done)
+        return state.phase != phase_before
 
-    def _sample(self, state, clock: Clock) -> bool:
+    def _sample(self, state: LoopState, clock: Clock) -> bool:
         """Norm sample: into the windows in `full` (and `relora`, on the effective weights W + s B A); base /
         LoRA / effective norms for monitoring after the switch. Returns whether a window closed."""
         module, layout, frozen = self.phases.module, self.phases.layout, self.phases.frozen_fp32
@@ -80,7 +100,7 @@ class PhaseController:
             return True
         return False
 
-    def _decide(self, state, clock: Clock, closed: bool) -> None:
+    def _decide(self, state: LoopState, clock: Clock, closed: bool) -> None:
         """The switch decision (at a window close, or at an epoch end for max_epochs), agreed by every rank."""
         p, loss_w, norm_w = self.cfg.prelora, self.acc.loss_windows, self.acc.norm_windows
         relora_first = self.cfg.relora.enabled and state.phase == "full"
@@ -104,26 +124,25 @@ class PhaseController:
                                  merge_lora=state.phase == "relora")
         self.recorder.switch(clock.step, clock.epoch, ranks, changes, decision.reason, elapsed)
 
-    def switch_to(self, state, name: str, ranks: dict[str, int] | None = None, start_epoch: int | None = None,
-                  merge_lora: bool = False) -> float:
+    def switch_to(self, state: LoopState, name: str, ranks: dict[str, int] | None = None,
+                  start_epoch: int | None = None, merge_lora: bool = False) -> float:
         """Rebuild the engine in-process for phase `name`; returns the switch time in seconds. `merge_lora`:
         fold the LoRA deltas into the base (fp32) first. `start_epoch`: epochs done when the phase starts."""
-        state.history[-1]["peak_memory_bytes"] = memory_bytes()
-        start_phase(state, name, ranks, state.epoch if start_epoch is None else start_epoch)
+        state.current.peak_memory_bytes = memory_bytes()
+        state.start_phase(name, ranks, state.epoch if start_epoch is None else start_epoch)
         with self.collective(f"the engine rebuild for phase {name} at step {state.step} (fp32 master gather)"):
-            elapsed = self.phases.rebuild(name, ranks, state.step, merge_lora)
-        state.history[-1]["switch_s"] = elapsed
+            elapsed = self.phases.rebuild(name, state.ranks, state.step, merge_lora)
+        state.current.switch_s = elapsed
         self.record_params(state)
         self.recorder.phase_change(state.step, name, elapsed)
-        self.save_pending = True
         return elapsed
 
-    def record_params(self, state) -> None:
+    def record_params(self, state: LoopState) -> None:
         trainable, total = self.phases.count_params()
-        state.history[-1].update(trainable_params=trainable, total_params=total)
+        state.current.trainable_params, state.current.total_params = trainable, total
         self.recorder.params(state.step, state.phase, trainable, total)
 
-    def _merge(self, state) -> None:
+    def _merge(self, state: LoopState) -> None:
         """ReLoRA: merge, re-initialise, prune the Adam state (every relora.merge_every_steps in `relora`)."""
         t0 = time.perf_counter()
         with self.collective(f"the ReLoRA merge at step {state.step}"):
@@ -132,21 +151,7 @@ class PhaseController:
         state.merge_s.append(time.perf_counter() - t0)
         self.recorder.merge(state.step, state.relora_merges, deltas, pruned, state.merge_s[-1])
 
-    def write_windows(self, state) -> None:
+    def write_windows(self, state: LoopState) -> None:
         self.recorder.write_json("windows.json", windows_file(state.checks, self.phases.layout.modules,
                                                               self.cfg.prelora, self.acc.state_dict()))
 
-
-def start_phase(state, name: str, ranks: dict[str, int] | None, start_epoch: int) -> None:
-    """Record in the loop state that phase `name` starts at the current step."""
-    if state.history:
-        state.history[-1]["end_step"] = state.step
-    if ranks is not None:
-        state.ranks = ranks
-    state.phase = name
-    state.history.append({"name": name, "start_step": state.step, "start_epoch": start_epoch})
-
-
-def relora_start(state) -> int | None:
-    """The step `relora` began (None: it has not)."""
-    return next((h["start_step"] for h in state.history if h["name"] == "relora"), None)

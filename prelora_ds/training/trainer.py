@@ -10,9 +10,7 @@ run shows `Recorder`'s. Design: docs/design.md.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,34 +30,12 @@ from prelora_ds.lora.merge import lora_scales, save_merged
 from prelora_ds.metrics.memory import memory_bytes
 from prelora_ds.metrics.recorder import Recorder, summary, tag
 from prelora_ds.testing import faults
-from prelora_ds.training.controller import PhaseController, relora_start, start_phase
+from prelora_ds.training.controller import PhaseController
+from prelora_ds.training.loop_state import BatchGeometry, LoopState
 from prelora_ds.training.validation import TopKCounts
 
-__all__ = ["LoopState", "Trainer", "TrainingError"]
+__all__ = ["LoopState", "Trainer"]
 MAX_STEP_TIMES = 5000  # per phase, for the median in summary.json
-
-
-@dataclass
-class LoopState:
-    """Everything the loop needs to continue exactly; saved in every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro batches of the current epoch already consumed
-    phase: str = "full"
-    ranks: dict[str, int] = field(default_factory=dict)
-    switch_step: int | None = None
-    switch_epoch: int | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    step_times: dict[str, list[float]] = field(default_factory=dict)
-    windows: dict[str, Any] = field(default_factory=dict)
-    checks: list[dict[str, Any]] = field(default_factory=list)
-    val: list[dict[str, float]] = field(default_factory=list)
-    wall_s: float = 0.0
-    relora_merges: int = 0
-    merge_s: list[float] = field(default_factory=list)
-    skipped_steps: int = 0  # steps DeepSpeed skipped for a non-finite loss or gradient
-    bad_streak: int = 0  # of them, how many in a row up to the current step
 
 
 class Trainer:
@@ -70,33 +46,32 @@ class Trainer:
         `stop_request`: the process's installed signal handlers (pre-emption); one that never fires by default."""
         self.cfg, self.ds_config, self.data, self.out_dir = cfg, ds_config, data, out_dir
         self.rank, self.world = rank, world
-        self.micro, self.accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
-        self.train_loader, self.val_loader = build_loaders(data, self.micro, rank, world, cfg.train.seed,
+        micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+        self.train_loader, self.val_loader = build_loaders(data, micro, rank, world, cfg.train.seed,
                                                            cfg.data.num_workers)
-        self.steps_per_epoch = len(self.train_loader) // self.accum
-        if self.steps_per_epoch < 1:
+        if len(self.train_loader) < accum:
             raise TrainingError(f"an epoch has {len(self.train_loader)} micro batches per rank, fewer than "
-                                f"gradient_accumulation_steps={self.accum}; lower the batch size or accumulation.")
-        t = cfg.train
-        self.total_steps = min(t.epochs * self.steps_per_epoch, t.max_steps or t.epochs * self.steps_per_epoch)
-        lr_warmup = t.lr_warmup_steps if t.lr_warmup_steps is not None else round(t.lr_warmup_epochs *
-                                                                                  self.steps_per_epoch)
+                                f"gradient_accumulation_steps={accum}; lower the batch size or accumulation.")
+        self.geometry = BatchGeometry(micro, accum, world, len(self.train_loader) // accum)
+        spe, t = self.geometry.steps_per_epoch, cfg.train
+        self.total_steps = min(t.epochs * spe, t.max_steps or t.epochs * spe)
+        lr_warmup = t.lr_warmup_steps if t.lr_warmup_steps is not None else round(t.lr_warmup_epochs * spe)
         self.mixup = build_mixup(cfg.data, data.num_classes)
         self.train_loss = build_train_loss(cfg.data, self.mixup is not None)
         self.eval_loss = torch.nn.CrossEntropyLoss()
         self.phases = PhaseEngine(cfg, ds_config, data.num_classes, self.total_steps, lr_warmup)
-        self.ckpt = Checkpointer(out_dir / "checkpoints", rank, world, t.keep_checkpoints, ds_config,
-                                 self.steps_per_epoch)
+        self.ckpt = Checkpointer(out_dir / "checkpoints", rank, t.keep_checkpoints, ds_config, self.geometry)
         self.recorder = Recorder(out_dir, rank)
         self.control = PhaseController(cfg, self.phases, self.recorder, rank, world, self.collective)
         self.state = LoopState()
+        self.save_due = False  # a phase changed or an epoch ended: this step wants a checkpoint
         self.last_lr = 0.0
         self.stop_request = stop_request or preempt.StopRequest()
         self.preempted: preempt.StopDecision | None = None  # set when a signal stopped the run
         if resume:
             self._resume()
         else:
-            start_phase(self.state, first_phase, start_ranks, 0)
+            self.state.start_phase(first_phase, start_ranks, 0)
             self.phases.build(first_phase, start_ranks, 0)
 
     @property
@@ -158,7 +133,7 @@ class Trainer:
             held, whole = self.phases.built_elements
             logger.info(f"ZeRO-3: model built partitioned (deepspeed.zero.Init): rank {self.rank} allocated "
                               f"{held:,} of {whole:,} parameter elements")
-        if not self.state.history[-1].get("trainable_params"):
+        if not self.state.current.trainable_params:
             self.control.record_params(self.state)
         t_start = time.perf_counter() - self.state.wall_s
         self.engine.train()
@@ -169,8 +144,8 @@ class Trainer:
                 if faults.active():
                     faults.after_step(self.state.step, self.rank, self.engine.module)
                 self._log_step(loss, time.perf_counter() - t_last)
-                self.control.after_step(self.state, Clock(self.state.step, self.state.epoch))
-                if self.state.batch_in_epoch >= self.steps_per_epoch * self.accum:
+                self.save_due |= self.control.after_step(self.state, Clock(self.state.step, self.state.epoch))
+                if self._epoch_done():
                     self._end_epoch()
                 self.state.wall_s = time.perf_counter() - t_start
                 with self.collective(f"the all-reduce of the stop request after step {self.state.step}"):
@@ -178,19 +153,19 @@ class Trainer:
                 if decision.stop or self._stop_at_step():
                     return self._stop(decision)
                 every = self.cfg.train.checkpoint_every_steps
-                due = self.control.save_pending or (every and self.state.step % every == 0)
+                due = self.save_due or (every and self.state.step % every == 0)
                 if self.state.step < self.total_steps and due:
                     self.save_checkpoint()
                 if self.state.step >= self.total_steps:
                     break
                 t_last = time.perf_counter()
             else:
-                if self.state.batch_in_epoch >= self.steps_per_epoch * self.accum:  # saved before its epoch end
+                if self._epoch_done():  # saved before its epoch end
                     self._end_epoch()
         if not self.state.val or self.state.val[-1]["step"] != self.state.step:
             self.validate()
         self.state.wall_s = time.perf_counter() - t_start
-        self.state.history[-1].update(end_step=self.state.step, peak_memory_bytes=memory_bytes())
+        self.state.current.end_step, self.state.current.peak_memory_bytes = self.state.step, memory_bytes()
         self.save_checkpoint()
         result = self.finish()
         self.recorder.close()
@@ -200,11 +175,11 @@ class Trainer:
         """Micro batches of the current epoch from the resume position, grouped per optimizer step."""
         self.train_loader.sampler.set_epoch(self.state.epoch)
         self.train_loader.dataset.set_epoch(self.state.epoch)
-        self.train_loader.sampler.skip(self.state.batch_in_epoch * self.micro)
+        self.train_loader.sampler.skip(self.state.batch_in_epoch * self.geometry.micro)
         group = []
         for batch in self.train_loader:
             group.append(batch)
-            if len(group) == self.accum:
+            if len(group) == self.geometry.accum:
                 yield group
                 group = []
 
@@ -215,7 +190,10 @@ class Trainer:
         self.control.after_step(self.state, Clock(self.state.step, self.state.epoch, epoch_end=True))
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
-        self.control.save_pending = True
+        self.save_due = True  # every epoch end has a checkpoint (after the step's stop agreement)
+
+    def _epoch_done(self) -> bool:
+        return self.state.batch_in_epoch >= self.geometry.steps_per_epoch * self.geometry.accum
 
     def _stop_at_step(self) -> bool:
         stop = self.cfg.train.stop_at_step
@@ -226,10 +204,9 @@ class Trainer:
         """One optimizer step over the micro batches; advances the step. Returns this rank's mean loss as a
         0-dim tensor on the device: losses stay there (no host sync per micro batch) until logged or sampled."""
         engine, dtype, step = self.engine, self.phases.dtype, self.state.step + 1
-        factor = policy.lr_factor(self.state.phase, self.state.step, relora_start(self.state), self.cfg.prelora,
+        factor = policy.lr_factor(self.state.phase, self.state.step, self.state.relora_start(), self.cfg.prelora,
                                   self.cfg.relora)
         self.last_lr = self.phases.set_lr(self.state.step, factor)
-        pending = self.control.pending_loss.to(engine.device)
         total = torch.zeros((), dtype=torch.float64, device=engine.device)
         with self.collective(f"forward/backward/optimizer step {step} (ZeRO gradient reduce and all-gather)"):
             for images, targets in micro_batches:  # pinned on GPU (build_loaders): the copies overlap compute
@@ -245,9 +222,7 @@ class Trainer:
                 value = loss.detach().double()
                 total += value
                 # a skipped step must not poison the convergence test's loss windows
-                n = torch.isfinite(value).double() * images.shape[0]
-                pending += torch.stack([torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0) * n, n])
-        self.control.pending_loss = pending
+                self.control.add_loss(value, images.shape[0])
         self.state.step, self.state.batch_in_epoch = step, self.state.batch_in_epoch + len(micro_batches)
         self._count_bad_step(step)
         return total / len(micro_batches)
@@ -303,24 +278,24 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The loop's state and the run's layout, as saved beside DeepSpeed's files (trainer_state.json)."""
-        loop = dataclasses.asdict(self.state) | {"windows": self.control.acc.state_dict()}
+        loop = self.state.to_dict() | {"windows": self.control.acc.state_dict()}
         return {"loop": loop, "config": self.cfg.to_dict(), "world_size": self.world,
                 "model": self.cfg.model.name, "num_classes": self.data.num_classes,
-                "train_batch_size": self.ds_config["train_batch_size"], "micro_batch": self.micro,
-                "steps_per_epoch": self.steps_per_epoch, "engine": self.phases.state_dict()}  # fmt: skip
+                "train_batch_size": self.ds_config["train_batch_size"], "micro_batch": self.geometry.micro,
+                "steps_per_epoch": self.geometry.steps_per_epoch, "engine": self.phases.state_dict()}  # fmt: skip
 
     def load_state_dict(self, loop: dict[str, Any]) -> None:
-        self.state = LoopState(**loop)
-        if self.state.windows:
-            self.control.acc.load_state_dict(self.state.windows)
+        self.state = LoopState.from_dict(loop)
+        if loop.get("windows"):
+            self.control.acc.load_state_dict(loop["windows"])
 
     def save_checkpoint(self) -> None:
         t0, step = time.perf_counter(), self.state.step
         with self.collective(f"the checkpoint save of step {step} (barriers between the ranks' writes)"):
             saved = self.ckpt.save(self.engine, step, self.state_dict(),
-                                   {"pending_loss": self.control.pending_loss.tolist()},
+                                   {"pending_loss": self.control.pending_loss_sums()},
                                    self.phases.frozen_state(self.rank), self.phases.dormant)
-        self.control.save_pending = False
+        self.save_due = False
         if saved:
             self.recorder.scalars(step, {tag("save_s"): time.perf_counter() - t0})
 
@@ -329,7 +304,7 @@ class Trainer:
         with self.collective("the resume (rank 0 converts a checkpoint of another world size)"):
             resumed = self.ckpt.find(self.cfg, self.data.num_classes)
         if resumed is None:
-            start_phase(self.state, "full", None, 0)
+            self.state.start_phase("full", None, 0)
             self.phases.build("full", None, 0)
             return
         self.load_state_dict(resumed.loop)
@@ -339,7 +314,7 @@ class Trainer:
             frozen, pending = self.ckpt.load(self.engine, resumed)
         self.phases.after_load(frozen, resumed.engine, storage.read_dormant(self.ckpt.dir / resumed.tag))
         if pending is not None:
-            self.control.pending_loss = pending
+            self.control.restore_pending_loss(pending)
         if self.state.step:
             logger.info(f"resumed at step {self.state.step} (epoch {self.state.epoch}, phase {self.state.phase}) in "
                         f"{time.perf_counter() - t0:.1f} s")
@@ -362,7 +337,7 @@ class Trainer:
             state = self.phases.fp32_state()
             skipped = int(collectives.all_reduce_sum([float(self.data.num_skipped)])[0])
         result = summary(self.state, {
-            "steps_per_epoch": self.steps_per_epoch, "world_size": self.world, "model": self.cfg.model.name,
+            "steps_per_epoch": self.geometry.steps_per_epoch, "world_size": self.world, "model": self.cfg.model.name,
             "train_batch_size": self.ds_config["train_batch_size"], "skipped_images": skipped})  # fmt: skip
         if skipped:
             logger.warning(f"{skipped} unreadable images were skipped (see the log)", extra=RANK_ZERO)
@@ -377,4 +352,5 @@ class Trainer:
 
     def switch_to(self, name: str, ranks: dict[str, int] | None = None, merge_lora: bool = False) -> float:
         """Rebuild the engine for phase `name` now (benchmarks and checks); returns the seconds it took."""
+        self.save_due = True
         return self.control.switch_to(self.state, name, ranks, merge_lora=merge_lora)

@@ -58,10 +58,10 @@ def main(out: Path) -> None:
     facts["warmup_lora_ranks"] = {
         n: module.base_model.model.get_submodule(n).lora_A["default"].out_features for n in ranks
     }
-    facts["warmup_params"] = trainer.state.history[-1]["trainable_params"]
+    facts["warmup_params"] = trainer.state.current.trainable_params
 
     # control: without writing the masters back, deepspeed.initialize keeps only the bf16-rounded values
-    control_model = trainer.phases.make_model(after)
+    control_model = trainer.phases.make_model(after, trainer.state.phase, trainer.state.ranks)
     control = build_engine(control_model, trainer.ds_config, trainer.phases.wd)
     facts["control_mismatch"] = len(mismatches(after, gather_fp32_state(control, trainer.phases.frozen_fp32)))
     del control_model
@@ -77,7 +77,7 @@ def main(out: Path) -> None:
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     facts["lora_trainable_non_lora"] = [n for n in trainable if not is_lora_param(n)]
     facts["lora_trainable_count"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    facts["lora_params"] = trainer.state.history[-1]["trainable_params"]
+    facts["lora_params"] = trainer.state.current.trainable_params
     facts["lora_frozen_fp32_keys"] = len(trainer.phases.frozen_fp32)
     del module  # a module reference keeps its engine alive through the engine's hooks
 

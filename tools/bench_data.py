@@ -5,7 +5,7 @@
 
 It writes `--images` JPEGs like ImageNet's on the spot (500x375 / 375x500 / 500x333..., quality 90-96, about
 110 kB, content with ImageNet-like frequency falloff), packs them into shards twice (as they are, and resized to a
-shorter side of 256 at quality 90, as tools/pack_shards.py does), then times every input path with the
+shorter side of 256 at quality 90, as `prelora pack-shards` does), then times every input path with the
 train transform of `--recipe` (default: the ViT-L recipe's RandomResizedCrop 224 + flip + RandAugment n2 m15):
 
   torch            PIL decode + timm transform, what one DataLoader worker of `data.loader: torch` does

@@ -76,17 +76,10 @@ def run(cmd: list[str], log: Path, faults: str | None = None) -> tuple[int, floa
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """train/loss by step over every event file (not plot_run.read_scalars: that module imports matplotlib,
-    which the GPU machine's image may not have)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """train/loss by step over every event file (a later file wins a step)."""
+    from prelora_ds.metrics.readers import scalars
 
-    out: dict[int, float] = {}
-    for f in sorted((run_dir / "tb").glob("events.*")):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        if "train/loss" in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars("train/loss")})
-    return out
+    return dict(scalars(run_dir, "train/loss").get("train/loss", []))
 
 
 def export_top1(run_dir: Path, data: Path, model_name: str, model_kwargs: dict) -> float:

@@ -9,7 +9,7 @@
 
 Each configuration is one command (printed before it runs): the demo recipe on 2 CPU ranks through the
 deepspeed launcher (all GPUs when CUDA is there), same epochs and seed, only the PreLoRA settings differ.
-Afterwards `tools/compare_runs.py` tabulates all runs into OUT/table.md and OUT/compare.png, and
+Afterwards `prelora compare` (prelora_ds.cli.compare) tabulates all runs into OUT/table.md and OUT/compare.png, and
 OUT/study.json holds per-configuration means over seeds (wall time, share of time saved against `full`,
 final val top-1). Runs must not share the machine with other jobs: wall time is what is compared.
 """
@@ -17,12 +17,15 @@ final val top-1). Runs must not share the machine with other jobs: wall time is 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from prelora_ds.cli import compare
 from prelora_ds.config.sections import SPLIT_TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +81,10 @@ def main() -> None:
             print("$ " + " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     full = [str(d) for d in dirs if d.name.rsplit("_s", 1)[0] == "full"]
-    table = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_runs.py"), *map(str, dirs), "--out",
-                            str(out / "compare.png"), "--curve", str(out / "time_to_accuracy.png"),
-                            "--switches", str(out / "switches.png"), "--baseline", *full],
-                           cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # the tables (and the files written)
+        compare.main([*map(str, dirs), "--out", str(out / "compare.png"), "--curve", str(out / "time_to_accuracy.png"),
+                      "--switches", str(out / "switches.png"), "--baseline", *full])
+    table = printed.getvalue()
     (out / "table.md").write_text(table)
     summaries = {d: json.loads((d / "summary.json").read_text()) for d in dirs}
     study = {}

@@ -1,6 +1,6 @@
 """When PreLoRA samples, closes a window, switches and moves on: pure functions of the loop's clock and the recipe.
 
-The trainer and `tools/replay_convergence.py` both decide through `switch_decision`, so a replay at other
+The trainer and `prelora replay` both decide through `switch_decision`, so a replay at other
 thresholds is the trainer's decision, not a copy of it. The phases and the test are in docs/design.md.
 
 Where the loop is (`Clock`): after optimizer step `step` of epoch `epoch` (0-based), or at the end of that

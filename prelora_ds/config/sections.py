@@ -34,11 +34,11 @@ def _is_pow2(n: int) -> bool:
 class DataConfig:
     dataset: str = "digits"
     """'imagefolder' (ImageNet train/val layout under `root`), 'shards' (tar shards of an ImageFolder written by
-    tools/pack_shards.py), 'digits' (scikit-learn's embedded handwritten digits: real data, no download) or
+    `prelora pack-shards`), 'digits' (scikit-learn's embedded handwritten digits: real data, no download) or
     'synthetic' (random tensors, for benchmarks)."""
     root: str | None = None
     """For imagefolder: a folder holding `train/` and `val/`, one sub-folder per class. For shards: the folder
-    tools/pack_shards.py wrote (index.json and the .tar shards)."""
+    `prelora pack-shards` wrote (index.json and the .tar shards)."""
     loader: str = "torch"
     """'torch': decode (PIL) and augment (timm) in `num_workers` DataLoader processes per rank. 'device': the
     workers only read the encoded bytes; JPEG decode (nvJPEG) and the augmentations (torchvision v2) run on the
@@ -76,7 +76,7 @@ class DataConfig:
         _require(
             self.dataset not in ("imagefolder", "shards") or bool(self.root),
             f"data.dataset={self.dataset} needs data.root: "
-            + ("the folder tools/pack_shards.py wrote (e.g. --data.root /datasets/imagenet_shards)."
+            + ("the folder `prelora pack-shards` wrote (e.g. --data.root /datasets/imagenet_shards)."
                if self.dataset == "shards" else
                "a folder with train/ and val/ class folders (e.g. --data.root /datasets/imagenet)."),
         )

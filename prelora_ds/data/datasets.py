@@ -1,7 +1,7 @@
 """Datasets, transforms, samplers and loaders for ViT training.
 
 Four sources (``DataConfig.dataset``): ``imagefolder`` (ImageNet-style ``train/`` and ``val/`` class folders),
-``shards`` (the same packed into tar shards by ``tools/pack_shards.py``, see ``shards.py``), ``digits``
+``shards`` (the same packed into tar shards by ``prelora pack-shards``, see ``shards.py``), ``digits``
 (scikit-learn's embedded 8x8 handwritten digits: real data, no download) and ``synthetic``
 (seeded random tensors, for benchmarks). Images go through timm's ``create_transform`` in DataLoader workers,
 or, with ``data.loader: device``, are decoded and augmented on the rank's GPU (``device_input.py``).

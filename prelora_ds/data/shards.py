@@ -1,7 +1,7 @@
 """Tar shards of an ImageFolder, read by index: the package's sampler decides the order, so resume is exact.
 
 On a network filesystem 1.28M small files cost one metadata round trip each; a few hundred tar files of about
-100 MB do not. ``write_shards`` (``tools/pack_shards.py``) packs ``train/`` and ``val/`` in ImageFolder order
+100 MB do not. ``write_shards`` (``prelora pack-shards``) packs ``train/`` and ``val/`` in ImageFolder order
 (sorted classes, sorted files), so sample i of a shard set is sample i of the ImageFolder: the same sampler
 indices give the same images, and a run can even move from the folder to its shards at a resume.
 
@@ -41,7 +41,7 @@ __all__ = ["FORMAT", "ShardDataset", "check_shards", "read_index", "write_shards
 
 FORMAT = "prelora_ds-shards-1"
 SPLITS = ("train", "val")
-PACK_HINT = "pack the ImageFolder with `python tools/pack_shards.py SRC_ROOT OUT_DIR` and pass --data.root OUT_DIR"
+PACK_HINT = "pack the ImageFolder with `prelora pack-shards SRC_ROOT OUT_DIR` and pass --data.root OUT_DIR"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def read_index(root: str | Path) -> dict[str, Any]:
     path = root / "index.json"
     if not path.is_file():
         raise ConfigError(
-            f"{root} has no index.json: it is not a shard set written by tools/pack_shards.py, or the packing did "
+            f"{root} has no index.json: it is not a shard set written by `prelora pack-shards`, or the packing did "
             f"not finish (index.json is written last); {PACK_HINT}."
         )
     try:
@@ -195,23 +195,23 @@ def check_shards(root: str | Path) -> dict[str, Any]:
             if not path.is_file():
                 raise ConfigError(
                     f"shard {path} listed in {root / 'index.json'} is missing; copy the whole shard set again "
-                    "or re-run tools/pack_shards.py."
+                    "or re-run `prelora pack-shards`."
                 )
             size = path.stat().st_size
             if size != shard["bytes"]:
                 raise ConfigError(
                     f"shard {path} is {size} bytes but index.json records {shard['bytes']}: a truncated or changed "
-                    "copy; copy it again or re-run tools/pack_shards.py."
+                    "copy; copy it again or re-run `prelora pack-shards`."
                 )
         table = root / f"{split}.index.npy"
         try:
             rows = np.load(table, mmap_mode="r")
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{table} cannot be read ({exc}); re-run tools/pack_shards.py.") from exc
+            raise ConfigError(f"{table} cannot be read ({exc}); re-run `prelora pack-shards`.") from exc
         if rows.shape != (info["num_samples"], 4):
             raise ConfigError(
                 f"{table} holds {rows.shape[0]} rows, index.json {info['num_samples']} images; re-run "
-                "tools/pack_shards.py."
+                "`prelora pack-shards`."
             )
     return index
 

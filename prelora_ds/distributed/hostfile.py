@@ -5,21 +5,19 @@ a wrong entry only shows later as a hang at the rendezvous: a host name that doe
 reach it; the others wait), a node started with the `--node_rank` of another host (`--no_ssh`: two nodes
 claim the same ranks), more ranks on a node than its `slots` (`--num_gpus` over the hostfile) or than it
 has GPUs. `check_launch()` runs in each rank before the process group (prelora-train calls it) with what
-the launcher passed its per-node process; `python -m prelora_ds.distributed.hostfile HOSTFILE --node_rank N` runs the
-same checks before launching (e.g. in a SLURM or Kubernetes start script), including a node rank outside
+the launcher passed its per-node process; `prelora check-hostfile HOSTFILE --node_rank N` (prelora_ds.cli) runs
+the same checks before launching (e.g. in a SLURM or Kubernetes start script), including a node rank outside
 the hostfile, which the launcher itself refuses with an assertion.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import ipaddress
 import json
 import os
 import re
 import socket
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -150,30 +148,3 @@ def check_launch() -> None:
     check_node(OrderedDict((h, len(s)) for h, s in world.items()), node_rank, ranks_here, gpus,
                source="the launcher's host list")
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m prelora_ds.distributed.hostfile",
-        description="Check a deepspeed hostfile on the node about to start (before launching).",
-    )
-    parser.add_argument("hostfile")
-    parser.add_argument("--node_rank", type=int, required=True, help="the --node_rank this node will get")
-    parser.add_argument("--num_gpus", type=int, default=None, help="ranks per node, when passed to the launcher")
-    args = parser.parse_args(argv)
-    try:
-        hosts = read(args.hostfile)
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
-        check_node(hosts, args.node_rank, args.num_gpus, gpus, source=f"hostfile {args.hostfile}")
-    except ConfigError as exc:
-        print(f"prelora_ds.distributed.hostfile: error: {exc}", file=sys.stderr)
-        return 2
-    names = list(hosts)
-    print(f"{args.hostfile}: {len(names)} node(s), {sum(hosts.values())} rank(s); this is {names[args.node_rank]} "
-          f"(node rank {args.node_rank}, {hosts[names[args.node_rank]]} slot(s))")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -251,7 +251,7 @@ def summary(state, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def windows_file(checks: list[dict], layers: dict[str, list[str]], p, accumulator_state: dict) -> dict[str, Any]:
-    """windows.json: what tools/replay_convergence.py needs to replay the test at other thresholds."""
+    """windows.json: what `prelora replay` needs to replay the test at other thresholds."""
     thresholds = {k: getattr(p, k) for k in ("delta_w", "delta_l", "num_windows", "window_steps", "window_epochs",
                                              "r_min", "r_max", "min_epochs", "max_epochs")}
     return {"checks": checks, "layers": layers, "thresholds": thresholds, **accumulator_state}

@@ -338,7 +338,8 @@ class Trainer:
             skipped = int(collectives.all_reduce_sum([float(self.data.num_skipped)])[0])
         result = summary(self.state, {
             "steps_per_epoch": self.geometry.steps_per_epoch, "world_size": self.world, "model": self.cfg.model.name,
-            "train_batch_size": self.ds_config["train_batch_size"], "skipped_images": skipped})  # fmt: skip
+            "num_classes": self.data.num_classes, "train_batch_size": self.ds_config["train_batch_size"],
+            "skipped_images": skipped})  # fmt: skip
         if skipped:
             logger.warning(f"{skipped} unreadable images were skipped (see the log)", extra=RANK_ZERO)
         if self.rank == 0:

@@ -34,6 +34,7 @@ PORT = "29555"  # inside the test hosts' own network namespaces: no other job's 
 TIMEOUT_S = 20  # train.collective_timeout_s of the node-death run
 RENDEZVOUS_S = 15  # train.rendezvous_timeout_s of the failed-rendezvous run
 WORLD_TOL = 2e-3  # 1 rank x 2 micro batches vs 2 ranks x 1: another reduction order (as in test_reliability)
+PRELORA = [str(BIN / "python"), "-m", "prelora_ds.cli"]  # the `prelora` command, without its installed script
 
 
 @pytest.fixture(scope="module")
@@ -326,11 +327,11 @@ def test_hostfile_mistakes_are_refused_before_the_process_group(hosts, hostfile,
                   [tmp_path / "outside.log"])
     assert outside.wait(timeout=120) != [0]
     assert "--node_rank is not set correctly" in outside.text(0) and "spawned" not in outside.text(0)
-    check = subprocess.run(hosts.cmd(hosts.node[0], [str(BIN / "prelora"), "check-hostfile", str(hostfile),
-                                                     "--node_rank", "2"]), capture_output=True, text=True, cwd=ROOT)
+    check = subprocess.run(hosts.cmd(hosts.node[0], [*PRELORA, "check-hostfile", str(hostfile), "--node_rank", "2"]),
+                           capture_output=True, text=True, cwd=ROOT)
     assert check.returncode == 2
     assert (f"--node_rank 2 is outside hostfile {hostfile}, which lists 2 host(s) (node0, node1): node ranks are "
             "0..1 in the file's order" in check.stderr)
-    ok = subprocess.run(hosts.cmd(hosts.node[1], [str(BIN / "prelora"), "check-hostfile", str(hostfile),
-                                                  "--node_rank", "1"]), capture_output=True, text=True, cwd=ROOT)
+    ok = subprocess.run(hosts.cmd(hosts.node[1], [*PRELORA, "check-hostfile", str(hostfile), "--node_rank", "1"]),
+                        capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0 and "this is node1 (node rank 1, 1 slot(s))" in ok.stdout, ok.stderr

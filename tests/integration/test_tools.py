@@ -1,12 +1,14 @@
-"""tools/plot_run.py, tools/replay_convergence.py, tools/compare_runs.py on real run directories.
+"""`prelora plot`, `prelora replay`, `prelora compare` on real run directories.
 
 One PreLoRA run (2 CPU ranks through the deepspeed launcher, switch at the acceptance flags) and one
-full-only run are made once for the module; the tools then run as subprocesses, as a user runs them.
+full-only run are made once for the module; the commands then run as subprocesses, as a user runs them
+(`python -m prelora_ds.cli`: the `prelora` script's own entry point, without needing the script installed).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -17,15 +19,29 @@ from conftest import deepspeed_cmd, run, summary
 from prelora_ds.algorithm.convergence import layer_changes
 from prelora_ds.algorithm.ranks import assign_ranks, ranks_by_module_name
 
-PY = str(Path(sys.executable))
+PRELORA = [sys.executable, "-m", "prelora_ds.cli"]
+COMMANDS = ["replay", "plot", "compare", "pack-shards", "check-hostfile"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["weight_norms.png", "layer_changes.png", "ranks.png", "lora_norms.png", "throughput.png", "loss_top1.png"]
 
 pytestmark = pytest.mark.launch
 
 
-def tool(name: str, *args: str) -> str:
-    return run([PY, f"tools/{name}.py", *map(str, args)], timeout=300).stdout
+def run_prelora(command: str, *args: str) -> str:
+    return run([*PRELORA, command, *map(str, args)], timeout=300).stdout
+
+
+def test_prelora_help_lists_every_command():
+    """`prelora --help` lists the five commands; `prelora COMMAND --help` shows the command's own options under its
+    own name. No run needed."""
+    out = run([*PRELORA, "--help"]).stdout
+    assert out.startswith("usage: prelora [-h] COMMAND ...")
+    assert re.findall(r"^ {4}(\S+)", out, flags=re.M) == COMMANDS, out  # help lines wrap deeper
+    for name in COMMANDS:
+        proc = run([*PRELORA, name, "--help"])
+        assert proc.stdout.startswith(f"usage: prelora {name} ") and "--help" in proc.stdout, proc.stdout
+    bad = run([*PRELORA, "no-such-command"], check=False)
+    assert bad.returncode == 2 and "invalid choice: 'no-such-command'" in bad.stderr
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +67,9 @@ def check_png(path: Path) -> None:
     assert colors is not None and len(colors) > 8, f"{path} looks blank ({len(colors or [])} colours)"
 
 
-# ----------------------------------------------------------------------------- plot_run
+# ----------------------------------------------------------------------------- prelora plot
 def test_plot_run_writes_every_figure(runs):
-    out = tool("plot_run", runs["prelora"])
+    out = run_prelora("plot", runs["prelora"])
     plots = runs["prelora"] / "plots"
     assert sorted(p.name for p in plots.glob("*.png")) == sorted(FIGURES)
     for name in FIGURES:
@@ -63,7 +79,7 @@ def test_plot_run_writes_every_figure(runs):
 
 
 def test_plot_run_skips_figures_without_data(runs):
-    out = tool("plot_run", runs["full"])
+    out = run_prelora("plot", runs["full"])
     plots = runs["full"] / "plots"
     for name in ("ranks.png", "lora_norms.png", "layer_changes.png"):
         assert f"skipped {name}" in out
@@ -72,9 +88,9 @@ def test_plot_run_skips_figures_without_data(runs):
         check_png(plots / name)
 
 
-# ----------------------------------------------------------------------------- replay_convergence
+# ----------------------------------------------------------------------------- prelora replay
 def replay(run_dir: Path, out: Path, *args: str) -> tuple[str, dict]:
-    stdout = tool("replay_convergence", run_dir, *args, "--json", out)
+    stdout = run_prelora("replay", run_dir, *args, "--json", out)
     return stdout, json.loads(out.read_text())
 
 
@@ -93,7 +109,8 @@ def test_replay_at_own_thresholds_matches_the_run(runs, tmp_path):
     assert row["ranks"] == json.loads((run_dir / "ranks.json").read_text())
     lora = next(p for p in s["phases"] if p["name"] == "lora")
     assert row["trainable_lora"] == lora["trainable_params"]
-    assert data["num_classes"] == 10
+    assert s["num_classes"] == 10  # the trainer writes it into summary.json
+    assert (data["num_classes"], data["num_classes_source"]) == (10, "summary.json")
     assert f"| 1000 | 1000 | 3 | {s['switch_step']} |" in stdout
 
 
@@ -149,13 +166,26 @@ def test_replay_without_merged_model_reads_classes_from_summary(runs, tmp_path):
     for name in ("windows.json", "summary.json", "config.yaml"):
         shutil.copy(runs["prelora"] / name, copy / name)
     stdout, data = replay(copy, tmp_path / "copy.json")
-    assert data["num_classes"] == 10 and "summary.json" in data["num_classes_source"]
+    assert summary(copy)["num_classes"] == 10
+    assert data["num_classes"] == 10 and data["num_classes_source"] == "summary.json"
+    assert data["rows"][0]["switch_step"] == summary(runs["prelora"])["switch_step"]
+
+
+def test_replay_of_a_running_run_reads_classes_from_its_config(runs, tmp_path):
+    """No summary.json yet (the run is still going): config.yaml's data section (the digits: 10 classes)."""
+    copy = tmp_path / "running"
+    copy.mkdir()
+    for name in ("windows.json", "config.yaml"):
+        shutil.copy(runs["prelora"] / name, copy / name)
+    stdout, data = replay(copy, tmp_path / "running.json")
+    assert data["num_classes"] == 10 and data["num_classes_source"] == "config.yaml data.dataset=digits: digits"
+    assert "the run has no summary.json yet" in stdout
     assert data["rows"][0]["switch_step"] == summary(runs["prelora"])["switch_step"]
 
 
 def test_compare_runs_table_and_png(runs, tmp_path):
     out = tmp_path / "cmp.png"
-    stdout = tool("compare_runs", runs["prelora"], runs["full"], "--out", out)
+    stdout = run_prelora("compare", runs["prelora"], runs["full"], "--out", out)
     header, _, prelora, full = stdout.splitlines()[:4]
     assert "lora: trainable params" in header and "wall time (s)" in header
     s = summary(runs["prelora"])
@@ -167,7 +197,7 @@ def test_compare_runs_table_and_png(runs, tmp_path):
 
 def test_compare_runs_time_to_accuracy_curve(runs, tmp_path):
     curve = tmp_path / "tta.png"
-    stdout = tool("compare_runs", runs["prelora"], runs["full"], "--out", tmp_path / "cmp.png", "--curve", curve)
+    stdout = run_prelora("compare", runs["prelora"], runs["full"], "--out", tmp_path / "cmp.png", "--curve", curve)
     assert f"wrote {curve}" in stdout
     check_png(curve)
     val = summary(runs["prelora"])["val"]

@@ -158,8 +158,8 @@ def test_device_path_reads_every_format_and_skips_unreadable_files_like_the_torc
 @pytest.mark.parametrize(
     "case, match",
     [
-        ("missing", "is not a folder; pack the ImageFolder with `python tools/pack_shards.py"),
-        ("no_index", "has no index.json: it is not a shard set written by tools/pack_shards.py"),
+        ("missing", "is not a folder; pack the ImageFolder with `prelora pack-shards SRC_ROOT OUT_DIR`"),
+        ("no_index", "has no index.json: it is not a shard set written by `prelora pack-shards`"),
         ("truncated", "bytes but index.json records"),
         ("lost_shard", "listed in .*index.json is missing"),
         ("augmix", "data.loader=device runs RandAugment only"),

@@ -1,16 +1,19 @@
-"""The tools' pure parts: the replay decides with the trainer's policy; steps per epoch from a run's history."""
+"""The `prelora` commands' pure parts: the replay decides with the trainer's policy; steps per epoch from a run's
+history; where the replay reads the number of classes."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 
-from conftest import load_tool
+import pytest
 
-from prelora_ds.config.sections import PreLoRAConfig
+from prelora_ds.cli import CommandError, compare, replay
+from prelora_ds.config.sections import DataConfig, PreLoRAConfig
 
 
 def test_replay_decides_with_the_trainers_policy():
-    rc = load_tool("replay_convergence")
     windows = {
         "loss_windows": [2.0, 2.0, 2.0, 2.0],
         "norm_windows": {"attn.qkv": [[1.0, 1.0]] * 4},
@@ -18,32 +21,30 @@ def test_replay_decides_with_the_trainers_policy():
         "thresholds": {"window_steps": 4},
     }
     p = PreLoRAConfig(window_steps=4, num_windows=3, delta_w=1.0, delta_l=1.0)
-    assert rc.first_passing_window(windows, p)[0] == 2
+    assert replay.first_passing_window(windows, p)[0] == 2
     # window 2 closes mid-epoch 1: 1 epoch done, as the trainer counts
-    assert rc.first_passing_window(windows, dataclasses.replace(p, min_epochs=1))[0] == 2
-    assert rc.first_passing_window(windows, dataclasses.replace(p, min_epochs=2)) is None
+    assert replay.first_passing_window(windows, dataclasses.replace(p, min_epochs=1))[0] == 2
+    assert replay.first_passing_window(windows, dataclasses.replace(p, min_epochs=2)) is None
     # a test that never passes (loss keeps changing) is forced by max_epochs at the first window with 1 epoch done
     moving = {**windows, "loss_windows": [4.0, 3.0, 2.0, 1.0]}
-    k, decision = rc.first_passing_window(moving, dataclasses.replace(p, max_epochs=1))
+    k, decision = replay.first_passing_window(moving, dataclasses.replace(p, max_epochs=1))
     assert (k, decision.forced, decision.passed) == (2, True, False)
 
 
-# ----------------------------------------------------------------------------- compare_runs
+# ----------------------------------------------------------------------------- prelora compare
 def test_steps_per_epoch_from_validation_history():
-    cr = load_tool("compare_runs")
-    assert cr.steps_per_epoch({"steps_per_epoch": 7}) == 7
-    assert cr.steps_per_epoch({"epochs": 1, "val": [{"step": 22, "epoch": 0}, {"step": 40, "epoch": 1}]}) == 22
-    assert cr.steps_per_epoch({"epochs": 0, "val": [{"step": 10, "epoch": 0}]}) is None
+    assert compare.steps_per_epoch({"steps_per_epoch": 7}) == 7
+    assert compare.steps_per_epoch({"epochs": 1, "val": [{"step": 22, "epoch": 0}, {"step": 40, "epoch": 1}]}) == 22
+    assert compare.steps_per_epoch({"epochs": 0, "val": [{"step": 10, "epoch": 0}]}) is None
 
 
 def test_replay_gives_the_middle_rank_when_max_epochs_forced_a_switch_before_two_windows():
     """The trainer's choice with one closed window (no change to compare): the middle rank on every layer."""
-    rc = load_tool("replay_convergence")
     windows = {"norm_windows": {"attn.qkv": [[1.0, 2.0, 3.0]]},
                "layers": {"attn.qkv": [f"blocks.{i}.attn.qkv" for i in range(3)]}}
-    assert rc.ranks_at(windows, 0, 8, 64) == {f"blocks.{i}.attn.qkv": 16 for i in range(3)}  # [8, 16, 32, 64]
+    assert replay.ranks_at(windows, 0, 8, 64) == {f"blocks.{i}.attn.qkv": 16 for i in range(3)}  # [8, 16, 32, 64]
     moved = {**windows, "norm_windows": {"attn.qkv": [[1.0, 2.0, 3.0], [1.0, 2.2, 3.0]]}}
-    assert rc.ranks_at(moved, 1, 8, 64) == {"blocks.0.attn.qkv": 8, "blocks.1.attn.qkv": 64, "blocks.2.attn.qkv": 8}
+    assert replay.ranks_at(moved, 1, 8, 64) == {"blocks.0.attn.qkv": 8, "blocks.1.attn.qkv": 64, "blocks.2.attn.qkv": 8}
 
 
 def test_every_tool_builds_its_trainer_with_the_trainers_parameters():
@@ -62,3 +63,108 @@ def test_every_tool_builds_its_trainer_with_the_trainers_parameters():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Trainer":
                 bad += [f"{path.name}:{node.lineno} {k.arg}" for k in node.keywords if k.arg not in accepted]
     assert bad == []
+
+
+# ----------------------------------------------------------------------------- prelora replay on a run directory
+def forced_run(run_dir, dataset: dict | None = None, num_classes: int | None = 10):
+    """A run directory as the trainer leaves it when max_epochs=1 forced the switch at the first closed window (one
+    window: no change to compare): config.yaml (the demo recipe), windows.json, and summary.json unless
+    `num_classes` is None (a run still running has none)."""
+    import torch
+    import yaml
+    from conftest import ROOT
+
+    from prelora_ds.config.recipe import load_recipe
+    from prelora_ds.engine.model import create_model
+    from prelora_ds.lora.inject import module_key, target_layers
+
+    raw = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    raw["prelora"]["max_epochs"] = 1
+    raw["data"].update(dataset or {})
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_recipe(run_dir / "recipe.yaml")
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    with torch.device("meta"):
+        names = target_layers(create_model(cfg.model, 10, init=False), cfg.prelora.target_modules)
+    layers: dict[str, list[str]] = {}
+    for name in names:
+        layers.setdefault(module_key(name), []).append(name)
+    p = cfg.prelora
+    windows = {
+        "loss_windows": [2.0],
+        "norm_windows": {m: [[1.0 + i for i in range(len(group))]] for m, group in layers.items()},
+        "checks": [{"window": 0, "step": 18, "epoch": 1}],
+        "layers": layers,
+        "thresholds": {"delta_w": p.delta_w, "delta_l": p.delta_l, "num_windows": p.num_windows,
+                       "window_steps": None, "window_epochs": p.window_epochs, "r_min": p.r_min, "r_max": p.r_max,
+                       "min_epochs": p.min_epochs, "max_epochs": p.max_epochs},
+    }
+    (run_dir / "windows.json").write_text(json.dumps(windows))
+    if num_classes is not None:
+        (run_dir / "summary.json").write_text(json.dumps({"switch_step": 18, "num_classes": num_classes}))
+    return names
+
+
+def test_replay_of_a_switch_forced_by_max_epochs_before_two_windows(tmp_path, capsys):
+    """The whole command on a run forced at its first window: it switches there, every layer at the middle rank,
+    the note says it was forced, and the class count is summary.json's."""
+    from prelora_ds.cli import main
+
+    names = forced_run(tmp_path / "run", num_classes=7)
+    assert main(["replay", str(tmp_path / "run"), "--json", str(tmp_path / "out.json")]) == 0
+    data = json.loads((tmp_path / "out.json").read_text())
+    (row,) = data["rows"]
+    assert (row["reached"], row["window"], row["switch_step"], row["switch_epoch"]) == (True, 0, 18, 1)
+    assert "forced by max_epochs=1" in row["note"]
+    assert row["ranks"] == dict.fromkeys(names, 16)  # r_min 8, r_max 64: candidates 8, 16, 32, 64
+    assert row["trainable_lora"] > 0
+    assert (data["num_classes"], data["num_classes_source"]) == (7, "summary.json")
+    assert "| 5 | 25 | 3 | 18 | 1 | 0 |" in capsys.readouterr().out
+
+
+def test_replay_without_summary_reads_the_classes_from_the_config(tmp_path):
+    forced_run(tmp_path / "digits", num_classes=None)
+    cfg = replay.read_config(tmp_path / "digits")
+    assert replay.resolve_num_classes(tmp_path / "digits", cfg, None) == (10, "config.yaml data.dataset=digits: digits")
+    assert replay.resolve_num_classes(tmp_path / "digits", cfg, 3) == (3, "--num_classes")
+    assert replay.classes_from_data(DataConfig(dataset="synthetic", synthetic_num_classes=42))[0] == 42
+    folder = tmp_path / "folder"
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            (folder / split / c).mkdir(parents=True)
+    assert replay.classes_from_data(DataConfig(dataset="imagefolder", root=str(folder)))[0] == 3
+
+
+def test_replay_without_summary_or_data_fails_with_one_line(tmp_path, capsys):
+    from prelora_ds.cli import main
+
+    missing = tmp_path / "gone"
+    forced_run(tmp_path / "run", {"dataset": "imagefolder", "root": str(missing)}, num_classes=None)
+    with pytest.raises(CommandError, match=r"it has no summary.json yet, and config.yaml's data section does not"):
+        replay.resolve_num_classes(tmp_path / "run", replay.read_config(tmp_path / "run"), None)
+    assert main(["replay", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prelora replay: error: cannot tell the number of classes of {tmp_path / 'run'}")
+    assert err.rstrip().endswith("pass --num_classes.") and err.count("\n") == 1
+
+
+def test_plot_and_compare_without_matplotlib_name_the_extra(tmp_path, monkeypatch, capsys):
+    """Without matplotlib (the `plot` extra): one line and exit 2 for the commands that draw; `prelora --help` and
+    `prelora replay` never import it."""
+    from prelora_ds.cli import main
+
+    forced_run(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "prelora_ds.cli.plot", raising=False)
+    run_dir = str(tmp_path / "run")
+    for command in (["plot", run_dir], ["compare", run_dir, "--out", str(tmp_path / "x.png")]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (
+            f"prelora {command[0]}: error: matplotlib is not installed; pip install 'prelora_ds[plot]'\n"
+        )
+    assert not (tmp_path / "run" / "plots").exists() and not (tmp_path / "x.png").exists()
+    with pytest.raises(SystemExit) as help_exit:
+        main(["--help"])
+    assert help_exit.value.code == 0
+    assert main(["replay", run_dir]) == 0

@@ -1,6 +1,6 @@
 """Compare finished runs side by side: a markdown table on stdout and a PNG.
 
-  .venv/bin/python tools/compare_runs.py runs/full runs/exp1 runs/exp2 --out compare.png
+  prelora compare runs/full runs/exp1 runs/exp2 --out compare.png
 
 Reads each run's summary.json. Per run: wall time (`wall_time_s`), switch step, final val top-1, and per
 phase (full, relora, warmup, lora as present) the trainable parameters and the time per epoch.
@@ -13,18 +13,20 @@ end-of-epoch ones (a final validation mid-epoch carries the unfinished epoch's n
 than one epoch (or one that never validated at an epoch end) shows n/a. `steps / epochs` is not used: it
 over-counts whenever the last epoch is partial.
 
-Run labels are the directory names (the parent is added when two names collide).
+Run labels are the directory names (the parent is added when two names collide). The PNGs need matplotlib:
+pip install 'prelora_ds[plot]'.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prelora_ds.cli import CommandError, require_matplotlib
+from prelora_ds.metrics.readers import read_json, scalars
 
 PHASE_ORDER = ["full", "relora", "warmup", "lora"]
 PHASE_COLORS = {"full": "tab:blue", "relora": "tab:purple", "warmup": "tab:orange", "lora": "tab:green"}
@@ -66,9 +68,9 @@ def labels_for(run_dirs: list[Path]) -> list[str]:
 
 def load_row(run_dir: Path, label: str) -> RunRow:
     path = run_dir / "summary.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} does not exist: compare finished runs (a run writes it at its end).")
-    s = json.loads(path.read_text())
+    s = read_json(path)
+    if s is None:
+        raise CommandError(f"{path} does not exist: compare finished runs (a run writes it at its end).")
     phases = {p["name"]: p for p in s.get("phases") or []}
     return RunRow(
         label=label,
@@ -150,9 +152,7 @@ def _grouped(ax, rows: list[RunRow], phases: list[str], value, fmt_spec: str | N
 
 
 def plot(rows: list[RunRow], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require_matplotlib()
     import matplotlib.pyplot as plt
 
     labels = [r.label for r in rows]
@@ -197,15 +197,13 @@ def plot(rows: list[RunRow], out: Path) -> Path:
 def plot_time_to_accuracy(run_dirs: list[Path], labels: list[str], out: Path) -> Path | None:
     """Val top-1 against training wall time (each validation's `wall_s`), the switch marked: what a user
     waits for an accuracy. None when no run recorded `wall_s` (runs older than the field)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require_matplotlib()
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
     drawn = 0
     for run_dir, label in zip(run_dirs, labels, strict=True):
-        s = json.loads((run_dir / "summary.json").read_text())
+        s = read_json(run_dir / "summary.json")
         val = [v for v in s.get("val") or [] if "wall_s" in v]
         if not val:
             continue
@@ -259,10 +257,10 @@ def switch_table(run_dirs: list[Path], labels: list[str], baseline: dict[str, Pa
     lines = ["| run | switch | step | top-1 before | top-1 after | full at that step | final top-1 | 95 % at step | "
              "95 % at s |", "|" + "---|" * 9]
     for run_dir, label in zip(run_dirs, labels, strict=True):
-        s = json.loads((run_dir / "summary.json").read_text())
+        s = read_json(run_dir / "summary.json")
         eff = switch_effects(s)
         seed = label.rsplit("_s", 1)[-1] if "_s" in label else None
-        base = json.loads((baseline[seed] / "summary.json").read_text()) if baseline and seed in baseline else None
+        base = read_json(baseline[seed] / "summary.json") if baseline and seed in baseline else None
         rows = eff["changes"] or [{"to": "-", "step": None, "before": None, "after": None, "after_step": None}]
         for i, c in enumerate(rows):
             cells = [label if i == 0 else "", f"-> {c['to']}", fmt(c["step"]), fmt(c["before"], ".1f"),
@@ -276,20 +274,18 @@ def switch_table(run_dirs: list[Path], labels: list[str], baseline: dict[str, Pa
 def plot_switch_curves(run_dirs: list[Path], labels: list[str], out: Path) -> Path:
     """Val top-1 (top) and the training loss (bottom) against the optimizer step, each run's switches dotted: what
     the switch does to the model, and when each run reaches its accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require_matplotlib()
     import matplotlib.pyplot as plt
-    from plot_run import read_scalars, xy
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 9), sharex=True)
     for run_dir, label in zip(run_dirs, labels, strict=True):
-        s = json.loads((run_dir / "summary.json").read_text())
+        s = read_json(run_dir / "summary.json")
         val = s.get("val") or []
         (line,) = top.plot([v["step"] for v in val], [v["top1"] for v in val], marker=".", label=label)
-        loss = read_scalars(run_dir / "tb").get("train/loss")
+        loss = scalars(run_dir, "train/loss").get("train/loss")
         if loss:
-            bottom.plot(*xy(loss), color=line.get_color(), lw=0.8, alpha=0.8, label=label)
+            bottom.plot([step for step, _ in loss], [v for _, v in loss], color=line.get_color(), lw=0.8, alpha=0.8,
+                        label=label)
         for phase in (s.get("phases") or [])[1:]:
             for ax in (top, bottom):
                 ax.axvline(phase["start_step"], color=line.get_color(), ls=":", alpha=0.6)
@@ -309,7 +305,9 @@ def plot_switch_curves(run_dirs: list[Path], labels: list[str], out: Path) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="prelora compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories (each holds summary.json)")
     parser.add_argument("--out", type=Path, default=Path("compare_runs.png"), help="PNG to write")
     parser.add_argument("--curve", type=Path, default=None, help="also a PNG of val top-1 against wall time")
@@ -320,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     labels = labels_for(args.run_dirs)
     rows = [load_row(d, label) for d, label in zip(args.run_dirs, labels, strict=True)]
+    require_matplotlib()  # the PNGs below: fail before the table when matplotlib is not installed
     print(markdown_table(rows))
     print(f"wrote {plot(rows, args.out)}")
     if args.switches:
@@ -330,7 +329,3 @@ def main(argv: list[str] | None = None) -> int:
         curve = plot_time_to_accuracy(args.run_dirs, labels, args.curve)
         print(f"wrote {curve}" if curve else "no time-to-accuracy curve: the runs recorded no val wall_s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

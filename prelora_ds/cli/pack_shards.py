@@ -1,7 +1,7 @@
 """Pack an ImageFolder (train/ and val/, one folder per class) into tar shards for `data.dataset: shards`.
 
-  python tools/pack_shards.py /datasets/imagenet /datasets/imagenet_shards --workers 16
-  python tools/pack_shards.py /datasets/imagenet /datasets/imagenet_256 --resize-shorter 256 --quality 90 --workers 16
+  prelora pack-shards /datasets/imagenet /datasets/imagenet_shards --workers 16
+  prelora pack-shards /datasets/imagenet /datasets/imagenet_256 --resize-shorter 256 --quality 90 --workers 16
 
 Then train with `--data.dataset shards --data.root OUT_DIR` (either loader). Without --resize-shorter and
 --quality the shards hold each file's own bytes: the same images, in the same order, as the ImageFolder (a run
@@ -14,14 +14,15 @@ with any pre-resized ImageNet copy, so the crops of RandomResizedCrop see a 256-
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prelora_ds.cli import CommandError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="prelora pack-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("src", help="ImageFolder root with train/ and val/")
     parser.add_argument("out", help="output folder (index.json, *.index.npy, train-*.tar, val-*.tar)")
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (ImageNet: about 110 MB)")
@@ -45,13 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         index = write_shards(args.src, args.out, args.shard_size, args.resize_shorter,
                              args.quality if args.quality or not args.resize_shorter else 90, args.workers)
     except ConfigError as exc:
-        print(f"pack_shards: error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from exc
     for split, info in index["splits"].items():
         print(f"{split}: {info['num_samples']} images, {len(info['shards'])} shards, {info['bytes'] / 2**20:.1f} MiB")
     print(f"train with: --data.dataset shards --data.root {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

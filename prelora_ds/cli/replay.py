@@ -1,7 +1,7 @@
 """Replay a run's PreLoRA switch decision at other thresholds, from its windows.json (no training).
 
-  .venv/bin/python tools/replay_convergence.py runs/demo --delta_w 1 5 --delta_l 1 5 --num_windows 2 3
-  .venv/bin/python tools/replay_convergence.py runs/demo --json replay.json   # the run's own thresholds
+  prelora replay runs/demo --delta_w 1 5 --delta_l 1 5 --num_windows 2 3
+  prelora replay runs/demo --json replay.json   # the run's own thresholds
 
 For every (delta_w, delta_l, num_windows) of the grid (each defaults to the run's own value), the first closed
 window k at which `prelora_ds.algorithm.policy.switch_decision` says switch is the switch: the very function the trainer
@@ -22,9 +22,9 @@ Trainable parameters in the `lora` phase = sum over target layers of r * (in_fea
 (LoRA A and B, no bias) + the parameters `prelora_ds.lora.inject.set_trainable` leaves trainable in `lora`
 (`prelora.trainable_extra`: head, norm, fc_norm, blocks.N.norm1/2), counted on the timm model built on the
 meta device from config.yaml (`model.name`, `model.kwargs`). The number of classes comes from, in order:
---num_classes; the `head.weight` shape in model_merged.safetensors (what the run trained, read from the
-file header only); the `full` phase's total_params in summary.json (solved exactly: the parameter count
-is linear in the number of classes).
+--num_classes; `num_classes` in summary.json (the trainer writes it at the run's end); for a run without it
+(still running), config.yaml's data section: digits (10), synthetic (`synthetic_num_classes`), the class
+folders of an imagefolder or the index.json of a shard set at `data.root`, when that folder is on this machine.
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prelora_ds.algorithm.policy import Clock, Decision, switch_decision, switch_ranks
-from prelora_ds.config.sections import PreLoRAConfig
+from prelora_ds.cli import CommandError
+from prelora_ds.config.sections import DataConfig, PreLoRAConfig
+from prelora_ds.metrics.readers import read_json
 
 
 @dataclass
@@ -62,9 +63,10 @@ class Replay:
 # ----------------------------------------------------------------------------- inputs
 def read_windows(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "windows.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} does not exist: a run writes it at its first closed window (prelora.enabled).")
-    return json.loads(path.read_text())
+    windows = read_json(path)
+    if windows is None:
+        raise CommandError(f"{path} does not exist: a run writes it at its first closed window (prelora.enabled).")
+    return windows
 
 
 def read_config(run_dir: Path):
@@ -83,7 +85,9 @@ def checks_by_window(windows: dict[str, Any]) -> dict[int, dict[str, Any]]:
     checks = windows.get("checks", [])
     tail = checks[len(checks) - n :] if n else []
     if len(tail) != n or any(int(c.get("window", k)) != k for k, c in enumerate(tail)):
-        raise SystemExit(f"windows.json: the last {n} checks do not match the {n} closed windows (window 0..{n - 1}).")
+        raise CommandError(
+            f"windows.json: the last {n} checks do not match the {n} closed windows (window 0..{n - 1})."
+        )
     return dict(enumerate(tail))
 
 
@@ -115,17 +119,6 @@ def rank_counts(ranks: dict[str, int]) -> dict[int, int]:
 
 
 # ----------------------------------------------------------------------------- parameter count
-def _head_classes_from_safetensors(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        if "head.weight" not in f.keys():
-            return None
-        return int(f.get_slice("head.weight").get_shape()[0])
-
-
 def _meta_model(cfg, num_classes: int):
     import torch
 
@@ -135,34 +128,43 @@ def _meta_model(cfg, num_classes: int):
         return create_model(cfg.model, num_classes, init=False)
 
 
-def _classes_from_total(cfg, total: int) -> int | None:
-    """Solve total_params(C) = total: the count is linear in C (head weight rows + bias)."""
-    from prelora_ds.engine.model import count_params
+def classes_from_data(data: DataConfig) -> tuple[int | None, str]:
+    """(the number of classes config.yaml's data section determines, or None; what it was read from, or why not)."""
+    from prelora_ds.errors import ConfigError
 
-    p1 = count_params(_meta_model(cfg, 1))[1]
-    per_class = count_params(_meta_model(cfg, 2))[1] - p1
-    c, rem = divmod(total - p1, per_class)
-    return c + 1 if rem == 0 and c >= 0 else None
+    if data.dataset == "digits":
+        return 10, "digits"
+    if data.dataset == "synthetic":
+        return data.synthetic_num_classes, "data.synthetic_num_classes"
+    root = Path(data.root or "").expanduser()
+    try:
+        if data.dataset == "imagefolder":
+            from prelora_ds.data.images import check_imagefolder
+
+            return len(check_imagefolder(root)), f"the class folders of {root}"
+        if data.dataset == "shards":
+            from prelora_ds.data.shards import read_index
+
+            return len(read_index(root)["classes"]), f"{root / 'index.json'}"
+    except ConfigError as exc:
+        return None, str(exc)
+    return None, f"data.dataset={data.dataset!r} is unknown"
 
 
 def resolve_num_classes(run_dir: Path, cfg, given: int | None) -> tuple[int, str]:
-    """(number of classes, where it came from); SystemExit when nothing tells."""
+    """(number of classes, where it came from); CommandError when nothing tells."""
     if given is not None:
         return given, "--num_classes"
-    found = _head_classes_from_safetensors(run_dir / "model_merged.safetensors")
+    summary = read_json(run_dir / "summary.json")
+    if summary and summary.get("num_classes") is not None:
+        return int(summary["num_classes"]), "summary.json"
+    found, where = classes_from_data(cfg.data)
     if found is not None:
-        return found, "head.weight in model_merged.safetensors"
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        phases = json.loads(summary_path.read_text()).get("phases") or []
-        full = next((p for p in phases if p["name"] == "full" and p.get("total_params")), None)
-        if full is not None:
-            found = _classes_from_total(cfg, int(full["total_params"]))
-            if found is not None:
-                return found, "total_params of the full phase in summary.json"
-    raise SystemExit(
-        f"cannot tell the number of classes of {run_dir} (no model_merged.safetensors, no summary.json): "
-        "pass --num_classes."
+        return found, f"config.yaml data.dataset={cfg.data.dataset}: {where}"
+    state = "its summary.json has no num_classes" if summary is not None else "it has no summary.json yet"
+    raise CommandError(
+        f"cannot tell the number of classes of {run_dir}: {state}, and config.yaml's data section does not tell "
+        f"({where}); pass --num_classes."
     )
 
 
@@ -263,11 +265,11 @@ def run_header(run_dir: Path, windows: dict[str, Any], min_epochs: int | None) -
     t = windows.get("thresholds", {})
     checks = list(checks_by_window(windows).values())
     span = f"steps {checks[0]['step']}..{checks[-1]['step']}" if checks else "none"
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
+    summary = read_json(run_dir / "summary.json")
+    if summary is None:
         own = "the run has no summary.json yet"
     else:
-        step = json.loads(summary_path.read_text()).get("switch_step")
+        step = summary.get("switch_step")
         own = "the run did not switch" if step is None else f"the run switched at step {step}"
     return (
         f"run {run_dir}: {len(checks)} closed windows ({span}); own thresholds delta_w={t.get('delta_w')} "
@@ -276,12 +278,15 @@ def run_header(run_dir: Path, windows: dict[str, Any], min_epochs: int | None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="prelora replay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path, help="a run directory (windows.json, config.yaml)")
     parser.add_argument("--delta_w", type=float, nargs="+", help="weight-norm thresholds, %% (default: the run's)")
     parser.add_argument("--delta_l", type=float, nargs="+", help="loss thresholds, %% (default: the run's)")
     parser.add_argument("--num_windows", type=int, nargs="+", help="N values, >= 2 (default: the run's)")
-    parser.add_argument("--num_classes", type=int, default=None, help="override the detected number of classes")
+    parser.add_argument("--num_classes", type=int, default=None,
+                        help="the number of classes (default: summary.json's, else config.yaml's data section)")
     parser.add_argument(
         "--window_value", choices=("mean", "last"), default=None,
         help="a window's norm: the mean of its samples or its last sample (default: the run's prelora.window_value)",
@@ -329,7 +334,3 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

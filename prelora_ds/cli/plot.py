@@ -1,7 +1,7 @@
 """Figures of one PreLoRA run, written as PNGs into RUN_DIR/plots/.
 
-  .venv/bin/python tools/plot_run.py runs/demo
-  .venv/bin/python tools/plot_run.py runs/demo --out_dir /tmp/demo_plots
+  prelora plot runs/demo
+  prelora plot runs/demo --out_dir /tmp/demo_plots
 
 Reads RUN_DIR/tb/ (TensorBoard events; several event files, e.g. after a resume, are merged by step),
 summary.json, windows.json and ranks.json (absent when the run never switched). Figures:
@@ -16,27 +16,24 @@ summary.json, windows.json and ranks.json (absent when the run never switched). 
 | `loss_top1.png`     | (f) training loss and validation top-1, phase starts marked                        |
 
 A figure whose data is absent (no switch, no windows, a run without TensorBoard events) is skipped with a
-printed note. The last lines list the files written.
+printed note. The last lines list the files written. Needs matplotlib: pip install 'prelora_ds[plot]'.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from prelora_ds.algorithm.convergence import layer_changes
+from prelora_ds.cli import require_matplotlib
+from prelora_ds.metrics.readers import RunData, Series, load_run
 
-matplotlib.use("Agg")
+require_matplotlib()  # else `prelora plot: error: matplotlib is not installed; pip install 'prelora_ds[plot]'`
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
-
-from prelora_ds.algorithm.convergence import layer_changes  # noqa: E402
 
 PHASE_COLORS = {"full": "tab:blue", "relora": "tab:purple", "warmup": "tab:orange", "lora": "tab:green"}
 KIND_COLORS = {"base": "tab:blue", "lora": "tab:red", "effective": "tab:green"}
@@ -44,63 +41,22 @@ KIND_STYLES = {"base": "-", "lora": "-", "effective": "--"}  # effective ~ base:
 FIGSIZE = (11, 5.5)
 DPI = 110
 
-Series = list[tuple[int, float]]
-
 
 class Skip(Exception):
     """A figure's data is absent: the message says what is missing."""
 
 
-@dataclass
-class RunData:
-    """Everything the figures read from a run directory (None / empty when a file is absent)."""
-
-    run_dir: Path
-    scalars: dict[str, Series] = field(default_factory=dict)
-    summary: dict[str, Any] | None = None
-    windows: dict[str, Any] | None = None
-    ranks: dict[str, int] | None = None
-
-    @property
-    def phases(self) -> list[dict[str, Any]]:
-        return (self.summary or {}).get("phases") or []
-
-    @property
-    def last_step(self) -> int | None:
-        if self.summary and self.summary.get("steps") is not None:
-            return int(self.summary["steps"])
-        steps = [s for series in self.scalars.values() for s, _ in series]
-        return max(steps) if steps else None
+def phases(run: RunData) -> list[dict[str, Any]]:
+    """The run's phases (summary.json); empty for a run without one."""
+    return (run.summary or {}).get("phases") or []
 
 
-# ----------------------------------------------------------------------------- reading
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def read_scalars(tb_dir: Path) -> dict[str, Series]:
-    """tag -> [(step, value)] sorted by step, merged over every event file (a later file wins a step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    merged: dict[str, dict[int, float]] = {}
-    for path in sorted(tb_dir.glob("events.*")):
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            series = merged.setdefault(tag, {})
-            for event in acc.Scalars(tag):
-                series[event.step] = event.value
-    return {tag: sorted(series.items()) for tag, series in merged.items()}
-
-
-def load_run(run_dir: Path) -> RunData:
-    return RunData(
-        run_dir=run_dir,
-        scalars=read_scalars(run_dir / "tb") if (run_dir / "tb").is_dir() else {},
-        summary=read_json(run_dir / "summary.json"),
-        windows=read_json(run_dir / "windows.json"),
-        ranks=read_json(run_dir / "ranks.json"),
-    )
+def last_step(run: RunData) -> int | None:
+    """summary.json `steps`, else the last step of any TensorBoard scalar; None when neither is there."""
+    if run.summary and run.summary.get("steps") is not None:
+        return int(run.summary["steps"])
+    steps = [s for series in run.scalars.values() for s, _ in series]
+    return max(steps) if steps else None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -109,14 +65,14 @@ def xy(series: Series) -> tuple[list[int], list[float]]:
 
 
 def phase_end(run: RunData, i: int) -> int:
-    phase = run.phases[i]
+    phase = phases(run)[i]
     end = phase.get("end_step")
-    return int(end) if end is not None else int(run.last_step or phase["start_step"])
+    return int(end) if end is not None else int(last_step(run) or phase["start_step"])
 
 
 def mark_phases(ax: plt.Axes, run: RunData) -> None:
     """A dashed vertical line and a label at the start of every phase after the first."""
-    for phase in run.phases[1:]:
+    for phase in phases(run)[1:]:
         start, name = phase["start_step"], phase["name"]
         color = PHASE_COLORS.get(name, "black")
         ax.axvline(start, color=color, linestyle="--", linewidth=1.2, label=f"{name} starts (step {start})")
@@ -135,7 +91,7 @@ def mark_phases(ax: plt.Axes, run: RunData) -> None:
 
 def shade_phases(ax: plt.Axes, run: RunData) -> None:
     """A translucent band per phase, labelled for the legend."""
-    for i, phase in enumerate(run.phases):
+    for i, phase in enumerate(phases(run)):
         name = phase["name"]
         ax.axvspan(
             phase["start_step"],
@@ -147,8 +103,8 @@ def shade_phases(ax: plt.Axes, run: RunData) -> None:
 
 
 def full_x_range(ax: plt.Axes, run: RunData) -> None:
-    if run.last_step:
-        ax.set_xlim(0, run.last_step)
+    if last_step(run):
+        ax.set_xlim(0, last_step(run))
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
@@ -332,7 +288,7 @@ def plot_throughput(run: RunData, path: Path) -> Path:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    medians = [(p["name"], p["median_step_s"]) for p in run.phases if p.get("median_step_s") is not None]
+    medians = [(p["name"], p["median_step_s"]) for p in phases(run) if p.get("median_step_s") is not None]
     if medians:
         names = [n for n, _ in medians]
         bars = c.bar(
@@ -400,7 +356,9 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="prelora plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path, help="a run directory (holds tb/, summary.json, windows.json)")
     parser.add_argument("--out_dir", type=Path, default=None, help="where to write the PNGs (default RUN_DIR/plots)")
     args = parser.parse_args(argv)
@@ -411,7 +369,3 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(f"  {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

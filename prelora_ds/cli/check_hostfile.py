@@ -1,0 +1,42 @@
+"""Check a deepspeed hostfile on the node about to start, before launching (e.g. in a SLURM or Kubernetes script).
+
+  prelora check-hostfile hostfiles/a100_16x4 --node_rank 3
+  prelora check-hostfile hostfiles/a100_16x4 --node_rank 3 --num_gpus 4
+
+The checks of `prelora_ds.distributed.hostfile.check_node`, which every rank also runs before its process group:
+a host that does not resolve, a node rank outside the hostfile (the launcher stops on an assertion) or naming
+another host than this machine, more ranks than the host's slots, more slots than this node's GPUs. Exit code 2
+and the reason (`prelora check-hostfile: error: ...`), or 0 and a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prelora_ds.cli import CommandError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="prelora check-hostfile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("hostfile", help="the hostfile the launcher will read ('HOST slots=N' lines)")
+    parser.add_argument("--node_rank", type=int, required=True, help="the --node_rank this node will get")
+    parser.add_argument("--num_gpus", type=int, default=None, help="ranks per node, when passed to the launcher")
+    args = parser.parse_args(argv)
+
+    from prelora_ds.distributed.hostfile import check_node, read
+    from prelora_ds.errors import ConfigError
+
+    try:
+        hosts = read(args.hostfile)
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
+        check_node(hosts, args.node_rank, args.num_gpus, gpus, source=f"hostfile {args.hostfile}")
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from exc
+    names = list(hosts)
+    print(f"{args.hostfile}: {len(names)} node(s), {sum(hosts.values())} rank(s); this is {names[args.node_rank]} "
+          f"(node rank {args.node_rank}, {hosts[names[args.node_rank]]} slot(s))")
+    return 0

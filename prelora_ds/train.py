@@ -131,12 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except RendezvousError as exc:
         logger.error(str(exc))
         return 1
-    try:
-        return run(pre, ds_config, rank, world)
-    finally:
-        from prelora_ds.distributed.launch import shutdown_distributed
-
-        shutdown_distributed()
+    return run(pre, ds_config, rank, world)  # the process groups are destroyed at exit (launch.init_distributed)
 
 
 def preflight(argv: list[str] | None) -> Preflight:

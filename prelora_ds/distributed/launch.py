@@ -10,6 +10,7 @@ rank that has not joined the others after train.rendezvous_timeout_s stops namin
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from datetime import timedelta
@@ -115,11 +116,15 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float = 600.0) -> t
             collectives.init_stats_group(timeout_s)  # the package's own collectives (CPU tensors) beside DeepSpeed's
     except (RuntimeError, ValueError) as exc:  # gloo/NCCL/store errors (DistNetworkError is a RuntimeError)
         raise RendezvousError(f"{netif.rendezvous_help()} ({str(exc).splitlines()[0][:300]})") from exc
+    # destroyed when the process exits, not when a run ends: a process may run several (tests), and DeepSpeed keeps
+    # its groups cached between them
+    atexit.register(shutdown_distributed)
     return collectives.rank(), local_rank, collectives.world_size()
 
 
 def shutdown_distributed() -> None:
-    """Destroy every process group (DeepSpeed's, the package's gloo group) before the interpreter exits.
+    """Destroy every process group (DeepSpeed's, the package's gloo group) before the interpreter exits (registered
+    with atexit by `init_distributed`; idempotent).
 
     A gloo group left to the interpreter's teardown can abort the process after a finished run ("terminate
     called without an active exception", exit -6: its C++ worker threads outlive Python); on NCCL it leaves

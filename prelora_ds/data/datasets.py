@@ -233,6 +233,72 @@ def _digits_split(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray, n
     return images[tr], digits.target[tr], images[va], digits.target[va]
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What every source's builder is given."""
+
+    cfg: DataConfig
+    img_size: int
+    in_chans: int
+    seed: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    @property
+    def mode(self) -> str:
+        return "L" if self.in_chans == 1 else "RGB"
+
+    @property
+    def root(self) -> Path:
+        return Path(self.cfg.root or "").expanduser()
+
+    def transforms(self) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+        return build_transforms(self.cfg, self.img_size, self.in_chans, self.mean, self.std)
+
+
+def _synthetic(r: _Request) -> DataBundle:
+    shape, n_cls = (r.in_chans, r.img_size, r.img_size), r.cfg.synthetic_num_classes
+    train = SyntheticDataset(r.cfg.synthetic_train_size, n_cls, shape, r.seed, stream=0)
+    val = SyntheticDataset(r.cfg.synthetic_val_size, n_cls, shape, r.seed, stream=1)
+    return DataBundle(SeededDataset(train, r.seed), val, n_cls, [str(i) for i in range(n_cls)])
+
+
+def _digits(r: _Request) -> DataBundle:
+    train_tf, val_tf = r.transforms()
+    x_tr, y_tr, x_va, y_va = _digits_split(r.cfg, r.seed)
+    train = DigitsDataset(x_tr, y_tr.tolist(), train_tf, r.mode)
+    val = DigitsDataset(x_va, y_va.tolist(), val_tf, r.mode)
+    return DataBundle(SeededDataset(train, r.seed), val, 10, [str(i) for i in range(10)])
+
+
+# A file source checks its layout (cheap, before transforms or a full file scan) and returns its class names and
+# an opener of a split (`transform` None: encoded bytes for the device loader).
+OpenSplit = Callable[[str, Any], Dataset]
+
+
+def _imagefolder(r: _Request) -> tuple[list[str], OpenSplit]:
+    class_names = check_imagefolder(r.root)
+
+    def open_split(split: str, transform) -> Dataset:
+        dataset = RobustImageFolder(r.root / split, transform, r.mode)
+        check_nonempty(dataset, r.root / split)
+        return dataset
+
+    return class_names, open_split
+
+
+def _shards(r: _Request) -> tuple[list[str], OpenSplit]:
+    index = check_shards(r.root)  # every shard present at its recorded size
+    return index["classes"], lambda split, transform: ShardDataset(r.root, split, transform, r.mode, index)
+
+
+IN_MEMORY_SOURCES: dict[str, Callable[[_Request], DataBundle]] = {"synthetic": _synthetic, "digits": _digits}
+FILE_SOURCES: dict[str, Callable[[_Request], tuple[list[str], OpenSplit]]] = {
+    "imagefolder": _imagefolder,
+    "shards": _shards,
+}
+
+
 def build_datasets(
     cfg: DataConfig,
     img_size: int,
@@ -241,68 +307,34 @@ def build_datasets(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> DataBundle:
-    """Train (wrapped in ``SeededDataset``) and val datasets yielding ``(float tensor CxHxW, int label)``."""
+    """Train (wrapped in ``SeededDataset``) and val datasets yielding ``(float tensor CxHxW, int label)``; one
+    builder per `data.dataset` in the tables above."""
     if in_chans not in (1, 3):
         raise ConfigError(f"in_chans={in_chans}: image datasets provide 1 (grayscale) or 3 (RGB) channels.")
-    mode = "L" if in_chans == 1 else "RGB"
-    root = Path(cfg.root or "").expanduser()
-    if cfg.dataset == "synthetic":
-        shape = (in_chans, img_size, img_size)
-        n_cls = cfg.synthetic_num_classes
-        train: Dataset = SyntheticDataset(cfg.synthetic_train_size, n_cls, shape, seed, stream=0)
-        val: Dataset = SyntheticDataset(cfg.synthetic_val_size, n_cls, shape, seed, stream=1)
-        return DataBundle(SeededDataset(train, seed), val, n_cls, [str(i) for i in range(n_cls)])
-
-    if cfg.dataset == "imagefolder":
-        class_names = check_imagefolder(root)  # cheap layout checks before transforms or a full file scan
-    if cfg.dataset == "shards":
-        index = check_shards(root)  # every shard present at its recorded size
-        class_names = index["classes"]
+    r = _Request(cfg, img_size, in_chans, seed, mean, std)
+    if cfg.dataset in IN_MEMORY_SOURCES:
+        return IN_MEMORY_SOURCES[cfg.dataset](r)
+    if cfg.dataset not in FILE_SOURCES:
+        raise ConfigError(f"data.dataset={cfg.dataset!r} is unknown.")  # DataConfig already rejects this
+    class_names, open_split = FILE_SOURCES[cfg.dataset](r)
     if cfg.loader == "device":
-        return _device_bundle(cfg, root, img_size, in_chans, seed, mean, std, class_names)
-    train_tf, val_tf = build_transforms(cfg, img_size, in_chans, mean, std)
-
-    if cfg.dataset == "digits":
-        x_tr, y_tr, x_va, y_va = _digits_split(cfg, seed)
-        train = DigitsDataset(x_tr, y_tr.tolist(), train_tf, mode)
-        val = DigitsDataset(x_va, y_va.tolist(), val_tf, mode)
-        return DataBundle(SeededDataset(train, seed), val, 10, [str(i) for i in range(10)])
-
-    if cfg.dataset == "imagefolder":
-        train_if = RobustImageFolder(root / "train", train_tf, mode)
-        check_nonempty(train_if, root / "train")
-        val_if = RobustImageFolder(root / "val", val_tf, mode)
-        check_nonempty(val_if, root / "val")
-        return DataBundle(SeededDataset(train_if, seed), val_if, len(class_names), class_names)
-
-    if cfg.dataset == "shards":
-        train_sh = ShardDataset(root, "train", train_tf, mode, index)
-        val_sh = ShardDataset(root, "val", val_tf, mode, index)
-        return DataBundle(SeededDataset(train_sh, seed), val_sh, len(class_names), class_names)
-
-    raise ConfigError(f"data.dataset={cfg.dataset!r} is unknown.")  # DataConfig already rejects this
+        return _device_bundle(r, class_names, open_split)
+    train_tf, val_tf = r.transforms()
+    train = open_split("train", train_tf)
+    val = open_split("val", val_tf)
+    return DataBundle(SeededDataset(train, seed), val, len(class_names), class_names)
 
 
-def _device_bundle(
-    cfg: DataConfig, root: Path, img_size: int, in_chans: int, seed: int, mean: Sequence[float],
-    std: Sequence[float], class_names: list[str],
-) -> DataBundle:
+def _device_bundle(r: _Request, class_names: list[str], open_split: OpenSplit) -> DataBundle:
     """`data.loader: device`: the same files or shards, handed over encoded; transforms run on the device."""
     from prelora_ds.data.device_input import DeviceImages, build_device_transforms
 
-    mean_c, std_c = _channel_stats(mean, in_chans, "mean"), _channel_stats(std, in_chans, "std")
-    train_tf, val_tf = build_device_transforms(cfg, img_size, in_chans, mean_c, std_c)
-    mode = "L" if in_chans == 1 else "RGB"
-    if cfg.dataset == "shards":
-        index = check_shards(root)
-        train, val = ShardDataset(root, "train", None, mode, index), ShardDataset(root, "val", None, mode, index)
-    else:
-        train, val = RobustImageFolder(root / "train", None, mode), RobustImageFolder(root / "val", None, mode)
-        check_nonempty(train, root / "train")
-        check_nonempty(val, root / "val")
+    mean_c, std_c = _channel_stats(r.mean, r.in_chans, "mean"), _channel_stats(r.std, r.in_chans, "std")
+    train_tf, val_tf = build_device_transforms(r.cfg, r.img_size, r.in_chans, mean_c, std_c)
+    train, val = open_split("train", None), open_split("val", None)
     return DataBundle(
-        DeviceImages(train, train_tf, mean_c, std_c, in_chans, seed),
-        DeviceImages(val, val_tf, mean_c, std_c, in_chans, None),
+        DeviceImages(train, train_tf, mean_c, std_c, r.in_chans, r.seed),
+        DeviceImages(val, val_tf, mean_c, std_c, r.in_chans, None),
         len(class_names),
         class_names,
         loader="device",

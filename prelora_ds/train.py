@@ -143,7 +143,8 @@ def preflight(argv: list[str] | None) -> Preflight:
     check_launch()  # a wrong hostfile or --node_rank hangs the rendezvous otherwise
     import torch
 
-    from prelora_ds.data.datasets import build_datasets, check_train_size
+    from prelora_ds.data.datasets import build_datasets
+    from prelora_ds.data.samplers import check_train_size
     from prelora_ds.engine.model import create_model, input_spec
     from prelora_ds.lora.inject import target_layers
     from prelora_ds.lora.relora import validate_rank

@@ -17,8 +17,8 @@ from typing import Any
 from prelora_ds.distributed import preempt
 from prelora_ds.log import logger
 from prelora_ds.lora.inject import PHASES
+from prelora_ds.metrics.display import Display
 from prelora_ds.metrics.memory import memory_bytes
-from prelora_ds.metrics.monitor import Monitor
 
 # Every TensorBoard tag the package writes; `{...}` fields are filled per module type, layer or phase.
 TAGS = {
@@ -105,17 +105,17 @@ class Recorder:
 
     def __init__(self, out_dir: Path, rank: int) -> None:
         self.out_dir, self.rank = out_dir, rank
-        self.monitor = Monitor.off()
+        self.display = Display.off()
 
     def start(self, total_steps: int, start_step: int, modules: dict[str, list[str]]) -> None:
         """Open TensorBoard and the progress bar (rank 0) and write the custom-scalars layout."""
-        self.monitor = Monitor(self.out_dir, self.rank == 0, total_steps, start_step)
-        if self.monitor.writer:
-            self.monitor.writer.add_custom_scalars(custom_scalars_layout(modules))
+        self.display = Display(self.out_dir, self.rank == 0, total_steps, start_step)
+        if self.display.writer:
+            self.display.writer.add_custom_scalars(custom_scalars_layout(modules))
 
     # ----------------------------------------------------------------- TensorBoard
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self.monitor.scalars(step, values)
+        self.display.scalars(step, values)
 
     def train_step(self, step: int, phase: str, loss: float, lr: float, dt: float, images: int, grad_norm) -> None:
         values = {
@@ -125,30 +125,30 @@ class Recorder:
         }  # fmt: skip
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             values[tag("grad_norm")] = float(grad_norm)
-        self.monitor.scalars(step, values)
-        self.monitor.progress(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images / dt:.0f}", phase=phase)
+        self.display.scalars(step, values)
+        self.display.progress(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images / dt:.0f}", phase=phase)
 
     def progress(self, step: int) -> None:
-        self.monitor.progress(step)
+        self.display.progress(step)
 
     def params(self, step: int, phase: str, trainable: int, total: int) -> None:
-        self.monitor.scalars(step, {tag("trainable"): trainable, tag("total"): total})
+        self.display.scalars(step, {tag("trainable"): trainable, tag("total"): total})
         share = 100 * trainable / total
         logger.info(f"[{phase}] step {step}: {trainable:,} of {total:,} parameters trainable ({share:.1f}%)")
 
     def phase_change(self, step: int, name: str, elapsed: float) -> None:
-        self.monitor.text("phase", f"step {step}: -> {name} ({elapsed:.2f} s)", step)
-        self.monitor.scalars(step, {tag("phase_index"): list(PHASES).index(name), tag("switch_s"): elapsed})
+        self.display.text("phase", f"step {step}: -> {name} ({elapsed:.2f} s)", step)
+        self.display.scalars(step, {tag("phase_index"): list(PHASES).index(name), tag("switch_s"): elapsed})
 
     def norms(self, step: int, sampled: dict[str, list[float]]) -> None:
         values = {}
         for m, vals in sampled.items():
             values[tag("norm", module=m)] = sum(vals) / len(vals)
             values.update({tag("norm_layer", module=m, layer=i): v for i, v in enumerate(vals)})
-        self.monitor.scalars(step, values)
+        self.display.scalars(step, values)
 
     def window(self, step: int, dL: float, D: dict[str, float], delta_l: float, delta_w: float) -> None:
-        self.monitor.scalars(
+        self.display.scalars(
             step,
             {tag("dL"): dL, tag("delta_l"): delta_l, tag("delta_w"): delta_w}
             | {tag("D", module=m): v for m, v in D.items()},
@@ -160,13 +160,13 @@ class Recorder:
             out.update({tag("lora_norm", kind=kind, layer=layer): x for kind, x in v.items()})
         for kind in LORA_KINDS:
             out[tag("lora_norm_mean", kind=kind)] = sum(v[kind] for v in values.values()) / len(values)
-        self.monitor.scalars(step, out)
+        self.display.scalars(step, out)
 
     def switch(self, step: int, epoch: int, ranks: dict[str, int], changes, reason: str, elapsed: float) -> None:
         self.write_json("ranks.json", ranks)
-        self.monitor.histogram(tag("rank_histogram"), list(ranks.values()), step)
-        self.monitor.scalars(step, {tag("rank", layer=name): r for name, r in ranks.items()})
-        self.monitor.text(
+        self.display.histogram(tag("rank_histogram"), list(ranks.values()), step)
+        self.display.scalars(step, {tag("rank", layer=name): r for name, r in ranks.items()})
+        self.display.text(
             "switch", f"switch at step {step} (epoch {epoch}, {reason}), {elapsed:.2f} s; layer changes "
             f"{json.dumps(changes)}", step,
         )  # fmt: skip
@@ -175,7 +175,7 @@ class Recorder:
         )
 
     def val(self, step: int, epoch: int, phase: str, result: dict[str, float]) -> None:
-        self.monitor.scalars(
+        self.display.scalars(
             step, {tag("val_top1"): result["top1"], tag("val_top5"): result["top5"], tag("val_loss"): result["loss"]}
         )
         logger.info(
@@ -184,13 +184,13 @@ class Recorder:
         )
 
     def merge(self, step: int, merges: int, deltas: dict[str, float], pruned: float, elapsed: float) -> None:
-        self.monitor.scalars(step, {
+        self.display.scalars(step, {
             tag("merges"): merges, tag("merged_delta_norm"): math.sqrt(sum(d * d for d in deltas.values())),
             tag("pruned_share"): pruned, tag("merge_s"): elapsed,
         })  # fmt: skip
 
     def skipped(self, step: int, skipped: int, streak: int, limit: int) -> None:
-        self.monitor.scalars(step, {tag("skipped_steps"): skipped})
+        self.display.scalars(step, {tag("skipped_steps"): skipped})
         logger.info(
             f"step {step}: non-finite loss or gradient, step skipped by DeepSpeed ({streak} in a row, {skipped} in "
             f"all; the limit is {limit} in a row)"
@@ -213,7 +213,7 @@ class Recorder:
         )
 
     def close(self) -> None:
-        self.monitor.close()
+        self.display.close()
 
     # ----------------------------------------------------------------- run files
     def write_json(self, name: str, obj: Any) -> None:

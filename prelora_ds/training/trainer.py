@@ -32,7 +32,7 @@ from prelora_ds.metrics.recorder import Recorder, summary, tag
 from prelora_ds.testing import faults
 from prelora_ds.training.controller import PhaseController
 from prelora_ds.training.loop_state import BatchGeometry, LoopState
-from prelora_ds.training.validation import TopKCounts
+from prelora_ds.training.validation import count_val_set
 
 __all__ = ["LoopState", "Trainer"]
 MAX_STEP_TIMES = 5000  # per phase, for the median in summary.json
@@ -258,17 +258,9 @@ class Trainer:
         self.recorder.train_step(step, self.state.phase, mean_loss, self.last_lr, dt, images,
                                  self.engine.get_global_grad_norm())
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Exact top-1/top-5 over the whole val set (no padded duplicates), all-reduced."""
-        engine, dtype = self.engine, self.phases.dtype
-        engine.eval()
-        counts = TopKCounts(engine.device)
-        for images, targets in self.val_loader:
-            images = images.to(engine.device, non_blocking=True)
-            targets = targets.to(engine.device, non_blocking=True)
-            counts.add(engine(images.to(dtype)).float(), targets, self.eval_loss)
-        engine.train()
+        counts = count_val_set(self.engine, self.val_loader, self.phases.dtype, self.eval_loss)
         with self.collective(f"the all-reduce of the validation counts at step {self.state.step}"):
             result = counts.reduce() | {"step": self.state.step, "epoch": self.state.epoch, "wall_s": self.state.wall_s}
         self.state.val.append(result)

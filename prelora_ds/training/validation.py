@@ -1,4 +1,4 @@
-"""Validation metrics: top-1 / top-5 / loss counts kept on the device, all-reduced once at the end."""
+"""Validation: exact top-1 / top-5 / loss over the whole val set, counts kept on the device and all-reduced once."""
 
 from __future__ import annotations
 
@@ -31,3 +31,16 @@ class TopKCounts:
         if n == 0:
             raise ValueError("the validation set is empty: nothing to evaluate")
         return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n}
+
+
+@torch.no_grad()
+def count_val_set(engine, loader, dtype: torch.dtype, loss_fn: torch.nn.Module) -> TopKCounts:
+    """This rank's counts over its share of the val set (no padded duplicates), the engine in eval mode meanwhile."""
+    engine.eval()
+    counts = TopKCounts(engine.device)
+    for images, targets in loader:
+        images = images.to(engine.device, non_blocking=True)
+        targets = targets.to(engine.device, non_blocking=True)
+        counts.add(engine(images.to(dtype)).float(), targets, loss_fn)
+    engine.train()
+    return counts

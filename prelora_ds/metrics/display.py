@@ -10,7 +10,7 @@ from tqdm import tqdm
 from prelora_ds.log import set_progress_bar
 
 
-class Monitor:
+class Display:
     """Writes on rank 0 only (`enabled`), so call sites need no rank checks; `Monitor.off()` writes nothing."""
 
     def __init__(self, out_dir: Path | None, enabled: bool, total_steps: int = 0, start_step: int = 0) -> None:
@@ -25,7 +25,7 @@ class Monitor:
             set_progress_bar(self.bar)
 
     @classmethod
-    def off(cls) -> Monitor:
+    def off(cls) -> Display:
         return cls(None, False)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SIZES = [(500, 375), (500, 333), (375, 500), (500, 400), (640, 480), (400, 300), (333, 500), (500, 500)]
 
 

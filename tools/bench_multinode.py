@@ -2,7 +2,7 @@
 
   sudo python tools/bench_multinode.py --out docs/bench_multinode.json     # root: makes two test hosts
 
-Two hosts (network namespaces joined by a veth pair, tools/two_hosts.py), 1 rank each, launched by
+Two hosts (network namespaces joined by a veth pair, prelora_ds/testing/two_hosts.py), 1 rank each, launched by
 `deepspeed --hostfile H --no_ssh --node_rank N` on each. For each link rate (`tc` tbf on both ends: unlimited,
 10 Gbit/s, 1 Gbit/s) one job runs full, warmup and lora in turn (prelora_ds's Trainer built in that phase,
 LoRA rank --rank on every target layer, synthetic images) and records, over --steps steps after --warmup:
@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from prelora_ds.testing.harness import BIN, deepspeed_cmd, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 PHASES = ("full", "warmup", "lora")
@@ -39,31 +41,13 @@ def worker(args) -> None:
     import deepspeed.comm as dscomm
     import torch
 
-    from prelora_ds.config.deepspeed import prepare_ds_config
-    from prelora_ds.config.recipe import build_config
     from prelora_ds.config.sections import ModelConfig
-    from prelora_ds.data.datasets import build_datasets
     from prelora_ds.distributed import collectives
-    from prelora_ds.distributed.launch import init_distributed
     from prelora_ds.engine.model import count_params, create_model
     from prelora_ds.lora.inject import target_layers
-    from prelora_ds.training.trainer import Trainer
+    from prelora_ds.testing.harness import start_distributed, synthetic_trainer
 
-    rank, _, world = init_distributed(600)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the two "hosts" share this machine's cores
-    cfg = build_config({
-        "data": {"dataset": "synthetic", "synthetic_train_size": args.batch_size * world * 8,
-                 "synthetic_val_size": args.batch_size, "synthetic_num_classes": 10, "num_workers": 0,
-                 "mixup": 0.0, "cutmix": 0.0},
-        "model": {"name": args.model, "kwargs": {"img_size": args.img_size}},
-        "train": {"lr_warmup_steps": 0, "epochs": 1000},
-        "prelora": {"target_modules": TARGETS},
-    })
-    ds = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
-    ds.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1,
-              comms_logger={"enabled": True, "prof_all": True, "verbose": False})
-    ds = prepare_ds_config(ds, world)
-    data = build_datasets(cfg.data, args.img_size, 3, seed=0)
+    rank, _, world = start_distributed(600)
     with torch.device("meta"):
         model_cfg = ModelConfig(name=args.model, kwargs={"img_size": args.img_size})
         layers = target_layers(create_model(model_cfg, 10, init=False), TARGETS)
@@ -74,8 +58,15 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for phase in PHASES:
             ranks = {n: args.rank for n in layers} if phase != "full" else None
-            trainer = Trainer(cfg, ds, data, Path(tmp) / phase, rank, world, resume=False, first_phase=phase,
-                              start_ranks=ranks)
+            trainer = synthetic_trainer(
+                Path(tmp) / phase, model=args.model, model_kwargs={"img_size": args.img_size}, img_size=args.img_size,
+                ds_config=ROOT / "ds_configs" / "cpu_zero2_fp32.json", micro_batch=args.batch_size,
+                ds_changes={"gradient_accumulation_steps": 1,
+                            "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}},
+                train_size=args.batch_size * world * 8, val_size=args.batch_size, first_phase=phase, start_ranks=ranks,
+                num_threads=max(1, (os.cpu_count() or 2) // 2),  # the two "hosts" share this machine's cores
+                train={"lr_warmup_steps": 0, "epochs": 1000}, prelora={"target_modules": TARGETS},
+            )  # fmt: skip
             for _ in range(args.warmup):
                 trainer.train_step(batch)
             collectives.barrier()
@@ -102,16 +93,15 @@ def worker(args) -> None:
 
 
 def launch(hosts, hostfile: Path, args, result: Path) -> None:
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
     env.pop("GLOO_SOCKET_IFNAME", None)
     worker_args = ["--worker", "--result", str(result), "--model", args.model, "--img-size", str(args.img_size),
                    "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--rank", str(args.rank)]
-    procs = []
+    procs, port = [], free_port()  # one rendezvous port for both hosts
     for i, h in enumerate(hosts.node):
-        cmd = [str(bin_dir / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
-               "--master_addr", hosts.node[0].addr, "--master_port", "29555", __file__, *worker_args]
+        flags = ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(i), "--master_addr", hosts.node[0].addr]
+        cmd = deepspeed_cmd(*worker_args, ranks=None, port=port, script=__file__, launcher_args=flags)
         log = open(result.with_suffix(f".node{i}.log"), "w")
         procs.append(subprocess.Popen(hosts.cmd(h, cmd), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=1800) for p in procs]
@@ -134,10 +124,8 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = parser.parse_args()
     if args.worker:
-        sys.path.insert(0, str(ROOT))
         return worker(args)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from two_hosts import TwoHosts
+    from prelora_ds.testing.two_hosts import TwoHosts
 
     out = {"command": " ".join(["python", "tools/bench_multinode.py", *sys.argv[1:]]), "rates": {}}
     with tempfile.TemporaryDirectory() as tmp, TwoHosts("pl14b", subnet="10.78.0") as hosts:

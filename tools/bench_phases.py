@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -51,16 +50,6 @@ def ds_config(path: str, batch: int) -> dict:
     cfg = json.loads(Path(path).read_text())
     cfg.update(train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1, train_batch_size=batch)
     return cfg
-
-
-def init_single() -> None:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    import deepspeed
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)
 
 
 def top_functions(prof, column: int, count: int, scale: float) -> list[list]:
@@ -102,24 +91,15 @@ def timed_steps(step, n_warm: int, n: int, profile: dict | None = None) -> list[
 
 
 def ours_trainer(args, phase: str = "full", ranks: dict[str, int] | None = None):
-    """prelora_ds's Trainer on synthetic images, world size 1, starting in `phase`."""
-    from prelora_ds.config.deepspeed import prepare_ds_config
-    from prelora_ds.config.recipe import build_config
-    from prelora_ds.data.datasets import build_datasets
-    from prelora_ds.training.trainer import Trainer
+    """prelora_ds's Trainer on synthetic images, world size 1 (a plain process), starting in `phase`."""
+    from prelora_ds.testing.harness import synthetic_trainer
 
-    init_single()
-    cfg = build_config({
-        "data": {"dataset": "synthetic", "synthetic_train_size": args.batch_size * 4,
-                 "synthetic_val_size": args.batch_size, "synthetic_num_classes": 10, "num_workers": 0,
-                 "mixup": 0.0, "cutmix": 0.0},
-        "model": {"name": args.model},
-        "train": {"lr_warmup_steps": 0, "epochs": 1000},
-        "prelora": {"target_modules": TARGETS, "trainable_extra": EXTRA},
-    })
-    ds = prepare_ds_config(ds_config(args.ds_config, args.batch_size), 1)
-    data = build_datasets(cfg.data, args.img_size, 3, seed=0)
-    return Trainer(cfg, ds, data, Path(args.tmp), 0, 1, resume=False, first_phase=phase, start_ranks=ranks)
+    return synthetic_trainer(
+        Path(args.tmp), model=args.model, model_kwargs={}, img_size=args.img_size,
+        ds_config=ds_config(args.ds_config, args.batch_size), micro_batch=args.batch_size,
+        train_size=args.batch_size * 4, val_size=args.batch_size, first_phase=phase, start_ranks=ranks,
+        train={"lr_warmup_steps": 0, "epochs": 1000}, prelora={"target_modules": TARGETS, "trainable_extra": EXTRA},
+    )  # fmt: skip
 
 
 def worker_ours(args) -> dict:
@@ -179,7 +159,9 @@ def worker_bare(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from timm.optim import param_groups_weight_decay
 
-    init_single()
+    from prelora_ds.testing.harness import start_distributed
+
+    start_distributed()
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=10)
     if args.phase != "full":
@@ -250,8 +232,7 @@ def run_worker(args, kind: str, phase: str) -> dict:
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--ds-config", args.ds_config, "--rank", str(args.rank), "--img-size", str(args.img_size),
            "--tmp", args.tmp, "--rebuilds", str(args.rebuilds), *(["--profile"] if args.profile else [])]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{kind}/{phase} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]

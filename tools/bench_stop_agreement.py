@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prelora_ds.testing.harness import free_port
 
 
 def worker(rank: int, world: int, calls: int, port: int, out: dict) -> None:
@@ -54,9 +51,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=None, help="rendezvous port (default: a free one)")
     args = p.parse_args()
     if args.port is None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            args.port = sock.getsockname()[1]
+        args.port = free_port()
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(worker, args=(args.world, args.calls, args.port, out), nprocs=args.world)

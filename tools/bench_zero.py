@@ -16,9 +16,10 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from prelora_ds.testing.harness import deepspeed_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"zero2": "ds_configs/cpu_zero2_fp32.json", "zero3": "ds_configs/cpu_zero3_fp32.json"}
@@ -28,38 +29,27 @@ GPU_CONFIGS = {"zero2": "ds_configs/vit_large_zero2_a100_64.json", "zero3": "ds_
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from prelora_ds.config.deepspeed import load_ds_config, prepare_ds_config
-    from prelora_ds.config.recipe import build_config
-    from prelora_ds.data.datasets import build_datasets
-    from prelora_ds.distributed.launch import init_distributed
+    from prelora_ds.config.sections import ModelConfig, PreLoRAConfig
+    from prelora_ds.engine.model import create_model
     from prelora_ds.lora.inject import target_layers
     from prelora_ds.metrics.memory import memory_bytes, reset_peak_memory
-    from prelora_ds.training.trainer import Trainer
+    from prelora_ds.testing.harness import start_distributed, synthetic_trainer
 
-    rank, _, world = init_distributed(1800)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the cores
-    cfg = build_config({
-        "data": {"dataset": "synthetic", "synthetic_train_size": args.batch_size * world * (args.steps + 2),
-                 "synthetic_val_size": world, "synthetic_num_classes": 1000, "num_workers": 0, "mixup": 0.0,
-                 "cutmix": 0.0},
-        "model": {"name": args.model, "kwargs": {"img_size": args.img_size}},
-        "train": {"epochs": 1, "seed": 0, "lr_warmup_steps": 0},
-    })  # fmt: skip
-    ds = load_ds_config(ROOT / args.config)
-    ds.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1)
-    ds.pop("train_batch_size", None)
-    ds = prepare_ds_config(ds, world)
-    data = build_datasets(cfg.data, args.img_size, 3, seed=0)
+    rank, _, world = start_distributed(1800)
     ranks = None
     if args.phase != "full":
         with torch.device("meta"):
-            from prelora_ds.engine.model import create_model
-
-            layers = target_layers(create_model(cfg.model, 1000, init=False), cfg.prelora.target_modules)
+            model = create_model(ModelConfig(name=args.model, kwargs={"img_size": args.img_size}), 1000, init=False)
+            layers = target_layers(model, PreLoRAConfig().target_modules)
         ranks = {n: args.rank for n in layers}
-    out = Path(args.tmp) / f"{args.config_name}_{args.phase}"
-    trainer = Trainer(cfg, ds, data, out, rank, world, resume=False, first_phase=args.phase, start_ranks=ranks)
+    trainer = synthetic_trainer(
+        Path(args.tmp) / f"{args.config_name}_{args.phase}", model=args.model, model_kwargs={"img_size": args.img_size},
+        img_size=args.img_size, ds_config=ROOT / args.config,
+        ds_changes={"gradient_accumulation_steps": 1, "train_batch_size": None}, micro_batch=args.batch_size,
+        train_size=args.batch_size * world * (args.steps + 2), val_size=world, num_classes=1000,
+        first_phase=args.phase, start_ranks=ranks,
+        num_threads=None if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // world),  # ranks share cores
+    )  # fmt: skip
     build_peak = memory_bytes()  # the engine build (ZeRO-3: under deepspeed.zero.Init)
     reset_peak_memory()
     batches = iter(trainer.train_loader)
@@ -99,11 +89,10 @@ def live_bytes() -> int:
 
 def run_cell(args: argparse.Namespace, name: str, config: str, phase: str) -> list[dict]:
     result = Path(args.tmp) / f"{name}_{phase}"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
-           str(args.port), __file__, "--worker", "--config", config, "--config-name", name, "--phase", phase,
-           "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps), "--rank", str(args.rank), "--tmp", args.tmp,
-           "--result", str(result)]  # fmt: skip
+    cmd = deepspeed_cmd("--worker", "--config", config, "--config-name", name, "--phase", phase,
+                        "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+                        "--steps", str(args.steps), "--rank", str(args.rank), "--tmp", args.tmp,
+                        "--result", result, ranks=args.ranks, port=args.port, script=__file__)  # fmt: skip
     # glibc returns a freed block of 1 MiB or more to the OS at once (by default its threshold grows to 32 MiB
     # after the first large free, and freed gathered parameters stay in the heap): peak RSS then follows live memory
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
@@ -121,7 +110,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=2, help="processes (GPUs) per job")
     p.add_argument("--phases", nargs="+", default=["full", "lora"])
     p.add_argument("--gpu", action="store_true", help="the bf16 A100 configs instead of the CPU ones")
-    p.add_argument("--port", type=int, default=29840)
+    p.add_argument("--port", type=int, default=None, help="the launcher's master port (default: a free one per job)")
     p.add_argument("--tmp", default="/tmp/prelora_bench_zero")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

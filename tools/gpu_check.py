@@ -26,8 +26,9 @@ from pathlib import Path
 
 import yaml
 
+from prelora_ds.testing.harness import deepspeed_cmd
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_imagefolder(root: Path, img_size: int) -> tuple[int, int]:
@@ -47,14 +48,8 @@ def write_imagefolder(root: Path, img_size: int) -> tuple[int, int]:
     return len(x_tr), len(x_va)
 
 
-def launcher() -> list[str]:
-    exe = shutil.which("deepspeed")
-    return [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
-
-
-def train_cmd(args, out: Path, data: Path, port: int) -> list[str]:
-    return [
-        *launcher(), "--num_gpus", str(args.num_gpus), "--master_port", str(port), "--module", "prelora_ds.train",
+def train_cmd(args, out: Path, data: Path) -> list[str]:
+    return deepspeed_cmd(
         "--recipe", "recipes/demo.yaml", "--output_dir", str(out), "--deepspeed_config", args.ds_config,
         "--data.dataset", "imagefolder", "--data.root", str(data), "--data.num_workers", str(args.workers),
         "--data.loader", args.loader,
@@ -62,7 +57,8 @@ def train_cmd(args, out: Path, data: Path, port: int) -> list[str]:
         "--train.epochs", "1000", "--train.max_steps", str(args.steps), "--train.log_every_steps", "1",
         "--train.lr_warmup_steps", "5", "--prelora.window_steps", str(args.window), "--prelora.num_windows", "3",
         "--prelora.delta_w", "1000", "--prelora.delta_l", "1000", "--prelora.warmup_steps", str(2 * args.window),
-    ]
+        ranks=args.num_gpus,
+    )  # fmt: skip
 
 
 def run(cmd: list[str], log: Path, faults: str | None = None) -> tuple[int, float]:
@@ -136,11 +132,11 @@ def main() -> int:
     kill_at = switch + args.window  # inside warmup, after the switch's checkpoint
     res: dict = {"model": args.model, "img_size": args.img_size, "ds_config": args.ds_config, "loader": args.loader,
                  "num_gpus": args.num_gpus, "steps": args.steps, "kill_at": kill_at}
-    rc, res["ref_s"] = run(train_cmd(args, out / "ref", data, 29511), out / "ref.log")
+    rc, res["ref_s"] = run(train_cmd(args, out / "ref", data), out / "ref.log")
     res["ref_rc"] = rc
-    rc, res["killed_s"] = run(train_cmd(args, out / "cut", data, 29512), out / "cut_killed.log", f"kill@{kill_at}:0")
+    rc, res["killed_s"] = run(train_cmd(args, out / "cut", data), out / "cut_killed.log", f"kill@{kill_at}:0")
     res["killed_rc"] = rc
-    rc, res["resumed_s"] = run([*train_cmd(args, out / "cut", data, 29513), "--resume"], out / "cut_resumed.log")
+    rc, res["resumed_s"] = run([*train_cmd(args, out / "cut", data), "--resume"], out / "cut_resumed.log")
     res["resumed_rc"] = rc
 
     checks: dict[str, bool] = {"reference ran": res["ref_rc"] == 0, "kill stopped the job": res["killed_rc"] != 0,

@@ -32,6 +32,7 @@ if ! python3 -c "import deepspeed" 2>/dev/null; then
 fi
 python3 -c "import deepspeed, peft, timm, torch; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, \
 'peft', peft.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+# the tools import prelora_ds (and its test harness) as a package: this checkout's copy, without installing it
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 tools/gpu_check.py --out "$OUT/product"

@@ -22,14 +22,13 @@ import io
 import json
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 from prelora_ds.cli import compare
 from prelora_ds.config.sections import SPLIT_TARGETS
+from prelora_ds.testing.harness import deepspeed_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 # name -> overrides of recipes/demo.yaml (windows of 2 epochs, N = 3; warmup 3 epochs unless varied)
 CONFIGS: dict[str, list[str]] = {
@@ -58,8 +57,7 @@ CONFIGS |= {f"{name}_reset": [*CONFIGS[name], *RESET] for name in ("relaxed", "m
 def launcher() -> list[str]:
     import torch
 
-    ranks = [] if torch.cuda.is_available() else ["--num_gpus", "2"]
-    return [str(BIN / "deepspeed"), *ranks, "--module", "prelora_ds.train", "--recipe", "recipes/demo.yaml"]
+    return deepspeed_cmd("--recipe", "recipes/demo.yaml", ranks=None if torch.cuda.is_available() else 2)
 
 
 def main() -> None:

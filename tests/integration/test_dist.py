@@ -8,14 +8,16 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, job_env
+
+from prelora_ds.testing.harness import REPO, free_port, job_env
 
 
-def run_ranks(out, world: int, port: int) -> list[dict]:
+def run_ranks(out, world: int) -> list[dict]:
+    port = free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "scripts" / "dist_check.py"), str(out)],
-            cwd=ROOT,
+            [sys.executable, str(REPO / "tests" / "scripts" / "dist_check.py"), str(out)],
+            cwd=REPO,
             env={**job_env(), "RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(port)},
             stdout=subprocess.PIPE,
@@ -32,7 +34,7 @@ def run_ranks(out, world: int, port: int) -> list[dict]:
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_package_collectives_on_a_cuda_only_default_group(tmp_path, world):
-    facts = run_ranks(tmp_path, world, 29590 + world)
+    facts = run_ranks(tmp_path, world)
     for f in facts:
         # the group is NCCL-like: the direct all-reduce the package used to issue is refused
         assert f["default_group_error"] == "No backend type associated with device type cpu"

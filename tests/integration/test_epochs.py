@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, TINY, deepspeed_cmd, run, scalars, summary
 
-from prelora_ds.metrics.readers import scalar_events
+from prelora_ds.metrics.readers import scalar_events, scalars
+from prelora_ds.testing.harness import REPO, TINY, deepspeed_cmd, run, summary
 
 pytestmark = pytest.mark.launch
 
@@ -31,15 +31,14 @@ MICRO_TOL = 2e-3  # micro batch 16 x 2 accumulation vs 32 x 1: the same images, 
 @pytest.fixture(scope="module")
 def epoch_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("epochs")
-    ds = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
     ds.update(train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=2)
     small = base / "micro16.json"
     small.write_text(json.dumps(ds))
     ref, cut = base / "reference", base / "cut"
-    run(deepspeed_cmd("--output_dir", str(ref), *EPOCH_RUN, port=29741))
-    stopped = run(deepspeed_cmd("--output_dir", str(cut), *EPOCH_RUN, "--train.stop_at_step", str(STOP), port=29743))
-    resumed = run(deepspeed_cmd("--output_dir", str(cut), *EPOCH_RUN, "--deepspeed_config", str(small), "--resume",
-                                port=29745))  # fmt: skip
+    run(deepspeed_cmd("--output_dir", ref, *EPOCH_RUN))
+    stopped = run(deepspeed_cmd("--output_dir", cut, *EPOCH_RUN, "--train.stop_at_step", str(STOP)))
+    resumed = run(deepspeed_cmd("--output_dir", cut, *EPOCH_RUN, "--deepspeed_config", small, "--resume"))
     return ref, cut, stopped, resumed
 
 

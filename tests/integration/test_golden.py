@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT
 
 from prelora_ds.testing.golden import fingerprint, platform
+from prelora_ds.testing.harness import REPO
 
 pytestmark = pytest.mark.launch
-GOLDEN = json.loads((ROOT / "tests" / "golden" / "demo_runs.json").read_text())
+GOLDEN = json.loads((REPO / "tests" / "golden" / "demo_runs.json").read_text())
 
 
 @pytest.fixture

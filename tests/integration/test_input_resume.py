@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import BIN, ROOT, SWITCH, TINY, deepspeed_cmd, run, scalars, summary, write_digit_jpegs
 
 from prelora_ds.data.shards import write_shards
+from prelora_ds.metrics.readers import scalars
+from prelora_ds.testing.harness import BIN, REPO, SWITCH, TINY, deepspeed_cmd, run, summary, write_digit_jpegs
 
 pytestmark = pytest.mark.launch
 
 WORLD_TOL = 2e-3  # tests/integration/test_reliability.py's: another world size sums the same losses in another order
-_ports = iter(range(29860, 29880))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 
 
 def _elastic_ds(tmp_path_factory) -> str:
-    cfg = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    cfg = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
     cfg.pop("gradient_accumulation_steps")
     cfg["train_batch_size"] = 64  # 32 x 1 on 2 ranks, 32 x 2 on 1: the same steps at either size
     path = tmp_path_factory.mktemp("ds") / "elastic.json"
@@ -52,13 +52,13 @@ def losses(out) -> dict[int, float]:
 def test_device_loader_resumes_exactly_on_imagefolder_and_on_shards(data, tmp_path_factory, tmp_path):
     ds_config = _elastic_ds(tmp_path_factory)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    run(deepspeed_cmd("--output_dir", str(ref), *_cmd(data, "imagefolder", ds_config), port=next(_ports)))
+    run(deepspeed_cmd("--output_dir", str(ref), *_cmd(data, "imagefolder", ds_config)))
     folder, shards = _cmd(data, "imagefolder", ds_config), _cmd(data, "shards", ds_config)
-    killed = run(deepspeed_cmd("--output_dir", str(cut), *folder, port=next(_ports)), check=False,
+    killed = run(deepspeed_cmd("--output_dir", str(cut), *folder), check=False,
                  env={"PRELORA_FAULTS": "kill@8:1"}, timeout=300)
     assert killed.returncode != 0 and "SIGKILL after step 8" in killed.stdout
-    stopped = run(deepspeed_cmd("--output_dir", str(cut), *folder, "--resume", "--train.stop_at_step", "16",
-                                port=next(_ports)), timeout=300)
+    stopped = run(deepspeed_cmd("--output_dir", str(cut), *folder, "--resume", "--train.stop_at_step", "16"),
+                  timeout=300)
     assert "resumed at step 5 (epoch 0, phase full)" in stopped.stdout
     single = run([str(BIN / "python"), "-m", "prelora_ds.train", "--output_dir", str(cut),
                   *shards, "--resume"], timeout=300)

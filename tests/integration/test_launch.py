@@ -14,10 +14,10 @@ import shutil
 import pytest
 import timm
 import torch
-from conftest import BIN, SWITCH_RUN, run, scalars, summary
 from safetensors.torch import load_file
 
-from prelora_ds.metrics.readers import custom_scalars_charts
+from prelora_ds.metrics.readers import custom_scalars_charts, scalars
+from prelora_ds.testing.harness import BIN, SWITCH_RUN, run, summary
 
 pytestmark = pytest.mark.launch
 

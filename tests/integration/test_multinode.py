@@ -1,6 +1,7 @@
-"""Two real hosts (network namespaces with their own addresses, hostnames and /etc/hosts: tools/two_hosts.py)
-running the package through the deepspeed launcher's multi-node paths, a node that dies, a rendezvous that
-cannot complete, and hostfile mistakes. Needs root (`ip netns add`); skipped with the reason otherwise.
+"""Two real hosts (network namespaces with their own addresses, hostnames and /etc/hosts:
+prelora_ds/testing/two_hosts.py) running the package through the deepspeed launcher's multi-node paths, a node that
+dies, a rendezvous that cannot complete, and hostfile mistakes. Needs root (`ip netns add`); skipped with the reason
+otherwise.
 
 The hosts' /etc/hosts map their own name to 127.0.1.1 as Debian does, so gloo's default binding is
 loopback (the failure of issue 14): every run here leaves GLOO_SOCKET_IFNAME unset unless it says so.
@@ -12,17 +13,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, ROOT, SWITCH_RUN, job_env, scalars, summary
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(ROOT / "tools"))
-from two_hosts import TwoHosts, can_make_namespaces  # noqa: E402
+from prelora_ds.metrics.readers import scalars
+from prelora_ds.testing.harness import BIN, REPO, SWITCH_RUN, deepspeed_cmd, free_port, job_env, summary
+from prelora_ds.testing.two_hosts import TwoHosts, can_make_namespaces
 
 WHY_NOT = can_make_namespaces()
 pytestmark = [pytest.mark.launch, pytest.mark.skipif(WHY_NOT is not None, reason=f"two test hosts: {WHY_NOT}")]
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.launch, pytest.mark.skipif(WHY_NOT is not None, reason
 MISSING = [c for c in ("pdsh", "sshd", "ssh", "ssh-keygen") if shutil.which(c) is None]
 needs_ssh = pytest.mark.skipif(bool(MISSING), reason=f"{', '.join(MISSING)} not installed: apt-get install pdsh "
                                "openssh-server (.ci/run does)")
-PORT = "29555"  # inside the test hosts' own network namespaces: no other job's port can collide
+PORT = free_port()  # one rendezvous port for both hosts (inside their own network namespaces)
 TIMEOUT_S = 20  # train.collective_timeout_s of the node-death run
 RENDEZVOUS_S = 15  # train.rendezvous_timeout_s of the failed-rendezvous run
 WORLD_TOL = 2e-3  # 1 rank x 2 micro batches vs 2 ranks x 1: another reduction order (as in test_reliability)
@@ -59,8 +59,8 @@ def threads_env() -> dict[str, str]:
 def node_cmd(hosts, i: int, hostfile: Path, *train: str, launcher: list[str] | None = None) -> list[str]:
     """`deepspeed --hostfile H --no_ssh --node_rank i --master_addr <node0>` on host i (as SLURM starts it)."""
     launcher = launcher or ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i)]
-    return hosts.cmd(hosts.node[i], [str(BIN / "deepspeed"), *launcher, "--master_addr", hosts.node[0].addr,
-                                     "--master_port", PORT, "--module", "prelora_ds.train", *train])
+    flags = [*launcher, "--master_addr", hosts.node[0].addr]
+    return hosts.cmd(hosts.node[i], deepspeed_cmd(*train, ranks=None, port=PORT, launcher_args=flags))
 
 
 class Job:
@@ -72,7 +72,7 @@ class Job:
         for i, (cmd, log) in enumerate(zip(cmds, logs, strict=True)):
             full_env = {**job_env(), **(env[i] if env else {})}
             with open(log, "w") as f:
-                self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT))
+                self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT))
 
     def wait(self, timeout: float = 300) -> list[int]:
         deadline = time.monotonic() + timeout
@@ -185,7 +185,7 @@ def node_death(hosts, hostfile, tmp_path_factory):
     """
     base = tmp_path_factory.mktemp("node_death")
     out = base / "run"
-    ds = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
     ds.pop("gradient_accumulation_steps")
     ds["train_batch_size"] = 64
     (base / "elastic.json").write_text(json.dumps(ds))
@@ -199,8 +199,8 @@ def node_death(hosts, hostfile, tmp_path_factory):
     # pdsh carries only the launcher's export list to node1; DS_ENV_FILE adds these (DeepSpeed's .deepspeed_env)
     env = {**threads_env(), "PRELORA_FAULTS": "hang@16:1", "PRELORA_TRACE_SAMPLES": str(traces[0])}
     (base / "ds_env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-    pdsh = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr",
-            hosts.node[0].addr, "--master_port", PORT, "--module", "prelora_ds.train", "--output_dir", str(out), *cmd]
+    pdsh = deepspeed_cmd("--output_dir", out, *cmd, ranks=None, port=PORT,
+                         launcher_args=["--hostfile", hostfile, "--no_ssh_check", "--master_addr", hosts.node[0].addr])
     first = Job([hosts.cmd(hosts.node[0], pdsh)], [base / "pdsh.log"],
                 [{"PDSH_SSH_ARGS_APPEND": " ".join(ssh), "DS_ENV_FILE": str(base / "ds_env")}])
     first.wait_for(0, "rank 1: hanging after step 16")
@@ -328,10 +328,10 @@ def test_hostfile_mistakes_are_refused_before_the_process_group(hosts, hostfile,
     assert outside.wait(timeout=120) != [0]
     assert "--node_rank is not set correctly" in outside.text(0) and "spawned" not in outside.text(0)
     check = subprocess.run(hosts.cmd(hosts.node[0], [*PRELORA, "check-hostfile", str(hostfile), "--node_rank", "2"]),
-                           capture_output=True, text=True, cwd=ROOT)
+                           capture_output=True, text=True, cwd=REPO)
     assert check.returncode == 2
     assert (f"--node_rank 2 is outside hostfile {hostfile}, which lists 2 host(s) (node0, node1): node ranks are "
             "0..1 in the file's order" in check.stderr)
     ok = subprocess.run(hosts.cmd(hosts.node[1], [*PRELORA, "check-hostfile", str(hostfile), "--node_rank", "1"]),
-                        capture_output=True, text=True, cwd=ROOT)
+                        capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0 and "this is node1 (node rank 1, 1 slot(s))" in ok.stdout, ok.stderr

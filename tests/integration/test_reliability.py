@@ -18,18 +18,28 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import BIN, RELORA_RUN, ROOT, SPLIT_RUN, SWITCH, SWITCH_RUN, TINY, deepspeed_cmd, run, scalars, summary
 
 from prelora_ds.distributed import preempt
+from prelora_ds.metrics.readers import scalars
+from prelora_ds.testing.harness import (
+    BIN,
+    RELORA_RUN,
+    REPO,
+    SPLIT_RUN,
+    SWITCH,
+    SWITCH_RUN,
+    TINY,
+    deepspeed_cmd,
+    run,
+    summary,
+)
 from prelora_ds.train import main
 
 pytestmark = pytest.mark.launch
 
 SEED = int(os.environ.get("PRELORA_FAULT_SEED", random.SystemRandom().randrange(10**6)))
 print(f"PRELORA_FAULT_SEED={SEED}", file=sys.stderr)
-_ports = iter(range(29700, 29800))
-HOSTFILE = [str(BIN / "deepspeed"), "--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0",
-            "--master_addr", "127.0.0.1"]
+HOSTFILE = ["--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
 
 
 def launch(out, *args, via="deepspeed", faults=None, check=True, **popen):
@@ -37,9 +47,9 @@ def launch(out, *args, via="deepspeed", faults=None, check=True, **popen):
     `deepspeed --num_gpus 2`, a hostfile or `mpirun -np 2`; `single`: 1 rank, a plain process."""
     train = ["--output_dir", str(out), *args]
     if via == "deepspeed":
-        cmd = deepspeed_cmd(*train, port=next(_ports))
+        cmd = deepspeed_cmd(*train)
     elif via == "hostfile":
-        cmd = [*HOSTFILE, "--master_port", str(next(_ports)), "--module", "prelora_ds.train", *train]
+        cmd = deepspeed_cmd(*train, ranks=None, launcher_args=HOSTFILE)
     elif via == "mpirun":
         cmd = [str(BIN / "mpirun"), "-np", "2", str(BIN / "prelora-train"), *train]
     else:
@@ -79,7 +89,7 @@ def timeline(out) -> list[tuple[str, int, int]]:
 def elastic_ds(tmp_path_factory):
     """The demo's DeepSpeed config with the global batch fixed (64) instead of the accumulation: DeepSpeed
     derives accumulation 1 on 2 ranks and 2 on 1 rank, so steps and data are the same at either size."""
-    cfg = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    cfg = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
     cfg.pop("gradient_accumulation_steps")
     cfg["train_batch_size"] = 64
     path = tmp_path_factory.mktemp("ds") / "elastic.json"
@@ -172,7 +182,7 @@ def refused(argv, capsys, monkeypatch) -> str:
     """main() in this process: these must fail before any process group (and cost no start-up)."""
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     assert main(argv) == 2
     return capsys.readouterr().err
 

@@ -7,7 +7,8 @@ import json
 import math
 
 import pytest
-from conftest import BIN, ROOT, run
+
+from prelora_ds.testing.harness import BIN, REPO, deepspeed_cmd, run
 
 pytestmark = pytest.mark.launch
 
@@ -15,9 +16,8 @@ pytestmark = pytest.mark.launch
 @pytest.fixture(scope="module")
 def switch_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("switch")
-    run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29611",
-         str(ROOT / "tests" / "scripts" / "switch_check.py"), str(out)])
-    run([str(BIN / "python"), str(ROOT / "tests" / "scripts" / "moments_check.py"), str(out), "--universal"])
+    run(deepspeed_cmd(out, script="tests/scripts/switch_check.py"))
+    run([str(BIN / "python"), str(REPO / "tests" / "scripts" / "moments_check.py"), str(out), "--universal"])
     return out
 
 

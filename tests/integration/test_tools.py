@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import deepspeed_cmd, run, summary
 
 from prelora_ds.algorithm.convergence import layer_changes
 from prelora_ds.algorithm.ranks import assign_ranks, ranks_by_module_name
+from prelora_ds.testing.harness import deepspeed_cmd, run, summary
 
 PRELORA = [sys.executable, "-m", "prelora_ds.cli"]
 COMMANDS = ["replay", "plot", "compare", "pack-shards", "check-hostfile"]
@@ -49,11 +49,7 @@ def runs(tmp_path_factory, split_reference) -> dict[str, Path]:
     """The PreLoRA run is the session's split q/k/v reference (the paper's six targets)."""
     full = tmp_path_factory.mktemp("tools") / "full"
     common = ["--recipe", "recipes/demo.yaml", "--train.log_every_steps", "1"]
-    run(
-        deepspeed_cmd(
-            *common, "--output_dir", str(full), "--prelora.enabled", "false", "--train.max_steps", "10", port=29652
-        )
-    )
+    run(deepspeed_cmd(*common, "--output_dir", full, "--prelora.enabled", "false", "--train.max_steps", "10"))
     return {"prelora": split_reference, "full": full}
 
 

@@ -11,8 +11,10 @@ import re
 import pytest
 import timm
 import torch
-from conftest import BIN, ROOT, SWITCH, TINY, deepspeed_cmd, run, scalars, summary
 from safetensors.torch import load_file
+
+from prelora_ds.metrics.readers import scalars
+from prelora_ds.testing.harness import BIN, REPO, SWITCH, TINY, deepspeed_cmd, run, summary
 
 pytestmark = pytest.mark.launch
 
@@ -30,8 +32,7 @@ STAGE_TOL = 2e-3  # the same computation with another partitioning: fp32 reducti
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero")
-    proc = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29761",
-                str(ROOT / "tests" / "scripts" / "zero_stages.py"), str(out), *CYCLE], timeout=900)  # fmt: skip
+    proc = run(deepspeed_cmd(out, *CYCLE, script="tests/scripts/zero_stages.py"), timeout=900)
     (out / "stdout.txt").write_text(proc.stdout)
     return out
 
@@ -105,14 +106,14 @@ def test_zero3_killed_in_relora_resumes_on_two_then_on_one_rank(tmp_path, stages
     """SIGKILL in relora (after its first merge), resume on 2 ranks to step 18 (warmup), then on 1 rank through
     DeepSpeed's universal checkpoint to the end: the resumed losses continue the uninterrupted stage-3 run."""
     out, elastic = tmp_path / "run", tmp_path / "zero3_elastic.json"
-    cfg = json.loads((ROOT / "ds_configs" / "cpu_zero3_fp32.json").read_text())
+    cfg = json.loads((REPO / "ds_configs" / "cpu_zero3_fp32.json").read_text())
     cfg.pop("gradient_accumulation_steps")
     elastic.write_text(json.dumps({**cfg, "train_batch_size": 64}))  # accumulation 1 on 2 ranks, 2 on 1 rank
     cmd = [*CYCLE, "--deepspeed_config", str(elastic), "--output_dir", str(out)]
-    killed = run(deepspeed_cmd(*cmd, port=29763), check=False, env={"PRELORA_FAULTS": "kill@10:1"})
+    killed = run(deepspeed_cmd(*cmd), check=False, env={"PRELORA_FAULTS": "kill@10:1"})
     assert killed.returncode != 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000008"
-    resumed = run(deepspeed_cmd(*cmd, "--resume", "--train.stop_at_step", "18", port=29765))
+    resumed = run(deepspeed_cmd(*cmd, "--resume", "--train.stop_at_step", "18"))
     assert "resumed at step 8 (epoch 0, phase relora)" in resumed.stdout
     single = run([str(BIN / "python"), "-m", "prelora_ds.train", *cmd, "--resume"])
     assert "resuming step00000018, saved by 2 rank(s), on 1 rank(s)" in single.stdout

@@ -17,27 +17,33 @@ import sys
 from pathlib import Path
 
 import torch
-from tiny_trainer import fixed_batch, fixed_batch_loss, tiny_trainer
 
 from prelora_ds.engine import moments
+from prelora_ds.testing.harness import fixed_batch, fixed_batch_loss, synthetic_trainer, tiny_vit
+from prelora_ds.training.trainer import Trainer
 
-MODEL = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+MODEL = tiny_vit(depth=2, embed_dim=64, num_heads=2)
 # Each stage's state layout and each dtype once (ZeRO-2/3 keep fp32 partitions either way; the two cells
 # left out, zero2_bf16 and zero3_fp32, read and write through the same code as these and cost 25 s of CI)
-CONFIGS = {  # name -> (ds_configs file, top-level changes, prelora.switch_optimizer)
-    "zero2_fp32": ("cpu_zero2_fp32.json", {}, "carry"),
-    "zero3_bf16": ("cpu_zero3_fp32.json", {"bf16": {"enabled": True}}, "carry"),
-    "zero0_fp32": ("cpu_zero2_fp32.json", {"zero_optimization": {"stage": 0}}, "carry"),  # a plain torch AdamW
-    "zero2_fp32_reset": ("cpu_zero2_fp32.json", {}, "reset"),
+CONFIGS = {  # name -> (DeepSpeed config, top-level changes, prelora.switch_optimizer)
+    "zero2_fp32": ("ds_configs/cpu_zero2_fp32.json", {}, "carry"),
+    "zero3_bf16": ("ds_configs/cpu_zero3_fp32.json", {"bf16": {"enabled": True}}, "carry"),
+    "zero0_fp32": ("ds_configs/cpu_zero2_fp32.json", {"zero_optimization": {"stage": 0}}, "carry"),  # torch AdamW
+    "zero2_fp32_reset": ("ds_configs/cpu_zero2_fp32.json", {}, "reset"),
 }
 FULL_STEPS = 12
 GLOBAL_BATCH = 8  # 4 images x 2 ranks; on 1 rank 4 x 2 accumulation
 
 
-def settings(name: str) -> tuple[str, dict, dict]:
-    ds_name, changes, mode = CONFIGS[name]
-    sections = {"prelora": {"switch_optimizer": mode}, "train": {"epochs": 10, "seed": 0, "lr_warmup_steps": 0}}
-    return ds_name, changes, sections
+def build(run: Path, name: str, resume: bool = False, **sections: dict) -> Trainer:
+    """The trainer of configuration `name` in run/run (`resume`: from its last checkpoint); `sections` add recipe
+    sections."""
+    ds_config, changes, mode = CONFIGS[name]
+    return synthetic_trainer(
+        run / "run", model_kwargs=MODEL, ds_config=ds_config, ds_changes=changes, global_batch=GLOBAL_BATCH,
+        resume=resume, num_threads=1, prelora={"switch_optimizer": mode},
+        train={"epochs": 10, "seed": 0, "lr_warmup_steps": 0}, **sections,
+    )
 
 
 def compare(a: moments.Moments, b: moments.Moments) -> list[str]:
@@ -55,8 +61,8 @@ def update_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor])
 
 
 def check(out: Path, name: str) -> dict:
-    ds_name, changes, sections = settings(name)
-    trainer, rank, _ = tiny_trainer(out / name, MODEL, ds_name, changes, global_batch=GLOBAL_BATCH, **sections)
+    trainer = build(out / name, name)
+    rank = trainer.rank
     train_images, train_targets = fixed_batch(16)
     batches = [(train_images[i : i + 4], train_targets[i : i + 4]) for i in range(0, 16, 4)]
     images, targets = train_images, train_targets
@@ -90,8 +96,7 @@ def check(out: Path, name: str) -> dict:
     if rank == 0:
         torch.save(stepped, out / f"{name}.saved.pt")
     trainer.close()
-    resumed, _, _ = tiny_trainer(out / name, MODEL, ds_name, changes, resume=True, global_batch=GLOBAL_BATCH,
-                                 **sections)
+    resumed = build(out / name, name, resume=True)
     facts["resume_phase"] = resumed.state.phase
     facts["resume_mismatch"] = compare(stepped, moments.gather(resumed.engine))
     facts["resume_loss"] = fixed_batch_loss(resumed, images, targets)
@@ -115,10 +120,10 @@ def check(out: Path, name: str) -> dict:
 def check_relora(out: Path, name: str) -> dict:
     """full -> relora (the base freezes: its moments are kept aside), a checkpoint and a resume in relora, then
     relora -> warmup (the base trains again and takes them up)."""
-    ds_name, changes, sections = settings(name)
-    sections["relora"] = {"enabled": True, "start_step": 1000, "rank": 8}  # the switches are made by hand here
+    relora = {"enabled": True, "start_step": 1000, "rank": 8}  # the switches are made by hand here
     run = out / f"{name}_relora"
-    trainer, rank, _ = tiny_trainer(run, MODEL, ds_name, changes, global_batch=GLOBAL_BATCH, **sections)
+    trainer = build(run, name, relora=relora)
+    rank = trainer.rank
     images, targets = fixed_batch(16)
     for i in range(6):
         trainer.train_step([(images[4 * (i % 4) : 4 * (i % 4) + 4], targets[4 * (i % 4) : 4 * (i % 4) + 4])])
@@ -129,7 +134,7 @@ def check_relora(out: Path, name: str) -> dict:
         trainer.train_step([(images[4 * i : 4 * i + 4], targets[4 * i : 4 * i + 4])])
     trainer.save_checkpoint()
     trainer.close()
-    resumed, _, _ = tiny_trainer(run, MODEL, ds_name, changes, resume=True, global_batch=GLOBAL_BATCH, **sections)
+    resumed = build(run, name, resume=True, relora=relora)
     facts = {"frozen_in_relora": sorted(n for n, p in resumed.engine.module.named_parameters() if not p.requires_grad),
              "kept": sorted(kept), "kept_keys": sorted({k for _, m in kept.values() for k in m}),
              "kept_vs_full": compare({n: full[n] for n in kept}, kept),
@@ -149,12 +154,10 @@ def check_relora(out: Path, name: str) -> dict:
 
 def check_universal(out: Path, name: str) -> None:
     """Resume the 2-rank checkpoint taken one step after the switch on this 1-rank process."""
-    ds_name, changes, sections = settings(name)
-    trainer, _, world = tiny_trainer(out / name, MODEL, ds_name, changes, resume=True, global_batch=GLOBAL_BATCH,
-                                     **sections)
+    trainer = build(out / name, name, resume=True)
     saved = torch.load(out / f"{name}.saved.pt")
-    facts = {"world": world, "phase": trainer.state.phase, "mismatch": compare(saved, moments.gather(trainer.engine)),
-             "compared": len(saved)}
+    facts = {"world": trainer.world, "phase": trainer.state.phase,
+             "mismatch": compare(saved, moments.gather(trainer.engine)), "compared": len(saved)}
     trainer.close()
     (out / f"{name}.universal.json").write_text(json.dumps(facts))
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-from tiny_trainer import fixed_batch, tiny_trainer
 
 from prelora_ds.algorithm import policy
 from prelora_ds.algorithm.policy import Clock
 from prelora_ds.engine import moments
 from prelora_ds.lora import relora
+from prelora_ds.testing.harness import fixed_batch, synthetic_trainer, tiny_vit
 
 MERGE_AFTER = 3  # steps before the merge
 STEPS_AFTER = 4  # steps after it: 0, 1/2 of the LR (restart_warmup_steps 2), then the full LR twice
@@ -63,11 +63,13 @@ def train(trainer, images: torch.Tensor, targets: torch.Tensor, steps: int) -> N
 
 
 def check(out: Path, precision: str) -> tuple[dict, int]:
-    trainer, rank, _ = tiny_trainer(
-        out / precision, {"depth": 2, "embed_dim": 128, "num_heads": 2}, ds_name=f"cpu_zero2_{precision}.json",
+    trainer = synthetic_trainer(
+        out / precision / "run", model_kwargs=tiny_vit(depth=2, embed_dim=128, num_heads=2),
+        ds_config=f"ds_configs/cpu_zero2_{precision}.json", num_threads=1,
         relora={"enabled": True, "start_step": 0, "rank": 16, "merge_every_steps": MERGE_AFTER, "prune_ratio": 0.9,
                 "restart_warmup_steps": 2},
     )
+    rank = trainer.rank
     dtype = trainer.phases.dtype
     trainer.switch_to("relora", {n: 16 for n in trainer.phases.layout.layers})
     kept_copies = len(trainer.phases.frozen_fp32)  # the frozen base's fp32 copy beside the engine

@@ -15,12 +15,12 @@ from pathlib import Path
 import moments_check
 import psutil
 import torch
-from tiny_trainer import fixed_batch, fixed_batch_loss, tiny_trainer
 
 from prelora_ds.engine import norms
 from prelora_ds.engine.model import create_model
 from prelora_ds.engine.phase_engine import build_engine, gather_fp32_state, load_fp32_state, release
 from prelora_ds.lora.inject import is_lora_param
+from prelora_ds.testing.harness import fixed_batch, fixed_batch_loss, synthetic_trainer, tiny_vit
 
 
 def mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
@@ -28,8 +28,9 @@ def mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[s
 
 
 def main(out: Path) -> None:
-    trainer, rank, world = tiny_trainer(out, {"depth": 4, "embed_dim": 384, "num_heads": 6},
-                                        prelora={"r_min": 8, "r_max": 64})
+    trainer = synthetic_trainer(out / "run", model_kwargs=tiny_vit(depth=4, embed_dim=384, num_heads=6),
+                                num_threads=1, prelora={"r_min": 8, "r_max": 64})
+    rank, world = trainer.rank, trainer.world
     facts: dict = {"rank": rank, "world": world}
 
     images, targets = fixed_batch()

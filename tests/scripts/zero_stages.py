@@ -11,22 +11,23 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
-ROOT = Path(__file__).resolve().parents[2]
+from prelora_ds.testing.harness import REPO
 
 
 def variants(out: Path) -> dict[str, Path]:
     """ZeRO-1, ZeRO-2 with the optimizer offloaded to CPU, ZeRO-3 (every parameter partitioned) in fp32 and bf16,
     and ZeRO-2 as the reference the others are compared with: the demo's CPU configs with only
     `zero_optimization` (and `bf16`) changed."""
-    base = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    base = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
     zero = base["zero_optimization"]
     configs = {
         "stage1": {**base, "zero_optimization": {**zero, "stage": 1}},
         "stage2": base,
         "stage2_offload": {**base, "zero_optimization": {**zero, "offload_optimizer": {"device": "cpu"}},
                            "zero_force_ds_cpu_optimizer": False},
-        "stage3": json.loads((ROOT / "ds_configs" / "cpu_zero3_fp32.json").read_text()),
+        "stage3": json.loads((REPO / "ds_configs" / "cpu_zero3_fp32.json").read_text()),
     }
     configs["stage3_bf16"] = {**configs["stage3"], "bf16": {"enabled": True}}  # the kept fp32 base, gathered masters
     paths = {}
@@ -37,11 +38,17 @@ def variants(out: Path) -> dict[str, Path]:
 
 
 def main(out: Path, args: list[str]) -> None:
+    from prelora_ds.distributed.launch import shutdown_distributed
     from prelora_ds.train import main as train
 
     codes = {}
-    for name, config in variants(out).items():
-        codes[name] = train([*args, "--deepspeed_config", str(config), "--output_dir", str(out / name)])
+    # One process group for every run: train.main tears its group down when it ends, and a second start in the
+    # same process fails (DeepSpeed keeps the groups it derived from the first: "Group ... is not registered").
+    # The group ends once, after the last run.
+    with mock.patch("prelora_ds.distributed.launch.shutdown_distributed"):
+        for name, config in variants(out).items():
+            codes[name] = train([*args, "--deepspeed_config", str(config), "--output_dir", str(out / name)])
+    shutdown_distributed()
     (out / "codes.json").write_text(json.dumps(codes))
 
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch.distributed as dist
-from conftest import ROOT
 
 from prelora_ds.distributed import launch
 from prelora_ds.errors import ConfigError
+from prelora_ds.testing.harness import REPO
 from prelora_ds.train import main, parse_args
 
 DEMO = ["--recipe", "recipes/demo.yaml", "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json"]
@@ -22,7 +22,7 @@ WORLD_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_S
 def _clean_env(monkeypatch):
     for key in WORLD_ENV:
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     # Tripwire, not a mock: every case here must fail before the process group starts, never train.
     monkeypatch.setattr(launch, "init_distributed", _tripwire)
 
@@ -101,7 +101,7 @@ def run_main(capsys, argv: list[str]) -> str:
 
 
 def write_ds(tmp_path, **changes) -> str:
-    cfg = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    cfg = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
     for key, value in changes.items():
         if value is None:
             cfg.pop(key, None)

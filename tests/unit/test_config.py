@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
 
 from prelora_ds.config.recipe import SECTIONS, apply_overrides, build_config, load_recipe, parse_override_value
 from prelora_ds.config.sections import RunConfig
 from prelora_ds.errors import ConfigError
+from prelora_ds.testing.harness import REPO
 
 
 def cfg_with(**overrides: str) -> RunConfig:
@@ -47,7 +47,7 @@ def test_recipe_yaml_loads_and_types(tmp_path):
 
 
 def test_demo_recipe_loads():
-    cfg = load_recipe(ROOT / "recipes" / "demo.yaml")
+    cfg = load_recipe(REPO / "recipes" / "demo.yaml")
     assert cfg.model.name == "vit_tiny_patch16_224"
     assert cfg.data.scale == [0.7, 1.0]
     assert cfg.train.deepspeed_config == "ds_configs/cpu_zero2_fp32.json"
@@ -98,7 +98,7 @@ def test_recipe_invalid_yaml(tmp_path):
         load_recipe(path)
 
 
-@pytest.mark.parametrize("recipe", [None, ROOT / "recipes" / "demo.yaml"], ids=["defaults", "demo"])
+@pytest.mark.parametrize("recipe", [None, REPO / "recipes" / "demo.yaml"], ids=["defaults", "demo"])
 def test_to_yaml_round_trip(recipe):
     cfg = load_recipe(recipe, {"train.max_steps": 12, "data.auto_augment": None})
     text = cfg.to_yaml()
@@ -164,7 +164,7 @@ def test_nested_override_field():
 
 def test_nested_override_into_non_mapping_field():
     with pytest.raises(ConfigError, match=r"data\.scale"):
-        load_recipe(ROOT / "recipes" / "demo.yaml", {"data.scale.x": 1})
+        load_recipe(REPO / "recipes" / "demo.yaml", {"data.scale.x": 1})
 
 
 def test_apply_overrides_copies():

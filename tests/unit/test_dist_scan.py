@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 
-from conftest import ROOT
+from prelora_ds.testing.harness import REPO
 
 COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast", "broadcast_object_list",
@@ -45,12 +45,12 @@ def test_no_collective_outside_dist():
     """Every collective of the package and its tools goes through prelora_ds/distributed/collectives.py (CPU tensors,
     gloo)."""
     offenders = []
-    scanned = [*(ROOT / "prelora_ds").rglob("*.py"), *(ROOT / "tools").glob("*.py")]
+    scanned = [*(REPO / "prelora_ds").rglob("*.py"), *(REPO / "tools").glob("*.py")]
     assert len(scanned) > 40  # the sub-packages are scanned too
     for path in scanned:
-        if path == ROOT / "prelora_ds" / "distributed" / "collectives.py":
+        if path == REPO / "prelora_ds" / "distributed" / "collectives.py":
             continue
-        offenders += [f"{path.relative_to(ROOT)}:{i}" for i in direct_collectives(path.read_text())]
+        offenders += [f"{path.relative_to(REPO)}:{i}" for i in direct_collectives(path.read_text())]
     assert not offenders, "collectives outside prelora_ds/distributed/collectives.py:\n" + "\n".join(offenders)
 
 

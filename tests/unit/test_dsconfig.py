@@ -6,10 +6,10 @@ import json
 import re
 
 import pytest
-from conftest import ROOT
 
 from prelora_ds.config.deepspeed import load_ds_config, peak_lr, prepare_ds_config, resolve_batch, zero_stage
 from prelora_ds.errors import ConfigError
+from prelora_ds.testing.harness import REPO
 
 G, M, A = "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
 
@@ -186,7 +186,7 @@ def test_prepare_batch_error_comes_first():
 
 @pytest.mark.parametrize("name", ["cpu_zero2_fp32.json", "cpu_zero2_bf16.json"])
 def test_shipped_cpu_configs_prepare(name):
-    cfg = prepare_ds_config(load_ds_config(ROOT / "ds_configs" / name), 2)
+    cfg = prepare_ds_config(load_ds_config(REPO / "ds_configs" / name), 2)
     assert cfg[M] * cfg[A] * 2 == cfg[G]
     assert zero_stage(cfg) == 2
 
@@ -231,6 +231,6 @@ def test_load_round_trip(tmp_path):
     ],
 )
 def test_prepare_refuses_zero_settings_the_cycle_cannot_run(patch, message):
-    cfg = {**json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text()), **patch}
+    cfg = {**json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text()), **patch}
     with pytest.raises(ConfigError, match=message):
         prepare_ds_config(cfg, 2)

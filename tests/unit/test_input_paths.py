@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_digit_jpegs
 from PIL import Image
 
 from prelora_ds.config.sections import DataConfig
 from prelora_ds.data.datasets import build_datasets, build_loaders, set_train_epoch
 from prelora_ds.data.shards import write_shards
 from prelora_ds.errors import ConfigError
+from prelora_ds.testing.harness import write_digit_jpegs
 
 IMG = 24
 AUG = dict(auto_augment="rand-m9-mstd0.5-inc1", hflip=0.5, scale=[0.3, 1.0], crop_pct=0.875)
@@ -208,14 +208,14 @@ def test_device_loader_config_errors():
 
 def test_bench_data_paths_run_on_imagenet_like_jpegs(tmp_path):
     """tools/bench_data.py's images look like ImageNet's (sizes, ~100 kB) and each of its CPU paths runs."""
-    from conftest import ROOT, load_tool
+    from prelora_ds.testing.harness import REPO, load_tool
 
     bench = load_tool("bench_data")
     sizes = bench.write_images(tmp_path / "folder", 20)
     assert 60_000 < np.mean(sizes) < 160_000, sizes
     write_shards(tmp_path / "folder", tmp_path / "shards", log=lambda s: None)
     write_shards(tmp_path / "folder", tmp_path / "shards256", resize_shorter=256, quality=90, log=lambda s: None)
-    recipe = str(ROOT / "recipes" / "vit_l_exp2.yaml")
+    recipe = str(REPO / "recipes" / "vit_l_exp2.yaml")
     for _, path, source, _ in bench.PATHS:
         if path != "dali":
             out = bench._make_step(path, source, tmp_path, recipe, "cpu", 2)([0, 3])

@@ -7,10 +7,10 @@ import sys
 from collections import OrderedDict
 
 import pytest
-from conftest import ROOT
 
 from prelora_ds.distributed import hostfile, netif
 from prelora_ds.errors import ConfigError
+from prelora_ds.testing.harness import REPO
 
 
 def test_interface_routing_to_loopback_is_lo():
@@ -38,7 +38,7 @@ def test_rendezvous_watchdog_ends_a_stuck_process_naming_address_and_variable():
     code = ("import os, time; os.environ.update(MASTER_ADDR='10.9.9.9', MASTER_PORT='29999', RANK='1', "
             "WORLD_SIZE='2');\nfrom prelora_ds.distributed.netif import RendezvousWatchdog\n"
             "with RendezvousWatchdog(1):\n    time.sleep(30)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=25)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=25)
     assert proc.returncode == 1
     assert ("the process group did not start within train.rendezvous_timeout_s=1 s: rank 1 of WORLD_SIZE=2 on "
             in proc.stderr and "could not join the process group at MASTER_ADDR=10.9.9.9:29999" in proc.stderr)

@@ -6,16 +6,16 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT
 from deepspeed.launcher.runner import fetch_hostfile
 
 from prelora_ds.config.deepspeed import load_ds_config, prepare_ds_config
 from prelora_ds.config.recipe import load_recipe
 from prelora_ds.engine.model import create_model
 from prelora_ds.lora.inject import PHASES, build_structure, target_layers
+from prelora_ds.testing.harness import REPO
 
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 def world_of(ds_path) -> list[int]:
@@ -26,7 +26,7 @@ def world_of(ds_path) -> list[int]:
 def test_recipe_validates_with_its_ds_config(recipe):
     overrides = {"data.root": "/datasets/imagenet"} if recipe.stem.startswith(("vit_l", "vit_h")) else {}
     cfg = load_recipe(recipe, overrides)
-    ds_path = ROOT / cfg.train.deepspeed_config
+    ds_path = REPO / cfg.train.deepspeed_config
     for world in world_of(ds_path):
         ds = prepare_ds_config(load_ds_config(ds_path), world)
         assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == ds[
@@ -38,10 +38,10 @@ def test_recipe_validates_with_its_ds_config(recipe):
 
 
 def test_vit_l_threshold_strictness_is_ordered():
-    exps = [load_recipe(ROOT / f"recipes/vit_l_exp{i}.yaml", {"data.root": "x"}).prelora for i in (1, 2, 3)]
+    exps = [load_recipe(REPO / f"recipes/vit_l_exp{i}.yaml", {"data.root": "x"}).prelora for i in (1, 2, 3)]
     assert exps[0].delta_w > exps[1].delta_w > exps[2].delta_w
     assert exps[0].delta_l > exps[1].delta_l > exps[2].delta_l
-    warm = [load_recipe(ROOT / f"recipes/vit_l_warmup{w}.yaml", {"data.root": "x"}).prelora for w in (5, 10, 15)]
+    warm = [load_recipe(REPO / f"recipes/vit_l_warmup{w}.yaml", {"data.root": "x"}).prelora for w in (5, 10, 15)]
     assert [w.warmup_epochs for w in warm] == [5, 10, 15]
 
 
@@ -60,7 +60,7 @@ def test_ds_config_is_explicit(ds_path):
 
 def vit_l_structure(recipe: str = "vit_l_exp2"):
     """The recipe's ViT-L/16 (split q/k/v) on the meta device (no weights) and its target layers."""
-    cfg = load_recipe(ROOT / f"recipes/{recipe}.yaml", {"data.root": "x"})
+    cfg = load_recipe(REPO / f"recipes/{recipe}.yaml", {"data.root": "x"})
     with torch.device("meta"):
         model = create_model(cfg.model, 1000)
     return cfg, model, target_layers(model, cfg.prelora.target_modules)
@@ -94,5 +94,5 @@ def test_vit_l_lora_parameters_match_the_papers_count(capsys):
 
 @pytest.mark.parametrize("name,hosts,slots", [("localhost", 1, 2), ("a100_16x4", 16, 4)])
 def test_hostfiles_parse_with_deepspeed(name, hosts, slots):
-    pool = fetch_hostfile(str(ROOT / "hostfiles" / name))
+    pool = fetch_hostfile(str(REPO / "hostfiles" / name))
     assert len(pool) == hosts and set(pool.values()) == {slots}

@@ -48,17 +48,17 @@ def test_replay_gives_the_middle_rank_when_max_epochs_forced_a_switch_before_two
 
 
 def test_every_tool_builds_its_trainer_with_the_trainers_parameters():
-    """The benchmarks build Trainers directly; a keyword the Trainer does not take fails every run (TypeError)."""
+    """The benchmarks build Trainers (directly or through the harness's synthetic_trainer); a keyword the Trainer
+    does not take fails every run (TypeError)."""
     import ast
     import inspect
 
-    from conftest import ROOT
-
+    from prelora_ds.testing.harness import REPO
     from prelora_ds.training.trainer import Trainer
 
     accepted = set(inspect.signature(Trainer.__init__).parameters)
     bad = []
-    for path in sorted((ROOT / "tools").glob("*.py")):
+    for path in sorted([*(REPO / "tools").glob("*.py"), *(REPO / "prelora_ds" / "testing").glob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Trainer":
                 bad += [f"{path.name}:{node.lineno} {k.arg}" for k in node.keywords if k.arg not in accepted]
@@ -72,13 +72,13 @@ def forced_run(run_dir, dataset: dict | None = None, num_classes: int | None = 1
     `num_classes` is None (a run still running has none)."""
     import torch
     import yaml
-    from conftest import ROOT
 
     from prelora_ds.config.recipe import load_recipe
     from prelora_ds.engine.model import create_model
     from prelora_ds.lora.inject import module_key, target_layers
+    from prelora_ds.testing.harness import REPO
 
-    raw = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    raw = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
     raw["prelora"]["max_epochs"] = 1
     raw["data"].update(dataset or {})
     run_dir.mkdir()

@@ -3,7 +3,7 @@
 Each host has its own address, its own hostname (a UTS namespace per command) and its own /etc/hosts
 (`ip netns exec` binds /etc/netns/NAME/hosts over /etc/hosts), written as Debian writes it: the host's own
 name on 127.0.1.1, so gloo's default binding picks loopback as on many clusters. The filesystem is shared,
-as on a cluster with shared storage. Used by tests/test_multinode.py and tools/bench_multinode.py.
+as on a cluster with shared storage. Used by tests/integration/test_multinode.py and tools/bench_multinode.py.
 
   with TwoHosts("pl14") as hosts:
       subprocess.run(hosts.cmd(hosts.node[1], ["python", "-c", "import socket; print(socket.gethostname())"]))

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from unittest import mock
 
 from prelora_ds.testing.harness import REPO
 
@@ -38,17 +37,11 @@ def variants(out: Path) -> dict[str, Path]:
 
 
 def main(out: Path, args: list[str]) -> None:
-    from prelora_ds.distributed.launch import shutdown_distributed
     from prelora_ds.train import main as train
 
     codes = {}
-    # One process group for every run: train.main tears its group down when it ends, and a second start in the
-    # same process fails (DeepSpeed keeps the groups it derived from the first: "Group ... is not registered").
-    # The group ends once, after the last run.
-    with mock.patch("prelora_ds.distributed.launch.shutdown_distributed"):
-        for name, config in variants(out).items():
-            codes[name] = train([*args, "--deepspeed_config", str(config), "--output_dir", str(out / name)])
-    shutdown_distributed()
+    for name, config in variants(out).items():
+        codes[name] = train([*args, "--deepspeed_config", str(config), "--output_dir", str(out / name)])
     (out / "codes.json").write_text(json.dumps(codes))
 
 

@@ -12,7 +12,6 @@ on synthetic images is built outside the product's entry point.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import shutil
@@ -170,13 +169,11 @@ def start_distributed(timeout_s: float = 600) -> tuple[int, int, int]:
     import torch.distributed as tdist
 
     from prelora_ds.distributed import collectives
-    from prelora_ds.distributed.launch import init_distributed, shutdown_distributed
+    from prelora_ds.distributed.launch import init_distributed
 
     if tdist.is_available() and tdist.is_initialized():
         return collectives.rank(), int(os.environ["LOCAL_RANK"]), collectives.world_size()
-    started = init_distributed(timeout_s)
-    atexit.register(shutdown_distributed)  # a gloo group left to the interpreter's teardown can abort the process
-    return started
+    return init_distributed(timeout_s)  # which also destroys the groups at exit
 
 
 def synthetic_trainer(

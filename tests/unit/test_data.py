@@ -17,15 +17,14 @@ from timm.loss import SoftTargetCrossEntropy
 from prelora_ds.config.sections import DataConfig
 from prelora_ds.data.datasets import (
     DataBundle,
-    ResumableDistributedSampler,
     SeededDataset,
-    ShardSampler,
     build_datasets,
     build_loaders,
     build_mixup,
     build_train_loss,
     set_train_epoch,
 )
+from prelora_ds.data.samplers import ResumableDistributedSampler, ShardSampler
 from prelora_ds.errors import ConfigError
 
 IMG = 32

@@ -19,7 +19,7 @@ EVERY_RANK = {"every_rank": True}
 RANK_ZERO = {"rank_zero": True}
 _PREFIX = {logging.WARNING: "prelora-train: warning: ", logging.ERROR: "prelora-train: error: ",
            logging.CRITICAL: "prelora-train: error: "}  # fmt: skip
-_bar = None  # the open tqdm bar, if any (metrics.display sets it)
+_bar = None  # the open tqdm bar, if any (the recorder's Display sets it)
 
 
 def env_rank() -> int:

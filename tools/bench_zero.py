@@ -32,7 +32,7 @@ def worker(args: argparse.Namespace) -> None:
     from prelora_ds.config.sections import ModelConfig, PreLoRAConfig
     from prelora_ds.engine.model import create_model
     from prelora_ds.lora.inject import target_layers
-    from prelora_ds.metrics.memory import memory_bytes, reset_peak_memory
+    from prelora_ds.metrics.recorder import memory_bytes, reset_peak_memory
     from prelora_ds.testing.harness import start_distributed, synthetic_trainer
 
     rank, _, world = start_distributed(1800)

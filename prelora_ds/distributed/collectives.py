@@ -13,11 +13,15 @@ so a one-GPU check exercises this code. Every rank must call these functions in 
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
+
+from prelora_ds.errors import TrainingError
 
 # a word of its own, so that a path such as runs/timeout_test/ in a message does not count
 _TIMEOUT = re.compile(r"(?<![\w/])(timed? ?out|timeout)(?![\w/])", re.IGNORECASE)
@@ -131,3 +135,33 @@ def broadcast_rng_state() -> None:
     state = torch.get_rng_state()
     tdist.broadcast(state, src=0, group=stats_group())
     torch.set_rng_state(state)
+
+
+class NamedCollectives:
+    """`with named("the all-reduce of ...")`: a rank that times out waiting inside the block, or learns that a
+    peer's process or node died (its sockets closed at once), stops with a TrainingError that names the operation,
+    the timeout and the last complete checkpoint (`last_checkpoint()`, asked only then)."""
+
+    def __init__(self, rank: int, timeout_s: float, last_checkpoint: Callable[[], str]) -> None:
+        self.rank, self.timeout_s, self.last_checkpoint = rank, timeout_s, last_checkpoint
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        try:
+            yield
+        except RuntimeError as exc:
+            if isinstance(exc, TrainingError) or not (is_timeout(exc) or peer_lost(exc)):
+                raise
+            raise self.error(what, exc) from exc
+
+    def error(self, what: str, exc: BaseException) -> TrainingError:
+        why = (
+            "failed: another rank closed its connection (its process or node died)"
+            if peer_lost(exc)
+            else f"timed out after train.collective_timeout_s={self.timeout_s:g} s waiting for another rank (dead, "
+            "hung or cut off)"
+        )
+        return TrainingError(
+            f"rank {self.rank}: {what} {why}. The last complete checkpoint is {self.last_checkpoint()}; restart the "
+            f"job with --resume. ({str(exc).splitlines()[0][:200]})"
+        )

@@ -38,7 +38,6 @@ from prelora_ds.lora import relora
 from prelora_ds.lora.inject import PHASES, build_structure, canonical_name, target_layers
 from prelora_ds.lora.merge import lora_scales
 from prelora_ds.lora.merge import merge_lora as merge_lora_state
-from prelora_ds.metrics.memory import reset_peak_memory
 
 FP32State = dict[str, torch.Tensor]
 
@@ -132,6 +131,7 @@ class PhaseEngine:
         self.cfg, self.ds_config, self.num_classes = cfg, ds_config, num_classes
         self.total_steps, self.lr_warmup_steps = total_steps, lr_warmup_steps
         self.wd = weight_decay(ds_config)
+        self.stage = zero_stage(ds_config)
         self.keep_fp32 = low_precision(ds_config)
         self.engine = None
         self.scheduler = None
@@ -151,7 +151,7 @@ class PhaseEngine:
         init (meta device, then `to_empty`): seconds saved per switch on ViT-L. Under ZeRO-3 the model is
         built partitioned (`_make_partitioned`). Collective under ZeRO-3.
         """
-        if zero_stage(ds_config or self.ds_config) == 3:
+        if (zero_stage(ds_config) if ds_config else self.stage) == 3:
             return self._make_partitioned(state, phase, ranks, ds_config or self.ds_config)
         if state is None:
             model = create_model(self.cfg.model, self.num_classes)
@@ -257,7 +257,6 @@ class PhaseEngine:
         self.dormant = left if phase == "relora" else {}
         self.rewarm_start = step
         self.frozen_fp32 = frozen if self.keep_fp32 else {}
-        reset_peak_memory()  # each phase's peak is its own (the rebuild's transient peak counts in neither)
         self._attach_scheduler(step)
         return time.perf_counter() - t0
 

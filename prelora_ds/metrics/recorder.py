@@ -1,5 +1,6 @@
 """What a run shows: TensorBoard scalars (every tag name in `TAGS`), a custom-scalars layout that groups the
-per-layer series into one chart per module type, and the run files (summary.json, windows.json, ranks.json).
+per-layer series into one chart per module type, the progress bar, and the run files (summary.json, windows.json,
+ranks.json).
 
 Rank 0 writes; on other ranks every method is a no-op, so call sites need no rank checks.
 """
@@ -9,16 +10,19 @@ from __future__ import annotations
 import json
 import math
 import re
+import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
 from prelora_ds.distributed import preempt
-from prelora_ds.log import logger
+from prelora_ds.log import logger, set_progress_bar
 from prelora_ds.lora.inject import PHASES
-from prelora_ds.metrics.display import Display
-from prelora_ds.metrics.memory import memory_bytes
 
 # Every TensorBoard tag the package writes; `{...}` fields are filled per module type, layer or phase.
 TAGS = {
@@ -98,6 +102,80 @@ def custom_scalars_layout(modules: dict[str, list[str]]) -> dict[str, dict[str, 
         }
     layout["Ranks"] = {"rank per layer": chart(_series("rank"))}
     return layout
+
+
+# ----------------------------------------------------------------- peak memory per phase
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def memory_bytes() -> int:
+    """Peak accelerator memory on GPU, else the process's peak RSS, since the last `reset_peak_memory`."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    try:  # Linux: VmHWM, the peak RSS that `reset_peak_memory` can reset
+        return int(re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())[1]) * 1024
+    except (OSError, TypeError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # never reset
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak (at a phase change, so each phase reports its own)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        _CLEAR_REFS.write_text("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass  # elsewhere the peak covers the whole process
+
+
+class Display:
+    """Writes on rank 0 only (`enabled`), so call sites need no rank checks; `Monitor.off()` writes nothing."""
+
+    def __init__(self, out_dir: Path | None, enabled: bool, total_steps: int = 0, start_step: int = 0) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=2.0)
+            set_progress_bar(self.bar)
+
+    @classmethod
+    def off(cls) -> Display:
+        return cls(None, False)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        if self.writer:
+            self.writer.add_histogram(tag, torch.as_tensor(values, dtype=torch.float32), step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def progress(self, step: int, **postfix: float | str) -> None:
+        if self.bar:
+            self.bar.n = step
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(0)
+
+    def close(self) -> None:
+        if self.bar:
+            set_progress_bar(None)
+            self.bar.close()
+            self.bar = None
+        if self.writer:
+            self.writer.flush()
+            self.writer.close()
 
 
 class Recorder:
@@ -211,6 +289,14 @@ class Recorder:
             f"{preempt.LAUNCHER_GRACE_S:.0f} s before SIGKILL). Continue with the same command and --resume (exit "
             f"code {preempt.EXIT_CODE}: requeue)."
         )
+
+    def peak_memory(self) -> int:
+        """This phase's peak so far (the accelerator's allocator on GPU, VmHWM on CPU)."""
+        return memory_bytes()
+
+    def start_phase_peak(self) -> None:
+        """A new phase measures its own peak (called after a rebuild: its transient peak counts in neither)."""
+        reset_peak_memory()
 
     def close(self) -> None:
         self.display.close()

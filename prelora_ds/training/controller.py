@@ -5,9 +5,7 @@ merges, the end of warmup. `policy` decides when; this module does it, on the `P
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +17,6 @@ from prelora_ds.config.sections import RunConfig
 from prelora_ds.distributed import collectives
 from prelora_ds.engine import norms
 from prelora_ds.engine.phase_engine import PhaseEngine
-from prelora_ds.metrics.memory import memory_bytes
 from prelora_ds.metrics.recorder import Recorder, windows_file
 from prelora_ds.training.loop_state import LoopState
 
@@ -34,7 +31,7 @@ class PhaseController:
     (through `LoopState.start_phase`) and the engine's structure together."""
 
     def __init__(self, cfg: RunConfig, phases: PhaseEngine, recorder: Recorder, rank: int, world: int,
-                 collective: Callable[[str], contextlib.AbstractContextManager]) -> None:  # fmt: skip
+                 collective: collectives.NamedCollectives) -> None:  # fmt: skip
         self.cfg, self.phases, self.recorder, self.rank, self.world = cfg, phases, recorder, rank, world
         self.collective = collective
         self.acc = WindowAccumulator(cfg.prelora.window_value)
@@ -128,10 +125,11 @@ class PhaseController:
                   start_epoch: int | None = None, merge_lora: bool = False) -> float:
         """Rebuild the engine in-process for phase `name`; returns the switch time in seconds. `merge_lora`:
         fold the LoRA deltas into the base (fp32) first. `start_epoch`: epochs done when the phase starts."""
-        state.current.peak_memory_bytes = memory_bytes()
+        state.current.peak_memory_bytes = self.recorder.peak_memory()
         state.start_phase(name, ranks, state.epoch if start_epoch is None else start_epoch)
         with self.collective(f"the engine rebuild for phase {name} at step {state.step} (fp32 master gather)"):
             elapsed = self.phases.rebuild(name, state.ranks, state.step, merge_lora)
+        self.recorder.start_phase_peak()
         state.current.switch_s = elapsed
         self.record_params(state)
         self.recorder.phase_change(state.step, name, elapsed)

@@ -9,7 +9,6 @@ run shows `Recorder`'s. Design: docs/design.md.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from prelora_ds.engine.phase_engine import PhaseEngine
 from prelora_ds.errors import CheckpointWriteError, NonFiniteError, TrainingError
 from prelora_ds.log import RANK_ZERO, logger
 from prelora_ds.lora.merge import lora_scales, save_merged
-from prelora_ds.metrics.memory import memory_bytes
 from prelora_ds.metrics.recorder import Recorder, summary, tag
 from prelora_ds.testing import faults
 from prelora_ds.training.controller import PhaseController
@@ -62,6 +60,8 @@ class Trainer:
         self.phases = PhaseEngine(cfg, ds_config, data.num_classes, self.total_steps, lr_warmup)
         self.ckpt = Checkpointer(out_dir / "checkpoints", rank, t.keep_checkpoints, ds_config, self.geometry)
         self.recorder = Recorder(out_dir, rank)
+        # names the operation in the error when a rank stops answering inside it (the controller's too)
+        self.collective = collectives.NamedCollectives(rank, t.collective_timeout_s, self.ckpt.last_complete)
         self.control = PhaseController(cfg, self.phases, self.recorder, rank, world, self.collective)
         self.state = LoopState()
         self.save_due = False  # a phase changed or an epoch ended: this step wants a checkpoint
@@ -77,29 +77,6 @@ class Trainer:
     @property
     def engine(self):
         return self.phases.engine
-
-    @contextlib.contextmanager
-    def collective(self, what: str):
-        """Name the operation in the error when a rank stops answering inside it."""
-        try:
-            yield
-        except RuntimeError as exc:
-            if isinstance(exc, TrainingError) or not (collectives.is_timeout(exc) or collectives.peer_lost(exc)):
-                raise
-            raise self._collective_error(what, exc) from exc
-
-    def _collective_error(self, what: str, exc: BaseException) -> TrainingError:
-        """A rank timed out waiting, or learnt that a peer's process or node died (its sockets closed at once)."""
-        why = (
-            "failed: another rank closed its connection (its process or node died)"
-            if collectives.peer_lost(exc)
-            else f"timed out after train.collective_timeout_s={self.cfg.train.collective_timeout_s:g} s waiting "
-            "for another rank (dead, hung or cut off)"
-        )
-        return TrainingError(
-            f"rank {self.rank}: {what} {why}. The last complete checkpoint is {self.ckpt.last_complete()}; restart "
-            f"the job with --resume. ({str(exc).splitlines()[0][:200]})"
-        )
 
     # ----------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any] | None:
@@ -122,7 +99,7 @@ class Trainer:
                     "command with --resume."
                 ) from exc
             if collectives.is_timeout(exc) or collectives.peer_lost(exc):  # outside the named operations
-                raise self._collective_error("a collective", exc) from exc
+                raise self.collective.error("a collective", exc) from exc
             raise
 
     def _run(self) -> dict[str, Any] | None:
@@ -165,7 +142,7 @@ class Trainer:
         if not self.state.val or self.state.val[-1]["step"] != self.state.step:
             self.validate()
         self.state.wall_s = time.perf_counter() - t_start
-        self.state.current.end_step, self.state.current.peak_memory_bytes = self.state.step, memory_bytes()
+        self.state.current.end_step, self.state.current.peak_memory_bytes = self.state.step, self.recorder.peak_memory()
         self.save_checkpoint()
         result = self.finish()
         self.recorder.close()

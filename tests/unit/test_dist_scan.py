@@ -69,7 +69,7 @@ def test_peak_memory_resets_per_phase():
     """What each phase reports as its peak: the CPU path (VmHWM) of what torch.cuda.reset_peak_memory_stats does."""
     import numpy as np
 
-    from prelora_ds.metrics.memory import memory_bytes, reset_peak_memory
+    from prelora_ds.metrics.recorder import memory_bytes, reset_peak_memory
 
     big = np.ones(400 * 2**20 // 8)
     big[::4096] = 2.0  # touched: resident

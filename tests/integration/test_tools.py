@@ -42,6 +42,10 @@ def test_prelora_help_lists_every_command():
         assert proc.stdout.startswith(f"usage: prelora {name} ") and "--help" in proc.stdout, proc.stdout
     bad = run([*PRELORA, "no-such-command"], check=False)
     assert bad.returncode == 2 and "invalid choice: 'no-such-command'" in bad.stderr
+    # the console script `pip install` put beside the interpreter is the same command
+    installed = Path(sys.executable).parent / "prelora"
+    assert installed.is_file(), f"{installed} missing: pyproject.toml's [project.scripts] must name prelora"
+    assert run([str(installed), "--help"]).stdout == out
 
 
 @pytest.fixture(scope="module")

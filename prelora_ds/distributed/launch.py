@@ -29,7 +29,8 @@ def launched_by() -> str:
     return "single"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on right now (bound on 127.0.0.1, then released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +60,7 @@ def _mpi_env() -> None:
                 f"node 0's name {hosts[0]!r} (MPI's processor name) does not resolve on {hosts[other]} ({addr[7:]}); "
                 "add it to DNS or /etc/hosts on every node, or launch with the deepspeed launcher and --master_addr."
             )
-    port = os.environ.get("MASTER_PORT") or str(comm.bcast(_free_port() if rank == 0 else None, root=0))
+    port = os.environ.get("MASTER_PORT") or str(comm.bcast(free_port() if rank == 0 else None, root=0))
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(size),
@@ -89,7 +90,7 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float = 600.0) -> t
         _mpi_env()
     elif mode == "single":
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     try:
         netif.choose_gloo_interface(log=os.environ["LOCAL_RANK"] == "0")
     except OSError as exc:
@@ -118,6 +119,7 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float = 600.0) -> t
         raise RendezvousError(f"{netif.rendezvous_help()} ({str(exc).splitlines()[0][:300]})") from exc
     # destroyed when the process exits, not when a run ends: a process may run several (tests), and DeepSpeed keeps
     # its groups cached between them
+    atexit.unregister(shutdown_distributed)  # once, however many runs start in this process
     atexit.register(shutdown_distributed)
     return collectives.rank(), local_rank, collectives.world_size()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prelora_ds.config.sections import SPLIT_TARGETS
+from prelora_ds.distributed.launch import free_port
 
 if TYPE_CHECKING:
     import torch
@@ -61,13 +61,6 @@ SPLIT_RUN = [*SWITCH_RUN, "--model.qkv", "split", "--prelora.target_modules", SP
 
 
 # ---------------------------------------------------------------------------------------------- launches and runs
-def free_port() -> int:
-    """A TCP port nobody listens on right now (bound on 127.0.0.1, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher() -> list[str]:
     """The deepspeed launcher: the running interpreter's own script, else the one on PATH (a `pip install --target`
     puts it elsewhere), else its module."""

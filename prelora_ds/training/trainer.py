@@ -109,7 +109,7 @@ class Trainer:
         if self.phases.built_elements is not None:
             held, whole = self.phases.built_elements
             logger.info(f"ZeRO-3: model built partitioned (deepspeed.zero.Init): rank {self.rank} allocated "
-                              f"{held:,} of {whole:,} parameter elements")
+                        f"{held:,} of {whole:,} parameter elements")
         if not self.state.current.trainable_params:
             self.control.record_params(self.state)
         t_start = time.perf_counter() - self.state.wall_s

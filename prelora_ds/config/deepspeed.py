@@ -66,7 +66,8 @@ def resolve_batch(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
         if glob % (accum * world_size):
             raise ConfigError(
                 f"train_batch_size={glob} is not divisible by gradient_accumulation_steps={accum} x "
-                f"world size {world_size}; pick a train_batch_size that is a multiple of {accum * world_size}."
+                f"world size {world_size}; pick a train_batch_size that is a multiple of {accum * world_size}"
+                f"{_fitting_worlds(glob, accum)}."
             )
         micro = glob // (accum * world_size)
     elif accum is None:
@@ -74,7 +75,7 @@ def resolve_batch(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
             raise ConfigError(
                 f"train_batch_size={glob} is not divisible by train_micro_batch_size_per_gpu={micro} x "
                 f"world size {world_size}; use a multiple of {micro * world_size}, or set "
-                "gradient_accumulation_steps explicitly."
+                f"gradient_accumulation_steps explicitly{_fitting_worlds(glob, micro)}."
             )
         accum = glob // (micro * world_size)
     if micro * accum * world_size != glob:
@@ -85,6 +86,13 @@ def resolve_batch(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
             "and let it be derived."
         )
     return glob, micro, accum
+
+
+def _fitting_worlds(glob: int, per_rank: int, upto: int = 1024) -> str:
+    """The world sizes (up to `upto`) that keep `glob` images a step when each rank takes a multiple of `per_rank`
+    (an elastic run resumes on whichever of them the agent forms)."""
+    worlds = [w for w in range(1, upto + 1) if glob % (per_rank * w) == 0]
+    return f" (train_batch_size={glob} is kept on {', '.join(map(str, worlds))} rank(s))" if worlds else ""
 
 
 def prepare_ds_config(cfg: dict[str, Any], world_size: int) -> dict[str, Any]:

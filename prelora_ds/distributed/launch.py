@@ -109,10 +109,12 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float = 600.0) -> t
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     # The shared-memory comm op is JIT-built at group start (30-60 s on CPU) and unused by training.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    from prelora_ds.distributed import collectives
+    from prelora_ds.distributed import collectives, elastic
 
     try:
         with netif.RendezvousWatchdog(rendezvous_timeout_s):
+            if elastic.shares_agent_store():  # torchrun: a store of this worker group's own (distributed/elastic.py)
+                _init_elastic_group(timedelta(seconds=timeout_s), local_rank)
             deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
             collectives.init_stats_group(timeout_s)  # the package's own collectives (CPU tensors) beside DeepSpeed's
     except (RuntimeError, ValueError) as exc:  # gloo/NCCL/store errors (DistNetworkError is a RuntimeError)
@@ -122,6 +124,24 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float = 600.0) -> t
     atexit.unregister(shutdown_distributed)  # once, however many runs start in this process
     atexit.register(shutdown_distributed)
     return collectives.rank(), local_rank, collectives.world_size()
+
+
+def _init_elastic_group(timeout: timedelta, local_rank: int) -> None:
+    """The default group on the worker group's own store; `deepspeed.init_distributed` then adopts it (it starts a
+    group only when none exists), with the backend and device binding it would have chosen itself."""
+    import torch
+    import torch.distributed as tdist
+    from deepspeed.accelerator import get_accelerator
+
+    from prelora_ds.distributed import elastic
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = elastic.group_store(rank, world, timeout)
+    kwargs = {}
+    if torch.cuda.is_available() and world > 1:  # as DeepSpeed binds NCCL's communicator to this rank's GPU
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    tdist.init_process_group(get_accelerator().communication_backend_name(), store=store, rank=rank,
+                             world_size=world, timeout=timeout, **kwargs)
 
 
 def shutdown_distributed() -> None:

@@ -60,10 +60,14 @@ def route_to(master_addr: str) -> tuple[str, str]:
 
 
 def choose_gloo_interface(log: bool) -> str:
-    """Set GLOO_SOCKET_IFNAME to the interface that routes to MASTER_ADDR unless it is set; returns the value.
+    """Set GLOO_SOCKET_IFNAME to the interface that routes to MASTER_ADDR (under torchrun: to its --rdzv_endpoint,
+    distributed/elastic.py) unless it is set; returns the value.
 
     Called on every rank before the process group starts; `log` on one rank per node."""
-    master = os.environ["MASTER_ADDR"]
+    from prelora_ds.distributed import elastic
+
+    endpoint = elastic.rendezvous_host()
+    master, what = (endpoint, "torchrun's --rdzv_endpoint") if endpoint else (os.environ["MASTER_ADDR"], "MASTER_ADDR")
     if os.environ.get(GLOO_VAR):
         if log:
             logger.info(f"prelora-train: {socket.gethostname()}: {GLOO_VAR}={os.environ[GLOO_VAR]} (set by the user)",
@@ -74,7 +78,7 @@ def choose_gloo_interface(log: bool) -> str:
     if log:
         logger.info(
             f"prelora-train: {socket.gethostname()}: {GLOO_VAR}={name} (address {local}, the interface that routes to "
-            f"MASTER_ADDR={master}; set {GLOO_VAR} to choose another)",
+            f"{what}={master}; set {GLOO_VAR} to choose another)",
             extra=EVERY_RANK,
         )
     return name

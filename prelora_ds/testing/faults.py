@@ -14,8 +14,16 @@
   PRELORA_FAULTS="usr1_self@8:0"      rank 0 gets SIGUSR1 (SLURM's --signal=USR1@<seconds>), the others none
   PRELORA_FAULTS="term_in_save@8:0"   rank 0 gets SIGTERM inside the save of step 8 (a second signal while stopping)
 
-Several faults are comma-separated; without `:RANK` a fault hits every rank. Nothing is mocked: the
-process really dies or hangs, the NaN really flows through DeepSpeed. Unset, every hook is a no-op.
+  PRELORA_FAULTS="kill@30:1#0"        the same in torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT=0): the
+                                      agent restarts its workers with the same environment, and a restart that
+                                      resumes before step 30 would meet the fault again
+
+  PRELORA_FAULTS="pause@22:0"         rank 0 waits after step 22 until a signal comes (e.g. the SIGTERM of torchrun's
+                                      agent when a node joins), then goes on to the stop agreement of that step
+
+Several faults are comma-separated; without `:RANK` a fault hits every rank, without `#ATTEMPT` every attempt.
+Nothing is mocked: the process really dies or hangs, the NaN really flows through DeepSpeed. Unset, every hook
+is a no-op.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ import torch
 from prelora_ds.log import EVERY_RANK, logger
 
 ENV = "PRELORA_FAULTS"
-KINDS = ("kill", "kill_in_save", "nan", "nan_weights", "hang", "term", "term_self", "usr1_self", "term_in_save")
-_PATTERN = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?$")
+KINDS = ("kill", "kill_in_save", "nan", "nan_weights", "hang", "pause", "term", "term_self", "usr1_self",
+         "term_in_save")
+_PATTERN = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?(?:#(?P<attempt>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ class Fault:
     kind: str
     step: int
     rank: int | None  # None: every rank
+    attempt: int | None = None  # torchrun's restart count it fires in; None: every attempt
 
 
 def parse(text: str) -> list[Fault]:
@@ -48,10 +58,11 @@ def parse(text: str) -> list[Fault]:
         m = _PATTERN.match(item)
         if not m or m["kind"] not in KINDS:
             raise ValueError(
-                f"{ENV}: cannot read {item!r}; write KIND@STEP[:RANK] with KIND one of {', '.join(KINDS)}, "
-                "e.g. kill@12:1."
+                f"{ENV}: cannot read {item!r}; write KIND@STEP[:RANK][#ATTEMPT] with KIND one of "
+                f"{', '.join(KINDS)}, e.g. kill@12:1 or kill@12:1#0 (torchrun's first attempt only)."
             )
-        faults.append(Fault(m["kind"], int(m["step"]), None if m["rank"] is None else int(m["rank"])))
+        faults.append(Fault(m["kind"], int(m["step"]), None if m["rank"] is None else int(m["rank"]),
+                            None if m["attempt"] is None else int(m["attempt"])))
     return faults
 
 
@@ -62,7 +73,9 @@ def active() -> tuple[Fault, ...]:
 
 
 def due(kind: str, step: int, rank: int) -> bool:
-    return any(f.kind == kind and f.step == step and f.rank in (None, rank) for f in active())
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return any(f.kind == kind and f.step == step and f.rank in (None, rank) and f.attempt in (None, attempt)
+               for f in active())
 
 
 def after_step(step: int, rank: int, module=None) -> None:
@@ -84,6 +97,9 @@ def after_step(step: int, rank: int, module=None) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
         signal.sigwait([signal.SIGTERM])
         os._exit(128 + signal.SIGTERM)
+    if due("pause", step, rank):
+        logger.info(f"[{ENV}] rank {rank}: pausing after step {step} until a signal comes", extra=EVERY_RANK)
+        signal.pause()  # returns once a handler ran (the pre-emption handler records SIGTERM/SIGINT/SIGUSR1)
     if due("term", step, rank):
         target = _launcher_pid()
         logger.info(f"[{ENV}] rank {rank}: SIGTERM to {'the launcher' if target != os.getpid() else 'itself'} "

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import resource
+import subprocess
 import sys
 import time
 
@@ -30,6 +31,7 @@ from prelora_ds.testing.harness import (
     SWITCH_RUN,
     TINY,
     deepspeed_cmd,
+    job_env,
     run,
     summary,
 )
@@ -44,8 +46,14 @@ HOSTFILE = ["--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0",
 
 def launch(out, *args, via="deepspeed", faults=None, check=True, **popen):
     """The same command every time (plus --resume when asked), through one launch mode: 2 ranks by
-    `deepspeed --num_gpus 2`, a hostfile or `mpirun -np 2`; `single`: 1 rank, a plain process."""
+    `deepspeed --num_gpus 2`, a hostfile, `torchrun --standalone` (restarting its workers once) or `mpirun -np 2`;
+    `single`: 1 rank, a plain process."""
     train = ["--output_dir", str(out), *args]
+    if via == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
+               "-m", "prelora_ds.train", *train]
+        # torchrun gives each worker 1 thread unless told; the deepspeed launcher's runs here take cores // 2
+        return stamped(cmd, {"PRELORA_FAULTS": faults or "", "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))})
     if via == "deepspeed":
         cmd = deepspeed_cmd(*train)
     elif via == "hostfile":
@@ -55,6 +63,29 @@ def launch(out, *args, via="deepspeed", faults=None, check=True, **popen):
     else:
         cmd = [str(BIN / "python"), "-m", "prelora_ds.train", *train]
     return run(cmd, check=check, env={"PRELORA_FAULTS": faults} if faults else None, timeout=300, **popen)
+
+
+def stamped(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `cmd`, noting when each output line arrived: `.stamps` maps a line to its seconds since the start."""
+    t0, lines, stamps = time.monotonic(), [], {}
+    with subprocess.Popen(cmd, cwd=REPO, env={**job_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            stamps.setdefault(line.strip(), time.monotonic() - t0)
+            if time.monotonic() - t0 > timeout:
+                proc.kill()
+        code = proc.wait()
+    done = subprocess.CompletedProcess(cmd, code, "".join(lines), "")
+    done.stamps = stamps
+    return done
+
+
+def stamp(proc, needle: str) -> float:
+    """When the first line holding `needle` arrived (seconds since the launch)."""
+    found = [t for line, t in proc.stamps.items() if needle in line]
+    assert found, f"{needle!r} not in the output:\n{proc.stdout[-3000:]}"
+    return min(found)
 
 
 def latest(out) -> str:
@@ -105,13 +136,14 @@ def chain(tmp_path_factory, elastic_ds):
     L2 2 ranks  (hostfile launch) resumes past the partial save, SIGKILL at a random step of full
     L3 1 rank   resumes the 2-rank checkpoint (full), stops at 16 (warmup)
     L4 2 ranks  (mpirun) resumes the 1-rank checkpoint (warmup), SIGKILL at a random step of warmup
-    L5 2 ranks  resumes it again, SIGKILL at a random step of lora
+    L5 2 ranks  (torchrun --standalone --max-restarts 1) resumes it again, SIGKILL of rank 0 at a random step of
+                lora in the first attempt: the agent restarts both workers, which resume by themselves; stops at 38
     L6 1 rank   resumes the 2-rank checkpoint (lora), runs to the end
     """
     rng = random.Random(SEED)
     out = tmp_path_factory.mktemp("chain") / "run"
     cmd = [*SWITCH_RUN, "--deepspeed_config", elastic_ds, "--train.checkpoint_every_steps", "5"]
-    kills = {"full": rng.randint(6, 11), "warmup": rng.randint(17, 19), "lora": rng.randint(21, 39)}
+    kills = {"full": rng.randint(6, 11), "warmup": rng.randint(17, 19), "lora": rng.randint(21, 37)}
 
     launches = [launch(out, *cmd, faults="kill_in_save@10:1", check=False)]
     after_save_kill = {
@@ -122,7 +154,8 @@ def chain(tmp_path_factory, elastic_ds):
     launches.append(launch(out, *cmd, "--resume", via="hostfile", faults=f"kill@{kills['full']}:0", check=False))
     launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "16", via="single"))
     launches.append(launch(out, *cmd, "--resume", via="mpirun", faults=f"kill@{kills['warmup']}:1", check=False))
-    launches.append(launch(out, *cmd, "--resume", faults=f"kill@{kills['lora']}:0", check=False))
+    launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "38", via="torchrun",
+                           faults=f"kill@{kills['lora']}:0#0"))
     launches.append(launch(out, *cmd, "--resume", via="single"))
     return out, kills, launches, after_save_kill
 
@@ -139,7 +172,7 @@ def test_kill_inside_save_leaves_latest_on_the_complete_checkpoint(chain):
 
 def test_kill_in_full_warmup_lora_loses_only_the_steps_since_the_last_checkpoint(chain):
     out, kills, launches, _ = chain
-    for phase, killed in zip(("full", "warmup", "lora"), (launches[1], launches[3], launches[4]), strict=True):
+    for phase, killed in zip(("full", "warmup"), (launches[1], launches[3]), strict=True):
         assert killed.returncode != 0, f"seed {SEED}: the job killed in {phase} did not fail"
         assert f"SIGKILL after step {kills[phase]}" in killed.stdout
     # saves: every 5 steps, the switches (12, 20), the epoch end (22), the stop at 16; a kill comes right after
@@ -147,17 +180,33 @@ def test_kill_in_full_warmup_lora_loses_only_the_steps_since_the_last_checkpoint
     full_resume = 10 if kills["full"] > 10 else 5
     lora_resume = max(s for s in (20, 22, 25, 30, 35) if s < kills["lora"])
     expected = [(launches[2], full_resume, "full"), (launches[3], 16, "warmup"), (launches[4], 16, "warmup"),
-                (launches[5], lora_resume, "lora")]
+                (launches[4], lora_resume, "lora"), (launches[5], 38, "lora")]
     for resumed, step, phase in expected:
         assert resumed_phase(resumed, step) == phase, (SEED, kills)
+
+
+def test_torchrun_restarts_a_killed_worker_group_which_resumes_at_once(chain):
+    """torchrun's agent restarts both workers after the kill (the fault fires in its first attempt only); the new
+    group forms on a store of its own (distributed/elastic.py) instead of the agent's, where the killed group's
+    addresses were, and continues from the newest checkpoint: no command typed, no rendezvous timeout waited."""
+    _, kills, launches, _ = chain
+    agent = launches[4]
+    lora_resume = max(s for s in (20, 22, 25, 30, 35) if s < kills["lora"])
+    assert agent.returncode == 0, agent.stdout[-3000:]
+    assert agent.stdout.count(f"SIGKILL after step {kills['lora']}") == 1  # attempt 0 only (#0)
+    assert "could not join the process group" not in agent.stdout
+    killed = stamp(agent, f"SIGKILL after step {kills['lora']}")
+    resumed = stamp(agent, f"resumed at step {lora_resume}")
+    print(f"torchrun: the kill after step {kills['lora']} to the resumed step {lora_resume}: {resumed - killed:.1f} s")
+    assert resumed - killed < 60, (resumed - killed, SEED)  # the rendezvous timeout is 600 s
+    assert "stopped at step 38" in agent.stdout
 
 
 def test_world_size_change_in_every_phase(chain):
     out, kills, launches, _ = chain
     full_resume = 10 if kills["full"] > 10 else 5
-    lora_resume = max(s for s in (20, 22, 25, 30, 35) if s < kills["lora"])
     for resumed, step, before, after in [(launches[2], full_resume, 2, 1), (launches[3], 16, 1, 2),
-                                         (launches[5], lora_resume, 2, 1)]:
+                                         (launches[5], 38, 2, 1)]:
         assert (
             f"resuming step{step:08d}, saved by {before} rank(s), on {after} rank(s): converted to a DeepSpeed "
             "universal checkpoint" in resumed.stdout

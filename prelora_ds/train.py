@@ -141,6 +141,10 @@ def preflight(argv: list[str] | None) -> Preflight:
     from prelora_ds.distributed.hostfile import check_launch
 
     check_launch()  # a wrong hostfile or --node_rank hangs the rendezvous otherwise
+    from prelora_ds.distributed.elastic import check_agent
+
+    if (why := check_agent()) is not None:  # torchrun: a node change would fail the job later
+        raise ConfigError(why)
     import torch
 
     from prelora_ds.data.datasets import build_datasets

@@ -79,14 +79,7 @@ def rendezvous_host() -> str | None:
     import ipaddress
     import socket
 
-    import psutil
-
-    if not under_agent():
-        return None
-    try:
-        argv = psutil.Process().parent().cmdline()
-    except (psutil.Error, AttributeError):
-        return None
+    argv = agent_argv()
     endpoint = None
     for i, arg in enumerate(argv):
         key, eq, value = arg.partition("=")
@@ -102,3 +95,46 @@ def rendezvous_host() -> str | None:
     except (OSError, ValueError):
         return None
     return host
+
+
+def agent_argv() -> list[str]:
+    """The command line of the torchrun agent that started this process ([] outside torchrun)."""
+    import psutil
+
+    if not under_agent():
+        return []
+    try:
+        return psutil.Process().parent().cmdline()
+    except (psutil.Error, AttributeError):
+        return []
+
+
+def max_nodes(argv: list[str]) -> int:
+    """The most nodes a torchrun command line lets join (`--nnodes N` or `MIN:MAX`; 1 with --standalone or none)."""
+    value = "1"
+    for i, arg in enumerate(argv):
+        key, eq, rest = arg.partition("=")
+        if key == "--nnodes":
+            value = rest if eq else (argv[i + 1] if i + 1 < len(argv) else "1")
+    try:
+        return int(value.split(":")[-1])
+    except ValueError:
+        return 1
+
+
+def check_agent(argv: list[str] | None = None) -> str | None:
+    """Why this torchrun launch cannot survive a change of its nodes, or None.
+
+    With the shared agent store, the rank-0 agent publishes the worker group's MASTER_ADDR/MASTER_PORT in the first
+    round only (torch 2.14, `DynamicRendezvousHandler.next_rendezvous` keeps it): an agent that joins later (a node
+    that comes back, a replaced node) waits for that key and fails after 60 s, taking the job with it. Measured here
+    with two agents: the shrink worked, the grow failed. One node has no other agent to join, so it is safe."""
+    argv = agent_argv() if argv is None else argv
+    if not shares_agent_store() or max_nodes(argv) <= 1:
+        return None
+    return (
+        f"torchrun lets up to {max_nodes(argv)} nodes join, and its agents share their rendezvous store with the "
+        "workers (torch's default), which breaks every rendezvous after a node leaves or joins: an agent that joins "
+        "later waits for an address the first agent never publishes again. Start torchrun on every node with "
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (docs/multinode.md, torchrun)."
+    )

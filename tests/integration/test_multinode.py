@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 
@@ -272,6 +273,100 @@ def test_node0_alone_then_both_nodes_continue_from_the_checkpoints(node_death, s
     for trace in d["traces"]:  # pdsh's and mpiexec's ranks loaded disjoint shards of the same size
         r0, r1 = shards(trace)
         assert r0 and not r0 & r1 and len(r0) == len(r1), trace.name
+
+
+# ------------------------------------------------------------------ torchrun's elastic agents: a node dies, comes back
+AGENT_RDZV = "join_timeout=120,last_call_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=3"
+
+
+def agent_cmd(hosts, i: int, port: int, *train: str) -> list[str]:
+    """One torchrun agent on host i, 1 worker, 1 to 2 nodes, c10d rendezvous on node0, restarts left. node0's agent
+    hosts the rendezvous store (`is_host`: torchrun guesses it from the hostname, which resolves to 127.0.1.1 here)."""
+    rdzv = f"{AGENT_RDZV},is_host={int(i == 0)}"
+    return hosts.cmd(hosts.node[i], [
+        str(BIN / "torchrun"), "--nnodes", "1:2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+        "--rdzv_endpoint", f"{hosts.node[0].addr}:{port}", "--rdzv_id", "prelora-elastic", "--rdzv_conf", rdzv,
+        "--max-restarts", "3", "--monitor-interval", "0.5", "-m", "prelora_ds.train", *train,
+    ])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def elastic(hosts, tmp_path_factory):
+    """The switch reference's run (global batch fixed at 64) under two torchrun agents, one per host, --resume on the
+    command line (what an agent restarts) and nothing typed after the start:
+
+    A1 both agents form a world of 2; node1's worker parks after step 16 (warmup), then every process of node1 (its
+       agent included) gets SIGKILL. node0's worker finds its peer gone and exits; node0's agent re-forms a world of 1
+       and its new worker resumes the newest checkpoint (15) on 1 rank, then pauses after step 22 (a fixed step for
+       what follows: the fault fires in restart 1 only).
+    A2 node1's agent starts again and joins: node0's agent stops its worker with SIGTERM (a membership change), the
+       worker stops after step 22 with a checkpoint (the pre-emption path) and both agents start a world of 2 that
+       resumes at step 22 and trains to the end in lora.
+    """
+    base = tmp_path_factory.mktemp("elastic")
+    out = base / "run"
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    ds.pop("gradient_accumulation_steps")
+    ds["train_batch_size"] = 64
+    (base / "elastic.json").write_text(json.dumps(ds))
+    port = free_port()
+    train = ["--output_dir", str(out), *SWITCH_RUN, "--deepspeed_config", str(base / "elastic.json"),
+             "--train.checkpoint_every_steps", "5", "--train.collective_timeout_s", str(TIMEOUT_S), "--resume"]
+    t0 = time.monotonic()
+    env = {**threads_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # for a node change (distributed/elastic.py)
+    first = Job([agent_cmd(hosts, i, port, *train) for i in (0, 1)], [base / f"agent.node{i}.log" for i in (0, 1)],
+                [{**env, "PRELORA_FAULTS": "pause@22#1"}, {**env, "PRELORA_FAULTS": "hang@16"}])
+    first.wait_for(1, "hanging after step 16")
+    killed_at = time.monotonic()
+    killed = hosts.kill_all(hosts.node[1])
+    first.wait_for(0, "resumed at step 15")
+    resumed_after = time.monotonic() - killed_at
+    first.wait_for(0, "pausing after step 22")
+    again = Job([agent_cmd(hosts, 1, port, *train)], [base / "agent.node1.again.log"], [env])
+    codes = [first.procs[0].wait(timeout=300), *again.wait(timeout=300)]
+    took = time.monotonic() - t0
+    for p in first.procs:
+        if p.poll() is None:
+            p.kill()
+    return dict(out=out, first=first, again=again, codes=codes, killed=killed, resumed_after=resumed_after, took=took)
+
+
+def test_elastic_agents_shrink_when_a_node_dies_and_grow_when_it_returns(elastic, hosts):
+    e = elastic
+    node0, node1 = e["first"].text(0), e["again"].text(0)
+    print(f"elastic: node death to the resumed step on 1 rank {e['resumed_after']:.1f} s; job {e['took']:.0f} s")
+    assert e["killed"], "node1 had no process to kill"
+    assert e["codes"] == [0, 0], node0[-3000:] + node1[-3000:]
+    ckpt = e["out"] / "checkpoints"
+    # the shrink: node0 alone from the newest complete checkpoint, on 1 rank through the universal conversion
+    assert "another rank closed its connection" in node0
+    assert f"resuming step00000015, saved by 2 rank(s), on 1 rank(s): converted to a DeepSpeed universal checkpoint " \
+           f"({ckpt / 'step00000015_universal'}" in node0
+    assert "resumed at step 15 (epoch 0, phase warmup)" in node0
+    assert e["resumed_after"] < 90, e["resumed_after"]  # dead-node detection + last call + start-up
+    # the grow: the agent's SIGTERM stops the lone worker after the step it was at, with a checkpoint; the world of 2
+    # resumes exactly there (no step lost)
+    assert "pre-empted by SIGTERM: every rank stopped after step 22 (warmup)" in node0 or \
+           "pre-empted by SIGTERM: every rank stopped after step 22 (lora)" in node0, node0[-3000:]
+    both = node0[node0.index("pausing after step 22"):] + node1
+    assert "resuming step00000022, saved by 1 rank(s), on 2 rank(s)" in both
+    assert both.count("resumed at step 22 (epoch") == 2  # both workers of the world of 2
+    assert f"GLOO_SOCKET_IFNAME={hosts.node[1].ifname}" in node1  # routed to --rdzv_endpoint, not to loopback
+    assert "could not join the process group" not in node0 + node1
+
+
+def test_elastic_run_matches_the_uninterrupted_one(elastic, switch_reference):
+    out = elastic["out"]
+    assert timeline(out) == timeline(switch_reference)
+    assert json.loads((out / "ranks.json").read_text()) == json.loads((switch_reference / "ranks.json").read_text())
+    a, b = losses(switch_reference), losses(out)
+    assert sorted(b) == list(range(1, 41))
+    assert all(a[s] == b[s] for s in range(1, 16))  # up to the death: the same 2 ranks, bit for bit
+    worst = max(abs(a[s] - b[s]) for s in range(16, 41))
+    print(f"elastic: largest loss difference after the shrink and the grow {worst:.2e}")
+    assert worst <= WORLD_TOL
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, depth=6)
+    model.load_state_dict(load_file(str(out / "model_merged.safetensors")))  # strict: a plain timm state dict
 
 
 # ------------------------------------------------------------------ a rendezvous that cannot complete

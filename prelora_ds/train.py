@@ -268,11 +268,14 @@ def _check_output_dir(out_dir: Path, resume: bool) -> None:
 
 
 def _check_resume_fits(out_dir: Path, cfg: RunConfig, num_classes: int, ds_config: dict) -> None:
-    """A checkpoint of another model, class count, layer selection or global batch fails here, not in DeepSpeed."""
+    """A checkpoint of another model, class count, layer selection or global batch fails here, not in DeepSpeed.
+    Every rank checks alone, so only sizes and the small files' checksums (trainer_state.json is read here); the
+    trainer verifies the checkpoint it resumes in full, and checks its layout again."""
+    from prelora_ds.checkpoint import manifest
     from prelora_ds.checkpoint.storage import find_resume, layout_mismatch, mismatch_message, read_trainer_state
 
     ckpt_dir = out_dir / "checkpoints"
-    tag, _ = find_resume(ckpt_dir)
+    tag = find_resume(ckpt_dir, lambda t: manifest.verify(ckpt_dir / t, checksum_up_to=manifest.QUICK_BYTES)).tag
     if tag is None:
         return
     problems = layout_mismatch(read_trainer_state(ckpt_dir / tag), cfg, num_classes, ds_config)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from prelora_ds.checkpoint import storage
+from prelora_ds.checkpoint import manifest, storage
 from prelora_ds.distributed import collectives
 from prelora_ds.errors import TrainingError
 from prelora_ds.log import RANK_ZERO, logger
@@ -41,7 +41,11 @@ class Checkpointer:
         self.saved_step: int | None = None  # the step of the newest checkpoint this run has (saved or resumed)
 
     def last_complete(self) -> str:
+        """The newest complete checkpoint of this run's timeline (not one past the step it resumed or saved: after a
+        resume fell back past a damaged checkpoint, that one waits to be removed by the next save)."""
         done = storage.complete_tags(self.dir)
+        if self.saved_step is not None:
+            done = [t for t in done if t <= storage.tag_for(self.saved_step)]
         return str(self.dir / done[-1]) if done else "none"
 
     def save(
@@ -60,12 +64,27 @@ class Checkpointer:
 
     # ----------------------------------------------------------------- resume
     def find(self, cfg, num_classes: int) -> Resumed | None:
-        """The checkpoint to continue from (None: start from step 0), checked against this run."""
-        tag, msg = storage.find_resume(self.dir)
-        logger.info(msg)
-        if tag is None:
+        """The checkpoint to continue from (None: start from step 0), verified against its manifest before anything
+        is loaded, and checked against this run."""
+        t0 = time.perf_counter()
+        choice = storage.find_resume(self.dir, self._verify)
+        for warning in choice.warnings:
+            logger.warning(warning, extra=RANK_ZERO)  # every rank has the same list: say it once
+        if choice.error:
+            # after the process group started, like every resume failure: exit 1. Not 75 (requeue): a restart
+            # meets the same files; nor step 0, which would silently throw the run away
+            raise TrainingError(choice.error)
+        logger.info(choice.message)
+        for note in choice.notes:
+            logger.info(note)
+        if choice.tag is None:
             return None
+        tag = choice.tag
         tag_dir = self.dir / tag
+        if not choice.notes:
+            entries = manifest.read(tag_dir) or []
+            logger.info(f"verified {tag} against its {manifest.MANIFEST_FILE}: {len(entries)} files, "
+                        f"{sum(e['size'] for e in entries) / 1e6:.1f} MB, {time.perf_counter() - t0:.2f} s")
         saved = storage.read_trainer_state(tag_dir)
         problems = storage.layout_mismatch(saved, cfg, num_classes, self.ds_config)
         if problems:
@@ -80,6 +99,16 @@ class Checkpointer:
             ds_config = {**self.ds_config, "checkpoint": universal}
         self.saved_step = loop["step"]
         return Resumed(tag, loop, load_tag, ds_config, saved_world, saved.get("engine", {}))
+
+    def _verify(self, tag: str) -> list[str] | None:
+        """What is damaged in checkpoint `tag` ([]: nothing; None: it has no manifest), the same answer on every rank.
+        Each rank checks every size and checksums its share of the files (`manifest.share`: the reading of a large
+        checkpoint spreads over the ranks and nodes of a shared filesystem instead of rank 0 reading it all while the
+        others wait); the problems are all-gathered, so each rank decides from the same list and every rank takes
+        the same checkpoint (one collective per checkpoint tried)."""
+        answers = collectives.all_gather_object(manifest.verify(self.dir / tag, self.rank, self.geometry.world))
+        problems = sorted({p for answer in answers if answer for p in answer})
+        return problems if problems or all(answer is not None for answer in answers) else None
 
     def load(self, engine, resumed: Resumed) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Load the engine's state; returns (the kept fp32 base, this rank's pending loss sums or None) and

@@ -9,26 +9,32 @@ Layout of `checkpoints/<tag>/`: DeepSpeed's own files (module, ZeRO partitions p
   under bf16/fp16, the module's values in fp32: a universal load restores optimizer parameters only; docs/design.md);
 - `dormant_moments.pt` (rank 0, in `relora`): the Adam state the base weights had when `relora` froze them, which
   they take up again at the switch to `warmup` (`moments.py`).
-`latest` is written by us, atomically, only after every rank finished writing: a crash while saving
-leaves `latest` on the previous complete checkpoint, and a resume skips the incomplete one, saying so.
+- `MANIFEST.json` (rank 0, last before `COMPLETE`): every other file's path, size and CRC-32 (`manifest.py`).
+`COMPLETE` and `latest` are written by us, atomically, only after every rank finished writing and the manifest is
+written: a crash while saving leaves `latest` on the previous complete checkpoint, and a resume skips the incomplete
+one, saying so. A resume also checks the files against the manifest and falls back past a damaged checkpoint.
 A checkpoint saved by another number of ranks is converted once to DeepSpeed's universal format
 (`<tag>_universal/`) before it is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from prelora_ds.checkpoint import manifest
 from prelora_ds.distributed import collectives
 from prelora_ds.errors import CheckpointWriteError
 from prelora_ds.testing import faults
@@ -88,27 +94,62 @@ def save(
         shutil.rmtree(tag_dir)
     collectives.barrier()
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-        torch.save({**rank_state, "rng": rng_state()}, tag_dir / f"rank{rank}.pt")
+        with _recording_writes(engine) as written:
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        mine = [tag_dir / f"rank{rank}.pt"]
+        torch.save({**rank_state, "rng": rng_state()}, mine[0])
         if rank == 0:
             if frozen_fp32:
-                torch.save(frozen_fp32, tag_dir / "frozen_fp32.pt")
+                mine.append(tag_dir / "frozen_fp32.pt")
+                torch.save(frozen_fp32, mine[-1])
             if dormant:
-                torch.save(dormant, tag_dir / DORMANT_FILE)
-            _atomic_write(tag_dir / STATE_FILE, json.dumps(trainer_state, indent=1))
+                mine.append(tag_dir / DORMANT_FILE)
+                torch.save(dormant, mine[-1])
+            mine.append(tag_dir / STATE_FILE)
+            _atomic_write(mine[-1], json.dumps(trainer_state, indent=1))
+        # each rank reads back what it wrote (from its page cache), so the checksums spread over ranks and nodes
+        entries = manifest.describe(tag_dir, [*(p for p in written if tag_dir in p.parents), *mine], rank)
     except (OSError, RuntimeError) as exc:
         error = write_error(exc, tag_dir, rank)
         if error is None:
             raise
         raise error from exc
     faults.in_save(step, rank)
-    collectives.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    # every rank's files are on disk and checksummed before the checkpoint is declared complete
+    gathered = collectives.all_gather_object(entries)
     if rank == 0:
+        try:
+            _atomic_write(tag_dir / manifest.MANIFEST_FILE, manifest.to_json(manifest.complete(tag_dir, gathered)))
+        except OSError as exc:
+            raise write_error(exc, tag_dir, rank) from exc
         _atomic_write(tag_dir / COMPLETE_FILE, tag)
         _atomic_write(ckpt_dir / "latest", tag)
-        prune(ckpt_dir, keep)
+        prune(ckpt_dir, keep, current=tag)
     collectives.barrier()
     return tag_dir
+
+
+@contextlib.contextmanager
+def _recording_writes(engine):
+    """The paths DeepSpeed's checkpoint engine writes on this rank inside the block (the module file on rank 0, this
+    rank's ZeRO partition, ...), so that each rank checksums its own files. Files written any other way (DeepSpeed's
+    recovery scripts) are not recorded: rank 0 checksums what no rank claimed (`manifest.complete`)."""
+    written: list[Path] = []
+    writer = getattr(engine, "checkpoint_engine", None)
+    if writer is None:
+        yield written
+        return
+    save_file = writer.save
+
+    def recording_save(state_dict, path):
+        save_file(state_dict, path)
+        written.append(Path(path))
+
+    writer.save = recording_save
+    try:
+        yield written
+    finally:
+        writer.save = save_file
 
 
 def write_error(exc: BaseException, tag_dir: Path, rank: int) -> CheckpointWriteError | None:
@@ -143,37 +184,88 @@ def incomplete_tags(ckpt_dir: Path) -> list[str]:
     )
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and incomplete leftovers older than them."""
+def prune(ckpt_dir: Path, keep: int, current: str | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints up to `current` (the one just saved; None: the newest); drop older
+    ones, incomplete leftovers older than them, and complete checkpoints newer than `current`: those belong to the
+    timeline a resume left when it fell back past damaged checkpoints, and the run would replace them when it reached
+    their steps again (counting them would let a damaged checkpoint push out the one just saved).
+
+    The kept ones are verified: a checkpoint is complete only once its manifest holds checksums computed by reading
+    every file back after it was written (`save`), and a resume checks the files against it again."""
     tags = complete_tags(ckpt_dir)
-    kept = tags[-keep:]
-    for tag in tags[:-keep] + [t for t in incomplete_tags(ckpt_dir) if kept and t < kept[-1]]:
+    current = current or (tags[-1] if tags else None)
+    older = [t for t in tags if current is None or t <= current]
+    kept = older[-keep:]
+    newer = [t for t in tags if current is not None and t > current]
+    for tag in older[:-keep] + newer + [t for t in incomplete_tags(ckpt_dir) if kept and t < kept[-1]]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     for universal in ckpt_dir.glob(f"*{UNIVERSAL_SUFFIX}"):
         if universal.name.removesuffix(UNIVERSAL_SUFFIX) not in kept:
             shutil.rmtree(universal, ignore_errors=True)
 
 
-def find_resume(ckpt_dir: Path) -> tuple[str | None, str]:
-    """(tag, message): the checkpoint `latest` names if complete, else the newest complete one; the message
-    names any newer incomplete checkpoint that is skipped."""
+@dataclass
+class ResumeChoice:
+    """Where a resume continues, and what it says about the checkpoints it passed over."""
+
+    tag: str | None  # None: start from step 0 (or stop: `error`)
+    message: str  # info: the checkpoint resumed (and any interrupted save skipped)
+    warnings: list[str] = field(default_factory=list)  # one per damaged checkpoint, newest first
+    notes: list[str] = field(default_factory=list)  # info: the checkpoint has no manifest, so it is not verified
+    error: str | None = None  # every complete checkpoint is damaged: nothing to resume, and step 0 is no answer
+
+
+Verifier = Callable[[str], list[str] | None]  # tag -> what is damaged ([]: it verifies; None: it has no manifest)
+
+
+def find_resume(ckpt_dir: Path, verify: Verifier | None = None) -> ResumeChoice:
+    """The checkpoint `latest` names if complete, else the newest complete one; one that `verify` finds damaged is
+    passed over for the previous complete one (and so on). `verify`: checks a tag, by default against its manifest
+    in this process (`manager.Checkpointer` spreads the work over the ranks)."""
+    verify = verify or (lambda tag: manifest.verify(ckpt_dir / tag))
     tags = complete_tags(ckpt_dir)
     latest_file = ckpt_dir / "latest"
     latest = latest_file.read_text().strip() if latest_file.is_file() else None
-    if latest and latest in tags:
-        tag, msg = latest, f"resuming from {ckpt_dir / latest}"
-    elif tags:
-        why = f"'latest' names {latest!r}, which is incomplete or missing" if latest else "no 'latest' file"
-        tag, msg = tags[-1], f"{why}; resuming from the newest complete checkpoint {ckpt_dir / tags[-1]}"
-    else:
-        tag, msg = None, f"no checkpoint to resume in {ckpt_dir}; starting from step 0"
-    skipped = [t for t in incomplete_tags(ckpt_dir) if tag is None or t > tag]
-    if skipped:
-        msg = (
-            f"skipping incomplete checkpoint(s) {', '.join(skipped)} (a save was interrupted: no {COMPLETE_FILE} "
-            f"marker); {msg}"
+    candidates = [latest, *(t for t in reversed(tags) if t < latest)] if latest in tags else tags[::-1]
+    choice = ResumeChoice(None, f"no checkpoint to resume in {ckpt_dir}; starting from step 0")
+    damaged: dict[str, list[str]] = {}
+    for tag in candidates:
+        problems = verify(tag)
+        if problems:
+            damaged[tag] = problems
+            continue
+        choice.tag = tag
+        if problems is None:
+            choice.notes.append(
+                f"checkpoint {ckpt_dir / tag} has no {manifest.MANIFEST_FILE} (saved before checkpoints had one), so "
+                "it cannot be verified; resuming it unchecked."
+            )
+        break
+    instead = f"; resuming {choice.tag} instead (the next save removes the damaged one)" if choice.tag else ""
+    choice.warnings = [f"checkpoint {ckpt_dir / t} is damaged: {'; '.join(p)}{instead}" for t, p in damaged.items()]
+    if choice.tag is not None:
+        what = "the newest complete checkpoint" + (" that verifies" if damaged else "")
+        if choice.tag == latest:
+            choice.message = f"resuming from {ckpt_dir / choice.tag}"
+        elif latest in tags:
+            choice.message = f"resuming from {what} {ckpt_dir / choice.tag}"
+        else:
+            why = f"'latest' names {latest!r}, which is incomplete or missing" if latest else "no 'latest' file"
+            choice.message = f"{why}; resuming from {what} {ckpt_dir / choice.tag}"
+    elif damaged:
+        choice.error = (
+            f"no checkpoint in {ckpt_dir} can be resumed: every complete one is damaged ("
+            + "; ".join(f"{tag}: {', '.join(problems)}" for tag, problems in damaged.items())
+            + "). Nothing was loaded. Restore them from a copy, or move the damaged folders out of the way (with no "
+            "checkpoint left, --resume starts from step 0), then run the same command again."
         )
-    return tag, msg
+    skipped = [t for t in incomplete_tags(ckpt_dir) if choice.tag is None or t > choice.tag]
+    if skipped:
+        choice.message = (
+            f"skipping incomplete checkpoint(s) {', '.join(skipped)} (a save was interrupted: no {COMPLETE_FILE} "
+            f"marker); {choice.message}"
+        )
+    return choice
 
 
 def read_trainer_state(tag_dir: Path) -> dict[str, Any]:
@@ -196,7 +288,11 @@ def read_dormant(tag_dir: Path) -> dict:
 
 
 def to_universal(ckpt_dir: Path, tag: str) -> Path:
-    """Convert checkpoint `tag` to DeepSpeed's universal format (once; rank 0 only), for a new world size."""
+    """Convert checkpoint `tag` to DeepSpeed's universal format (once; rank 0 only), for a new world size.
+
+    The conversion has no manifest: it is derived data, made from `tag` after the resume verified `tag`, and loaded
+    right away. A conversion kept from an earlier resume is reused unchecked; deleting `<tag>_universal/` makes the
+    next resume convert again."""
     out = ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
     if (out / COMPLETE_FILE).exists():
         return out

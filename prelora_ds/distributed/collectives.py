@@ -2,7 +2,7 @@
 
 On a GPU cluster `deepspeed.init_distributed` starts the default group with NCCL, whose backend takes
 CUDA tensors only; the package's own statistics are small CPU vectors (norm sums, the window loss,
-validation counts, skipped images, the switch decision, checkpoint barriers). Sending them through the
+validation counts, skipped images, the switch decision, checkpoint barriers and manifests). Sending them through the
 default group fails there ("No backend type associated with device type cpu"), so they go through a
 gloo group created beside it, which takes CPU tensors whatever the default backend is. DeepSpeed's own
 collectives (ZeRO's reduce-scatter and all-gather) stay on DeepSpeed's group.
@@ -122,6 +122,14 @@ def agree(flag: bool, what: str) -> bool:
             "all-reduced statistics only. Check that every rank runs the same code and config."
         )
     return bool(hi)
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's `obj` (small and picklable: a checkpoint's file entries, a list of problems), in rank order, on
+    every rank. Also a barrier: no rank returns before every rank has called it."""
+    gathered: list = [None] * world_size()
+    tdist.all_gather_object(gathered, obj, group=stats_group())
+    return gathered
 
 
 def barrier() -> None:

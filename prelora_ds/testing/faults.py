@@ -24,6 +24,9 @@
 Several faults are comma-separated; without `:RANK` a fault hits every rank, without `#ATTEMPT` every attempt.
 Nothing is mocked: the process really dies or hangs, the NaN really flows through DeepSpeed. Unset, every hook
 is a no-op.
+
+A checkpoint damaged on disk after it was complete is made with `damage(path, how)` on its files (tests, drills):
+`truncate` (a copy cut short) or `flip` (one bit of a tensor's data, which torch.load would read silently).
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ import functools
 import os
 import re
 import signal
+import struct
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -138,3 +144,36 @@ def _launcher_pid() -> int:
             return proc.pid
         proc = proc.parent()
     return os.getpid()
+
+
+def damage(path: str | os.PathLike, how: str, keep_bytes: int = 1000) -> str:
+    """Damage one checkpoint file in place; returns what was done, in words.
+
+    `truncate`: cut the file to `keep_bytes` (`truncate -s 1000`: a copy or a write that stopped short; torch.load
+    fails with "failed finding central directory"). `flip`: invert one bit in the middle of the largest tensor's data
+    of a torch zip file (stored uncompressed; the middle of the file for a file without tensors): torch.load reads
+    it without complaint and the model gets another value."""
+    path = Path(path)
+    if how == "truncate":
+        os.truncate(path, keep_bytes)
+        return f"{path.name} cut to {keep_bytes} bytes"
+    if how != "flip":
+        raise ValueError(f"damage: how is 'truncate' or 'flip', not {how!r}")
+    offset = path.stat().st_size // 2
+    tensors = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            tensors = [i for i in archive.infolist() if "/data/" in i.filename and i.file_size]
+    if tensors:
+        record = max(tensors, key=lambda i: i.file_size)
+        with open(path, "rb") as f:  # the record's data follows its local header (30 bytes, name, extra field)
+            f.seek(record.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+        offset = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+    return f"{path.name}: one bit flipped at byte {offset}"
+

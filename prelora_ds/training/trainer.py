@@ -270,7 +270,7 @@ class Trainer:
 
     def _resume(self) -> None:
         t0 = time.perf_counter()
-        with self.collective("the resume (rank 0 converts a checkpoint of another world size)"):
+        with self.collective("the resume (the ranks verify the checkpoint; rank 0 converts one of another world size)"):
             resumed = self.ckpt.find(self.cfg, self.data.num_classes)
         if resumed is None:
             self.state.start_phase("full", None, 0)

@@ -45,6 +45,7 @@ def test_package_collectives_on_a_cuda_only_default_group(tmp_path, world):
             assert "ranks disagree on a forced disagreement" in f["disagree_message"]
         else:
             assert f["disagree_message"] is None  # one rank always agrees with itself
+        assert f["gathered"] == [{"rank": r, "files": [f"rank{r}.pt"]} for r in range(world)]  # objects, rank order
         # norms: exact to fp32 rounding, the frozen fp32 value counted once (not once per rank)
         assert f["norm_max_rel_err"] < 1e-5
         assert (f["loss_sum"], f["loss_count"]) == (sum(r + 1.0 for r in range(world)), 3.0 * world)

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -20,8 +21,10 @@ import pytest
 import torch
 import yaml
 
+from prelora_ds.checkpoint import manifest
 from prelora_ds.distributed import preempt
 from prelora_ds.metrics.readers import scalars
+from prelora_ds.testing.faults import damage
 from prelora_ds.testing.harness import (
     BIN,
     RELORA_RUN,
@@ -435,6 +438,62 @@ def test_hung_rank_times_out_naming_the_collective(tmp_path):
         "waiting for another rank (dead, hung or cut off)" in proc.stderr
     )
     assert time.perf_counter() - t0 < 120
+
+
+# ------------------------------------------------------------------ a checkpoint damaged after it was complete
+ZERO1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
+
+def damaged_copy(reference, tmp_path):
+    """A copy of an uninterrupted run without its TensorBoard events (so the losses read back are the resumed run's)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "tb")
+    return out, out / "checkpoints"
+
+
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, switch_reference):
+    """The reference's newest checkpoint (step 40) with rank 1's ZeRO partition cut short: --resume names the file,
+    falls back to step 22 and redoes steps 23-40 with the reference's losses, to the bit (same ranks, same order)."""
+    ckpt = switch_reference / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000022", "step00000040"]
+    for tag in ckpt.glob("step*"):  # every file of both ranks is in the manifest, with the rank that wrote it
+        entries = {e["path"]: e["rank"] for e in manifest.read(tag)}
+        assert set(entries) == {p.name for p in tag.iterdir()} - {"COMPLETE", manifest.MANIFEST_FILE}
+        assert entries[ZERO1] == 1 and entries["rank1.pt"] == 1 and entries["mp_rank_00_model_states.pt"] == 0
+        assert manifest.verify(tag) == []
+    out, ckpt = damaged_copy(switch_reference, tmp_path)
+    size = (ckpt / "step00000040" / ZERO1).stat().st_size
+    damage(ckpt / "step00000040" / ZERO1, "truncate")
+    proc = launch(out, *SWITCH_RUN, "--resume")
+    assert (
+        f"checkpoint {ckpt / 'step00000040'} is damaged: {ZERO1}: size 1000 bytes, expected {size}; resuming "
+        "step00000022 instead (the next save removes the damaged one)" in proc.stderr
+    )
+    assert f"resuming from the newest complete checkpoint that verifies {ckpt / 'step00000022'}" in proc.stdout
+    assert resumed_phase(proc, 22) == "lora"
+    a, b = losses(switch_reference), losses(out)
+    assert sorted(b) == list(range(23, 41)) and worst_diff(a, b, range(23, 41)) == 0.0
+    assert timeline(out) == timeline(switch_reference)
+    assert manifest.verify(ckpt / "step00000040") == []  # saved again
+
+
+def test_every_checkpoint_damaged_stops_naming_each_before_loading(tmp_path, switch_reference):
+    """One bit flipped in a tensor of step 40 (torch.load would take it silently) and step 22 cut short: no step 0
+    start, no traceback, but exit 1 naming both, every rank agreeing, before any file is loaded."""
+    out, ckpt = damaged_copy(switch_reference, tmp_path)
+    damage(ckpt / "step00000040" / "mp_rank_00_model_states.pt", "flip")
+    damage(ckpt / "step00000022" / ZERO1, "truncate")
+    proc = launch(out, *SWITCH_RUN, "--resume", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert re.search(
+        rf"error: no checkpoint in {re.escape(str(ckpt))} can be resumed: every complete one is damaged "
+        r"\(step00000040: mp_rank_00_model_states.pt: checksum mismatch \(crc32 [0-9a-f]{8}, expected [0-9a-f]{8}\); "
+        rf"step00000022: {ZERO1}: size 1000 bytes, expected \d+\)\. Nothing was loaded\.",
+        proc.stderr,
+    ), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "resumed at step" not in proc.stdout
+    assert all((ckpt / tag / "COMPLETE").exists() for tag in ("step00000022", "step00000040"))  # left to the user
 
 
 # ------------------------------------------------------------------ bf16 (opt-in: bf16 is emulated on CPUs)

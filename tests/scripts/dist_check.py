@@ -55,6 +55,7 @@ def main(out: Path) -> None:
         facts["disagree_message"] = None
     except RuntimeError as exc:
         facts["disagree_message"] = str(exc)
+    facts["gathered"] = collectives.all_gather_object({"rank": rank, "files": [f"rank{rank}.pt"]})
     collectives.barrier()
 
     # a norm sample as in `full`: plain parameters (no ZeRO fragments), counted once (rank 0), frozen fp32 used

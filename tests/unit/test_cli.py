@@ -245,7 +245,8 @@ def test_main_bad_fault_spec(capsys, monkeypatch, tmp_path):
     finally:
         monkeypatch.delenv(faults.ENV)
         faults.active.cache_clear()
-    assert "PRELORA_FAULTS: cannot read 'kill@x'; write KIND@STEP[:RANK] with KIND one of kill, kill_in_save" in err
+    assert ("PRELORA_FAULTS: cannot read 'kill@x'; write KIND@STEP[:RANK][#ATTEMPT] with KIND one of kill, "
+            "kill_in_save") in err
 
 
 def test_main_rejects_bf16_overflow_check_off(capsys, tmp_path):

@@ -63,19 +63,20 @@ def test_resolve_batch_all_three_inconsistent():
             {G: 64, M: 32},
             3,
             "train_batch_size=64 is not divisible by train_micro_batch_size_per_gpu=32 x world size 3; "
-            "use a multiple of 96, or set gradient_accumulation_steps explicitly.",
+            "use a multiple of 96, or set gradient_accumulation_steps explicitly (train_batch_size=64 is kept on 1, 2 "
+            "rank(s)).",
         ),
         (
             {G: 100, A: 3},
             2,
             "train_batch_size=100 is not divisible by gradient_accumulation_steps=3 x world size 2; "
-            "pick a train_batch_size that is a multiple of 6.",
+            "pick a train_batch_size that is a multiple of 6.",  # 100 is not a multiple of 3: no world size keeps it
         ),
         (
             {G: 10},
             4,
             "train_batch_size=10 is not divisible by gradient_accumulation_steps=1 x world size 4; "
-            "pick a train_batch_size that is a multiple of 4.",
+            "pick a train_batch_size that is a multiple of 4 (train_batch_size=10 is kept on 1, 2, 5, 10 rank(s)).",
         ),
     ],
 )

@@ -38,6 +38,7 @@ from prelora_ds.lora import relora
 from prelora_ds.lora.inject import PHASES, build_structure, canonical_name, target_layers
 from prelora_ds.lora.merge import lora_scales
 from prelora_ds.lora.merge import merge_lora as merge_lora_state
+from prelora_ds.testing import faults
 
 FP32State = dict[str, torch.Tensor]
 
@@ -242,6 +243,7 @@ class PhaseEngine:
         carried = {n: m for n, m in carried.items() if n in state and state[n].shape == next(iter(m[1].values())).shape}
         release(old)
         del old
+        faults.in_rebuild(step, collectives.rank())  # drills: a rank lost between the old engine and the new one
         model = self.make_model(state, phase, ranks)
         counts = {n: c for n, (c, _) in carried.items()}
         self.engine = build_engine(model, self.ds_config, self.wd, counts)

@@ -283,11 +283,20 @@ class Recorder:
                                          "checkpoint": str(checkpoint), "signal_to_saved_s": elapsed,
                                          "exit_code": preempt.EXIT_CODE})  # fmt: skip
         budget = "within" if elapsed < preempt.LAUNCHER_GRACE_S else "NOT within"
+        from prelora_ds.distributed import elastic
+
+        # torchrun's agent stops its workers the same way (SIGTERM, SIGKILL 30 s later) when a node joins or leaves,
+        # and starts them again with the same command: nothing to do by hand there
+        if elastic.under_agent():
+            launcher = "torchrun's"
+            then = ("a torchrun agent that stopped its workers for a node change starts them again and they resume "
+                    "here; else run the same command")
+        else:
+            launcher, then = "the deepspeed launcher's", "continue with the same command and --resume"
         logger.info(
             f"pre-empted by {decision.signal_name}: every rank stopped after step {step} ({phase}); checkpoint "
-            f"{checkpoint} complete {elapsed:.1f} s after the first signal ({budget} the deepspeed launcher's "
-            f"{preempt.LAUNCHER_GRACE_S:.0f} s before SIGKILL). Continue with the same command and --resume (exit "
-            f"code {preempt.EXIT_CODE}: requeue)."
+            f"{checkpoint} complete {elapsed:.1f} s after the first signal ({budget} {launcher} "
+            f"{preempt.LAUNCHER_GRACE_S:.0f} s before SIGKILL). Exit code {preempt.EXIT_CODE} (requeue): {then}."
         )
 
     def peak_memory(self) -> int:

@@ -14,6 +14,9 @@
   PRELORA_FAULTS="usr1_self@8:0"      rank 0 gets SIGUSR1 (SLURM's --signal=USR1@<seconds>), the others none
   PRELORA_FAULTS="term_in_save@8:0"   rank 0 gets SIGTERM inside the save of step 8 (a second signal while stopping)
 
+  PRELORA_FAULTS="kill_in_switch@12:0" rank 0 SIGKILLs itself inside the engine rebuild of step 12's switch, after
+                                      the old engine was released and before the new one exists
+
   PRELORA_FAULTS="kill@30:1#0"        the same in torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT=0): the
                                       agent restarts its workers with the same environment, and a restart that
                                       resumes before step 30 would meet the fault again
@@ -45,8 +48,8 @@ import torch
 from prelora_ds.log import EVERY_RANK, logger
 
 ENV = "PRELORA_FAULTS"
-KINDS = ("kill", "kill_in_save", "nan", "nan_weights", "hang", "pause", "term", "term_self", "usr1_self",
-         "term_in_save")
+KINDS = ("kill", "kill_in_save", "kill_in_switch", "nan", "nan_weights", "hang", "pause", "term", "term_self",
+         "usr1_self", "term_in_save")
 _PATTERN = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?(?:#(?P<attempt>\d+))?$")
 
 
@@ -125,6 +128,13 @@ def in_save(step: int, rank: int) -> None:
     if due("term_in_save", step, rank):
         logger.info(f"[{ENV}] rank {rank}: SIGTERM while saving step {step}", extra=EVERY_RANK)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def in_rebuild(step: int, rank: int) -> None:
+    """Hook inside `PhaseEngine.rebuild`, between the old engine's release and the new engine's build."""
+    if due("kill_in_switch", step, rank):
+        logger.info(f"[{ENV}] rank {rank}: SIGKILL inside the switch of step {step}", extra=EVERY_RANK)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def loss_factor(step: int, rank: int) -> float:

@@ -136,8 +136,8 @@ def chain(tmp_path_factory, elastic_ds):
     """One run of the switch reference's settings, killed four times and moved between 2 and 1 ranks:
 
     L1 2 ranks  SIGKILL inside the save of step 10 (full)
-    L2 2 ranks  (hostfile launch) resumes past the partial save, SIGKILL at a random step of full
-    L3 1 rank   resumes the 2-rank checkpoint (full), stops at 16 (warmup)
+    L2 2 ranks  (hostfile launch) resumes past the partial save, SIGKILL inside the switch's engine rebuild at 12
+    L3 1 rank   resumes the 2-rank checkpoint before the switch (full, 10), switches again at 12, stops at 16
     L4 2 ranks  (mpirun) resumes the 1-rank checkpoint (warmup), SIGKILL at a random step of warmup
     L5 2 ranks  (torchrun --standalone --max-restarts 1) resumes it again, SIGKILL of rank 0 at a random step of
                 lora in the first attempt: the agent restarts both workers, which resume by themselves; stops at 38
@@ -146,7 +146,7 @@ def chain(tmp_path_factory, elastic_ds):
     rng = random.Random(SEED)
     out = tmp_path_factory.mktemp("chain") / "run"
     cmd = [*SWITCH_RUN, "--deepspeed_config", elastic_ds, "--train.checkpoint_every_steps", "5"]
-    kills = {"full": rng.randint(6, 11), "warmup": rng.randint(17, 19), "lora": rng.randint(21, 37)}
+    kills = {"switch": 12, "warmup": rng.randint(17, 19), "lora": rng.randint(21, 37)}
 
     launches = [launch(out, *cmd, faults="kill_in_save@10:1", check=False)]
     after_save_kill = {
@@ -154,7 +154,7 @@ def chain(tmp_path_factory, elastic_ds):
         "incomplete": not (out / "checkpoints" / "step00000010" / "COMPLETE").exists(),
         "partial_files": sorted(p.name for p in (out / "checkpoints" / "step00000010").iterdir()),
     }
-    launches.append(launch(out, *cmd, "--resume", via="hostfile", faults=f"kill@{kills['full']}:0", check=False))
+    launches.append(launch(out, *cmd, "--resume", via="hostfile", faults="kill_in_switch@12:0", check=False))
     launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "16", via="single"))
     launches.append(launch(out, *cmd, "--resume", via="mpirun", faults=f"kill@{kills['warmup']}:1", check=False))
     launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "38", via="torchrun",
@@ -175,12 +175,12 @@ def test_kill_inside_save_leaves_latest_on_the_complete_checkpoint(chain):
 
 def test_kill_in_full_warmup_lora_loses_only_the_steps_since_the_last_checkpoint(chain):
     out, kills, launches, _ = chain
-    for phase, killed in zip(("full", "warmup"), (launches[1], launches[3]), strict=True):
-        assert killed.returncode != 0, f"seed {SEED}: the job killed in {phase} did not fail"
-        assert f"SIGKILL after step {kills[phase]}" in killed.stdout
+    assert launches[1].returncode != 0 and "SIGKILL inside the switch of step 12" in launches[1].stdout
+    assert launches[3].returncode != 0, f"seed {SEED}: the job killed in warmup did not fail"
+    assert f"SIGKILL after step {kills['warmup']}" in launches[3].stdout
     # saves: every 5 steps, the switches (12, 20), the epoch end (22), the stop at 16; a kill comes right after
     # its step's update, before that step's save
-    full_resume = 10 if kills["full"] > 10 else 5
+    full_resume = 10  # the last complete checkpoint before the switch that was killed
     lora_resume = max(s for s in (20, 22, 25, 30, 35) if s < kills["lora"])
     expected = [(launches[2], full_resume, "full"), (launches[3], 16, "warmup"), (launches[4], 16, "warmup"),
                 (launches[4], lora_resume, "lora"), (launches[5], 38, "lora")]
@@ -205,9 +205,16 @@ def test_torchrun_restarts_a_killed_worker_group_which_resumes_at_once(chain):
     assert "stopped at step 38" in agent.stdout
 
 
+def test_a_switch_killed_inside_the_rebuild_is_made_again_at_the_same_step(chain):
+    _, _, launches, _ = chain
+    again = launches[2].stdout
+    assert resumed_phase(launches[2], 10) == "full"
+    assert "PreLoRA switch at step 12" in again, again[-3000:]
+
+
 def test_world_size_change_in_every_phase(chain):
     out, kills, launches, _ = chain
-    full_resume = 10 if kills["full"] > 10 else 5
+    full_resume = 10
     for resumed, step, before, after in [(launches[2], full_resume, 2, 1), (launches[3], 16, 1, 2),
                                          (launches[5], 38, 2, 1)]:
         assert (

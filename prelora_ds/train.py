@@ -43,7 +43,8 @@ Runbook (from the repo root; every flag of the recipe can be overridden as --sec
 
 Faults and what to do: docs/reliability.md. Exit codes: 2 bad input (nothing started), 1 a run that stopped
 with a message (non-finite steps, collective timeout, a checkpoint that could not be written), 75 pre-empted
-(SIGTERM, SIGINT or SIGUSR1: every rank stopped after the same step and checkpointed it; requeue with --resume).
+(SIGTERM, SIGINT or SIGUSR1, or the launcher that started the ranks went: every rank stopped after the same step
+and checkpointed it; requeue with --resume).
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ def run(pre: Preflight, ds_config: dict, rank: int, world: int) -> int:
     """Train on the started process group; returns the exit code (0 done or stopped at train.stop_at_step, 1 a
     run that stopped with a message, 75 pre-empted)."""
     from prelora_ds.distributed import preempt
+    from prelora_ds.distributed.supervisor import LauncherWatch
     from prelora_ds.training.trainer import Trainer
 
     cfg, data, out_dir = pre.cfg, pre.data, pre.out_dir
@@ -228,8 +230,13 @@ def run(pre: Preflight, ds_config: dict, rank: int, world: int) -> int:
         f"accumulation x {world} ranks = {ds_config['train_batch_size']}; "
         f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes"
     )
+    watch = LauncherWatch.of_this_process()
+    if watch.launchers:
+        logger.info(f"launchers of this rank: {watch}; if one goes, every rank stops after that step as for a "
+                    "pre-emption")
     trainer = None
-    stop_request = preempt.StopRequest().install()  # from here a scheduler's signal stops after a step, with a save
+    # from here a scheduler's signal, or a launcher that went, stops every rank after a step, with a save
+    stop_request = preempt.StopRequest(watch).install()
     try:
         trainer = Trainer(cfg, ds_config, data, out_dir, rank, world, resume=pre.resume, stop_request=stop_request)
         summary = trainer.train()

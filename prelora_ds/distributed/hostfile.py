@@ -8,6 +8,11 @@ has GPUs. `check_launch()` runs in each rank before the process group (prelora-t
 the launcher passed its per-node process; `prelora check-hostfile HOSTFILE --node_rank N` (prelora_ds.cli) runs
 the same checks before launching (e.g. in a SLURM or Kubernetes start script), including a node rank outside
 the hostfile, which the launcher itself refuses with an assertion.
+
+Names are used only where processes are started through them (pdsh/ssh from node 0, MPI launchers). A `--no_ssh`
+launch (one launcher per node, the rendezvous at --master_addr) never resolves them: there a name that does not
+resolve is a warning, not a refusal. A rank knows which it is from its ancestors: the `deepspeed` runner is one
+only when it started this node's launcher itself (--no_ssh, or a single node); under pdsh it runs behind ssh.
 """
 
 from __future__ import annotations
@@ -66,9 +71,12 @@ def _is_here(addrs: set[str], local: set[str]) -> bool:
 
 
 def check_node(hosts: OrderedDict[str, int], node_rank: int, ranks_here: int | None = None,
-               gpus: int | None = None, source: str = "the hostfile") -> None:
+               gpus: int | None = None, source: str = "the hostfile", names_used: bool = True) -> list[str]:
     """Raise ConfigError for a node rank outside `hosts`, a host that does not resolve, a node rank that names
-    another host than this machine, more ranks here than the host's slots, or slots beyond this node's GPUs."""
+    another host than this machine, more ranks here than the host's slots, or slots beyond this node's GPUs.
+
+    `names_used=False`: a launch that never resolves the names (--no_ssh); one that does not resolve is then
+    returned as a warning (and cannot be matched to this machine). Returns the warnings."""
     names = list(hosts)
     if not 0 <= node_rank < len(names):
         raise ConfigError(
@@ -77,13 +85,22 @@ def check_node(hosts: OrderedDict[str, int], node_rank: int, ranks_here: int | N
         )
     resolved = {h: _addresses(h) for h in names}
     unknown = [h for h, a in resolved.items() if a is None]
-    if unknown:
+    warnings = []
+    if unknown and names_used:
         raise ConfigError(
             f"host(s) {', '.join(unknown)} of {source} do not resolve on {socket.gethostname()}: fix the name(s), or "
-            "add them to DNS or /etc/hosts on every node (the launcher and the rendezvous use these names)."
+            "add them to DNS or /etc/hosts on every node (pdsh and ssh, and MPI launchers, reach the nodes by these "
+            "names; a --no_ssh launch, one launcher per node with --master_addr, does not use them)."
+        )
+    if unknown:
+        warnings.append(
+            f"host(s) {', '.join(unknown)} of {source} do not resolve on {socket.gethostname()}; a --no_ssh launch "
+            "never uses the names (one launcher per node, the rendezvous at --master_addr), so they only number the "
+            "nodes, but nothing can check that this machine was started with its own --node_rank: make sure each "
+            "node gets its own."
         )
     local = _local_addresses()
-    here = [i for i, h in enumerate(names) if _is_here(resolved[h], local)]  # type: ignore[arg-type]
+    here = [i for i, h in enumerate(names) if resolved[h] is not None and _is_here(resolved[h], local)]
     me = names[node_rank]
     if node_rank not in here and here and len(names) > 1:
         # another host of the file is this machine: two nodes would claim the same ranks and wait forever
@@ -101,50 +118,58 @@ def check_node(hosts: OrderedDict[str, int], node_rank: int, ranks_here: int | N
         raise ConfigError(
             f"{source} gives {me} slots={slots}, but it has {gpus} GPU(s): write '{me} slots={gpus}'."
         )
+    return warnings
 
 
-def _launcher_args() -> tuple[dict[str, list[int]] | None, str | None]:
-    """(world_info, hostfile path) from the deepspeed launcher's processes above this rank: the per-node
-    `deepspeed.launcher.launch` (world_info, always) and the `deepspeed` runner (its --hostfile, when it runs on
-    this node: --no_ssh, or node 0 under pdsh)."""
+def _launcher_args() -> tuple[dict[str, list[int]] | None, str | None, bool]:
+    """(world_info, hostfile path, whether the runner is on this node) from the deepspeed launcher's processes
+    above this rank: the per-node `deepspeed.launcher.launch` (world_info, always) and the `deepspeed` runner (its
+    --hostfile), an ancestor only when it started this node's launcher itself (--no_ssh, or a single node)."""
     import psutil
 
-    world, hostfile = None, None
-    proc = psutil.Process().parent()
-    while proc is not None and (world is None or hostfile is None):
-        try:
-            cmd = proc.cmdline()
-        except psutil.Error:
-            break
-        for i, arg in enumerate(cmd):
-            if arg.startswith("--world_info=") and world is None:
-                world = json.loads(base64.urlsafe_b64decode(arg.split("=", 1)[1]))
-            if arg in ("--hostfile", "-H") and i + 1 < len(cmd) and hostfile is None:
-                hostfile = str(Path(proc.cwd()) / cmd[i + 1])
-            elif arg.startswith("--hostfile=") and hostfile is None:
-                hostfile = str(Path(proc.cwd()) / arg.split("=", 1)[1])
-        proc = proc.parent()
-    return world, hostfile
+    from prelora_ds.distributed.supervisor import PER_NODE, RUNNER, ancestry
+
+    world, hostfile, runner_here = None, None, False
+    for launcher in ancestry():
+        args = launcher.args
+        if launcher.kind == PER_NODE and world is None:
+            info = next((a.split("=", 1)[1] for a in args if a.startswith("--world_info=")), None)
+            world = json.loads(base64.urlsafe_b64decode(info)) if info else None
+        elif launcher.kind == RUNNER and not runner_here:
+            runner_here = True
+            for i, arg in enumerate(args):
+                name = arg[len("--hostfile="):] if arg.startswith("--hostfile=") else None
+                if arg in ("--hostfile", "-H") and i + 1 < len(args):
+                    name = args[i + 1]
+                if name is not None:
+                    try:
+                        hostfile = str(Path(launcher.process.cwd()) / name)
+                    except psutil.Error:  # gone meanwhile: check the launcher's host list instead
+                        pass
+                    break
+    return world, hostfile, runner_here
 
 
 def check_launch() -> None:
     """In a rank started by the deepspeed launcher, before the process group: the checks of `check_node` on
-    the hostfile it read (its world when the file is not on this node). Other launchers: nothing to check."""
+    the hostfile it read (its world when the file is not on this node); names that do not resolve are a warning
+    when the runner is on this node (--no_ssh), a refusal under pdsh. Other launchers: nothing to check."""
     if "CROSS_RANK" not in os.environ or "LOCAL_SIZE" not in os.environ:
         return
-    world, path = _launcher_args()
+    world, path, runner_here = _launcher_args()
     if world is None:
         return
     import torch
 
+    from prelora_ds.log import RANK_ZERO, logger
+
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
     node_rank, ranks_here = int(os.environ["CROSS_RANK"]), int(os.environ["LOCAL_SIZE"])
+    hosts, source = OrderedDict((h, len(s)) for h, s in world.items()), "the launcher's host list"
     if path and Path(path).is_file():
-        hosts = read(path)
-        if all(h in hosts for h in world):  # --include/--exclude/--num_nodes keep the file's order
-            node_rank = list(hosts).index(list(world)[node_rank])
-            check_node(hosts, node_rank, ranks_here, gpus, source=f"hostfile {path}")
-            return
-    check_node(OrderedDict((h, len(s)) for h, s in world.items()), node_rank, ranks_here, gpus,
-               source="the launcher's host list")
-
+        in_file = read(path)
+        if all(h in in_file for h in world):  # --include/--exclude/--num_nodes keep the file's order
+            node_rank = list(in_file).index(list(world)[node_rank])
+            hosts, source = in_file, f"hostfile {path}"
+    for warning in check_node(hosts, node_rank, ranks_here, gpus, source=source, names_used=not runner_here):
+        logger.warning(warning, extra=RANK_ZERO)

@@ -275,8 +275,9 @@ class Recorder:
         )
 
     def preempted(self, decision, step: int, phase: str, checkpoint: Path) -> None:
-        """A signal stopped every rank after `step`, checkpointed: the marker file for a scheduler script (the
-        deepspeed launcher may exit 1 when it was signalled itself) and the message."""
+        """A signal (or a launcher that went: LAUNCHER_GONE) stopped every rank after `step`, checkpointed: the
+        marker file for a scheduler script (the launcher's exit code may say otherwise, or reach nobody) and the
+        message."""
         elapsed = time.time() - decision.first_signal_time
         self.scalars(step, {tag("signal_to_saved_s"): elapsed})
         self.write_json(preempt.MARKER, {"signal": decision.signal_name, "step": step, "phase": phase,

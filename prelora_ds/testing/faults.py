@@ -10,6 +10,9 @@
   PRELORA_FAULTS="term@8:0"           rank 0 sends SIGTERM to its launcher (mpiexec, which forwards it to every
                                       rank; the deepspeed launcher's per-node process, which terminates every
                                       rank; itself in a plain process)
+  PRELORA_FAULTS="term_runner@8:0"    rank 0 sends SIGTERM to the outermost launcher of its node (the `deepspeed`
+                                      runner, which dies without passing it on: the ranks see it gone; mpiexec;
+                                      torchrun; itself in a plain process)
   PRELORA_FAULTS="term_self@8:1"      rank 1 gets SIGTERM, the other ranks none (a signal that reached one node)
   PRELORA_FAULTS="usr1_self@8:0"      rank 0 gets SIGUSR1 (SLURM's --signal=USR1@<seconds>), the others none
   PRELORA_FAULTS="term_in_save@8:0"   rank 0 gets SIGTERM inside the save of step 8 (a second signal while stopping)
@@ -48,8 +51,8 @@ import torch
 from prelora_ds.log import EVERY_RANK, logger
 
 ENV = "PRELORA_FAULTS"
-KINDS = ("kill", "kill_in_save", "kill_in_switch", "nan", "nan_weights", "hang", "pause", "term", "term_self",
-         "usr1_self", "term_in_save")
+KINDS = ("kill", "kill_in_save", "kill_in_switch", "nan", "nan_weights", "hang", "pause", "term", "term_runner",
+         "term_self", "usr1_self", "term_in_save")
 _PATTERN = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?(?:#(?P<attempt>\d+))?$")
 
 
@@ -109,11 +112,12 @@ def after_step(step: int, rank: int, module=None) -> None:
     if due("pause", step, rank):
         logger.info(f"[{ENV}] rank {rank}: pausing after step {step} until a signal comes", extra=EVERY_RANK)
         signal.pause()  # returns once a handler ran (the pre-emption handler records SIGTERM/SIGINT/SIGUSR1)
-    if due("term", step, rank):
-        target = _launcher_pid()
-        logger.info(f"[{ENV}] rank {rank}: SIGTERM to {'the launcher' if target != os.getpid() else 'itself'} "
-                    f"(pid {target}) after step {step}", extra=EVERY_RANK)
-        os.kill(target, signal.SIGTERM)
+    for kind, outermost in (("term", False), ("term_runner", True)):
+        if due(kind, step, rank):
+            target = _launcher_pid(outermost)
+            logger.info(f"[{ENV}] rank {rank}: SIGTERM to {'the launcher' if target != os.getpid() else 'itself'} "
+                        f"(pid {target}) after step {step}", extra=EVERY_RANK)
+            os.kill(target, signal.SIGTERM)
     for kind, sig in (("term_self", signal.SIGTERM), ("usr1_self", signal.SIGUSR1)):
         if due(kind, step, rank):
             logger.info(f"[{ENV}] rank {rank}: {sig.name} to this rank only after step {step}", extra=EVERY_RANK)
@@ -142,18 +146,17 @@ def loss_factor(step: int, rank: int) -> float:
     return float("nan") if due("nan", step, rank) else 1.0
 
 
-def _launcher_pid() -> int:
-    """The process a scheduler would signal: mpiexec/mpirun (which forwards signals to every rank), the deepspeed
-    launcher's per-node process or torchrun (which terminate their ranks), or this process when it runs alone."""
-    import psutil
+def _launcher_pid(outermost: bool = False) -> int:
+    """The process a scheduler would signal: the nearest launcher above this rank that is not an MPI proxy (mpiexec,
+    which forwards signals to every rank; the deepspeed launcher's per-node process or torchrun, which terminate
+    their ranks), with `outermost` the farthest one on this node (the `deepspeed` runner), or this process when it
+    runs alone."""
+    from prelora_ds.distributed.supervisor import MPI_PROXY, ancestry
 
-    proc = psutil.Process().parent()
-    while proc is not None:
-        cmd = " ".join(proc.cmdline())
-        if proc.name().startswith(("mpiexec", "mpirun")) or "deepspeed.launcher.launch" in cmd or "torchrun" in cmd:
-            return proc.pid
-        proc = proc.parent()
-    return os.getpid()
+    launchers = [launcher for launcher in ancestry() if launcher.kind != MPI_PROXY]
+    if not launchers:
+        return os.getpid()
+    return launchers[-1 if outermost else 0].pid
 
 
 def damage(path: str | os.PathLike, how: str, keep_bytes: int = 1000) -> str:

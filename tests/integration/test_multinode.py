@@ -400,8 +400,6 @@ def test_hostfile_mistakes_are_refused_before_the_process_group(hosts, hostfile,
     unknown = tmp_path / "unknown"
     unknown.write_text("node0 slots=1\nnode7 slots=1\n")
     cases = {  # name: (launcher flags on node0, the error)
-        "unknown host": (["--hostfile", str(unknown), "--no_ssh", "--node_rank", "0"],
-                         f"host(s) node7 of hostfile {unknown} do not resolve on node0: fix the name(s)"),
         "slots": (["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0", "--num_gpus", "2"],
                   f"2 ranks started on node0, but hostfile {hostfile} gives it slots=1: drop --num_gpus"),
         "node rank of another host": (["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "1"],
@@ -411,11 +409,28 @@ def test_hostfile_mistakes_are_refused_before_the_process_group(hosts, hostfile,
     jobs = {name: Job([node_cmd(hosts, 0, hostfile, "--output_dir", str(tmp_path / "run"), *SWITCH_RUN,
                                 launcher=flags)], [tmp_path / f"{i}.log"])
             for i, (name, (flags, _)) in enumerate(cases.items())}
+    # a name that does not resolve: a --no_ssh launch never uses it (a warning), so node0 goes on to the
+    # rendezvous, where node7 never comes
+    unresolved = Job([node_cmd(hosts, 0, hostfile, "--output_dir", str(tmp_path / "unresolved"), *SWITCH_RUN,
+                               "--train.rendezvous_timeout_s", str(RENDEZVOUS_S),
+                               launcher=["--hostfile", str(unknown), "--no_ssh", "--node_rank", "0"])],
+                     [tmp_path / "unresolved.log"])
     for name, job in jobs.items():
         assert job.wait(timeout=180) == [2], (name, job.text(0)[-2000:])
         assert f"prelora-train: error: {cases[name][1]}" in job.text(0), (name, job.text(0)[-2000:])
         assert "GLOO_SOCKET_IFNAME=" not in job.text(0)  # init_distributed never ran
     assert not (tmp_path / "run").exists()
+    assert unresolved.wait(timeout=RENDEZVOUS_S + 180) == [1], unresolved.text(0)[-2000:]
+    text = unresolved.text(0)
+    assert (f"prelora-train: warning: host(s) node7 of hostfile {unknown} do not resolve on node0; a --no_ssh launch "
+            "never uses the names" in text), text[-2000:]
+    assert f"the process group did not start within train.rendezvous_timeout_s={RENDEZVOUS_S} s" in text
+    # where the names are used (pdsh/ssh, MPI launchers) the check before launching refuses them
+    for flags, code, message in (([], 2, f"error: host(s) node7 of hostfile {unknown} do not resolve on node0: fix "),
+                                 (["--no_ssh"], 0, f"warning: host(s) node7 of hostfile {unknown} do not resolve")):
+        check = subprocess.run(hosts.cmd(hosts.node[0], [*PRELORA, "check-hostfile", str(unknown), "--node_rank", "0",
+                                                         *flags]), capture_output=True, text=True, cwd=REPO)
+        assert check.returncode == code and f"prelora check-hostfile: {message}" in check.stderr, check.stderr
     # a node rank outside the hostfile: the launcher stops itself (an assertion); the check says it plainly
     outside = Job([node_cmd(hosts, 0, hostfile, *SWITCH_RUN,
                             launcher=["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "2"])],

@@ -13,10 +13,12 @@ import random
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -44,6 +46,7 @@ pytestmark = pytest.mark.launch
 
 SEED = int(os.environ.get("PRELORA_FAULT_SEED", random.SystemRandom().randrange(10**6)))
 print(f"PRELORA_FAULT_SEED={SEED}", file=sys.stderr)
+ORPHANS_S = 60  # the most a job's processes may outlive its runner (one step, a save, the exit)
 HOSTFILE = ["--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
 
 
@@ -303,29 +306,64 @@ def stopped_at(out, proc, phase: str) -> int:
     return step
 
 
+def launch_orphaning(out, *args, faults: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`launch` (deepspeed) for a job whose runner dies before its ranks: waits for the runner, then for every
+    other process of the job (a command line naming `out`: the per-node launcher, the ranks, their input
+    workers) for at most ORPHANS_S. Returns the run and {runner pid, seconds from the runner's end until the last
+    of them was gone, the processes still there after ORPHANS_S (killed then), seconds of the whole launch}."""
+    cmd = deepspeed_cmd("--output_dir", str(out), *args)
+    logs = [out.parent / f"orphaning.{name}" for name in ("out", "err")]
+    start = time.monotonic()
+    with open(logs[0], "w") as stdout, open(logs[1], "w") as stderr:
+        runner = subprocess.Popen(cmd, cwd=REPO, env={**job_env(), "PRELORA_FAULTS": faults}, stdout=stdout,
+                                  stderr=stderr)
+    runner.wait(timeout=300)
+    runner_end = time.monotonic()
+
+    def job():
+        return [p for p in psutil.process_iter(["cmdline", "status"])
+                if str(out) in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+    while job() and time.monotonic() - runner_end < ORPHANS_S:
+        time.sleep(0.2)
+    seconds, left = time.monotonic() - runner_end, job()
+    for proc in left:
+        proc.kill()
+    proc = subprocess.CompletedProcess(cmd, runner.returncode, logs[0].read_text(), logs[1].read_text())
+    return proc, {"runner": runner.pid, "seconds": seconds, "left": [" ".join(p.info["cmdline"]) for p in left],
+                  "launch_s": time.monotonic() - start}
+
+
 @pytest.fixture(scope="module")
 def preempted(tmp_path_factory):
-    """The split q/k/v reference's run (the paper's six targets) pre-empted three times, then run to its end:
+    """The split q/k/v reference's run (the paper's six targets) pre-empted four times, then run to its end:
 
     P1 deepspeed  rank 0 SIGTERMs the launcher's per-node process after step 6 (full): it terminates both ranks
     P2 deepspeed  resumes; SIGTERM reaches rank 1 only, after step 15 (warmup)
     P3 mpirun     resumes; rank 0 SIGTERMs mpiexec after step 27 (lora): it forwards the signal to both ranks
-    P4 deepspeed  resumes to the end
+    P4 deepspeed  resumes; rank 0 SIGTERMs the `deepspeed` runner alone after step 33 (lora), as `kill <pid>` of a
+                  job's main process does: it dies at once, passing nothing on; the per-node launcher and the
+                  ranks outlive it, and the ranks stop because it is gone
+    P5 deepspeed  resumes to the end
     """
     out = tmp_path_factory.mktemp("preempted") / "run"
-    faults = "term@6:0,term_self@15:1,term@27:0"
+    faults = "term@6:0,term_self@15:1,term@27:0,term_runner@33:0"
     runs = [launch(out, *SPLIT_RUN, faults=faults, check=False)]
     steps = [stopped_at(out, runs[-1], "full")]
     runs.append(launch(out, *SPLIT_RUN, "--resume", faults=faults, check=False))
     steps.append(stopped_at(out, runs[-1], "warmup"))
     runs.append(launch(out, *SPLIT_RUN, "--resume", via="mpirun", faults=faults, check=False))
     steps.append(stopped_at(out, runs[-1], "lora"))
+    orphaned, orphans = launch_orphaning(out, *SPLIT_RUN, "--resume", faults=faults)
+    runs.append(orphaned)
+    steps.append(stopped_at(out, runs[-1], "lora"))
+    orphans["marker"] = json.loads((out / "preempted.json").read_text())
     runs.append(launch(out, *SPLIT_RUN, "--resume", faults=faults))
-    return out, runs, steps
+    return out, runs, steps, orphans
 
 
 def test_preempted_ranks_stop_after_one_agreed_step_with_a_checkpoint(preempted):
-    out, runs, steps = preempted
+    out, runs, steps, _ = preempted
     # a signal to the launcher reaches the ranks some steps later; one to a rank is seen before the next agreement
     assert 6 <= steps[0] <= 8 and steps[1] == 15 and 27 <= steps[2] <= 29, steps
     assert runs[0].returncode == 1  # the deepspeed launcher exits 1 when it was signalled itself: see preempted.json
@@ -336,8 +374,23 @@ def test_preempted_ranks_stop_after_one_agreed_step_with_a_checkpoint(preempted)
     assert not (out / "preempted.json").exists()  # the last run went on to the end
 
 
+def test_ranks_orphaned_by_the_runner_stop_after_the_same_step_and_exit(preempted):
+    """No rank trains on unsupervised when the `deepspeed` runner alone is killed: the ranks see it gone at the
+    first check after it died (the step of the SIGTERM or the next), agree, save that step and exit."""
+    _, runs, steps, orphans = preempted
+    print(f"orphaned ranks: stopped after step {steps[3]}, saved {orphans['marker']['signal_to_saved_s']:.2f} s "
+          f"after the first rank saw the runner gone, all gone {orphans['seconds']:.1f} s after the runner died (the "
+          f"launch took {orphans['launch_s']:.0f} s)")
+    assert orphans["left"] == [], orphans  # nothing of the job after ORPHANS_S
+    assert 33 <= steps[3] <= 34, steps
+    assert orphans["marker"]["signal"] == "LAUNCHER_GONE" and orphans["marker"]["step"] == steps[3]
+    assert runs[3].returncode == -signal.SIGTERM  # what the shell sees at once; the ranks' 75 reaches nobody
+    assert (f"prelora-train: warning: the deepspeed runner (deepspeed, pid {orphans['runner']}) is gone: stopping "
+            "after this step as for a pre-emption") in runs[3].stderr, runs[3].stderr[-3000:]
+
+
 def test_preempted_run_matches_the_uninterrupted_one(preempted, split_reference):
-    out, _, _ = preempted
+    out, *_ = preempted
     assert timeline(out) == timeline(split_reference)
     a, b = losses(split_reference), losses(out)
     assert worst_diff(a, b, range(1, 41)) == 0.0  # same ranks, same order of reductions: bit for bit
@@ -358,7 +411,7 @@ def test_split_export_is_a_fused_timm_model_computing_what_was_trained(preempted
     from prelora_ds.engine.model import create_model
     from prelora_ds.lora.inject import PHASES, build_structure
 
-    out, _, _ = preempted
+    out, *_ = preempted
     cfg = build_config(yaml.safe_load((out / "config.yaml").read_text()))
     trained = build_structure(create_model(cfg.model, 10), PHASES["lora"],
                               json.loads((out / "ranks.json").read_text()), cfg.prelora)

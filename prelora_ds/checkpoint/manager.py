@@ -39,6 +39,7 @@ class Checkpointer:
         """`geometry`: the trainer's batch geometry (read, not copied: the trainer owns it)."""
         self.dir, self.rank, self.keep, self.ds_config, self.geometry = ckpt_dir, rank, keep, ds_config, geometry
         self.saved_step: int | None = None  # the step of the newest checkpoint this run has (saved or resumed)
+        self.resumed_tag: str | None = None  # until this run's first save: the checkpoint it resumed
 
     def last_complete(self) -> str:
         """The newest complete checkpoint of this run's timeline (not one past the step it resumed or saved: after a
@@ -58,8 +59,8 @@ class Checkpointer:
         if self.saved_step == step:
             return False
         storage.save(engine, self.dir, step, trainer_state, rank_state, frozen if self.rank == 0 else None,
-                        self.rank, self.keep, dormant if self.rank == 0 else None)
-        self.saved_step = step
+                     self.rank, self.keep, dormant if self.rank == 0 else None, self.resumed_tag)
+        self.saved_step, self.resumed_tag = step, None
         return True
 
     # ----------------------------------------------------------------- resume
@@ -97,7 +98,7 @@ class Checkpointer:
             load_tag = self._to_universal(saved, tag, loop)
             universal = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
             ds_config = {**self.ds_config, "checkpoint": universal}
-        self.saved_step = loop["step"]
+        self.saved_step, self.resumed_tag = loop["step"], tag
         return Resumed(tag, loop, load_tag, ds_config, saved_world, saved.get("engine", {}))
 
     def _verify(self, tag: str) -> list[str] | None:

@@ -86,8 +86,10 @@ def save(
     rank: int,
     keep: int,
     dormant: dict | None = None,
+    resumed: str | None = None,
 ) -> Path:
-    """Save on every rank (collective). Returns the tag directory."""
+    """Save on every rank (collective). Returns the tag directory. `resumed`: the first save after a resume passes
+    the tag it resumed (`prune`)."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     if rank == 0 and tag_dir.exists():  # left by an interrupted save (or an abandoned timeline): never mix files
@@ -124,7 +126,7 @@ def save(
             raise write_error(exc, tag_dir, rank) from exc
         _atomic_write(tag_dir / COMPLETE_FILE, tag)
         _atomic_write(ckpt_dir / "latest", tag)
-        prune(ckpt_dir, keep, current=tag)
+        prune(ckpt_dir, keep, current=tag, resumed=resumed)
     collectives.barrier()
     return tag_dir
 
@@ -184,20 +186,24 @@ def incomplete_tags(ckpt_dir: Path) -> list[str]:
     )
 
 
-def prune(ckpt_dir: Path, keep: int, current: str | None = None) -> None:
+def prune(ckpt_dir: Path, keep: int, current: str | None = None, resumed: str | None = None) -> None:
     """Keep the newest `keep` complete checkpoints up to `current` (the one just saved; None: the newest); drop older
     ones, incomplete leftovers older than them, and complete checkpoints newer than `current`: those belong to the
     timeline a resume left when it fell back past damaged checkpoints, and the run would replace them when it reached
-    their steps again (counting them would let a damaged checkpoint push out the one just saved).
+    their steps again (counting them would let a damaged checkpoint push out the one just saved). `resumed`: at the
+    first save after a resume, the checkpoint it resumed: those between it and `current` are of that timeline too
+    (steps the run passed without saving them again).
 
     The kept ones are verified: a checkpoint is complete only once its manifest holds checksums computed by reading
     every file back after it was written (`save`), and a resume checks the files against it again."""
     tags = complete_tags(ckpt_dir)
     current = current or (tags[-1] if tags else None)
+    abandoned = [t for t in tags if resumed is not None and current is not None and resumed < t < current]
+    tags = [t for t in tags if t not in abandoned]
     older = [t for t in tags if current is None or t <= current]
     kept = older[-keep:]
     newer = [t for t in tags if current is not None and t > current]
-    for tag in older[:-keep] + newer + [t for t in incomplete_tags(ckpt_dir) if kept and t < kept[-1]]:
+    for tag in older[:-keep] + newer + abandoned + [t for t in incomplete_tags(ckpt_dir) if kept and t < kept[-1]]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     for universal in ckpt_dir.glob(f"*{UNIVERSAL_SUFFIX}"):
         if universal.name.removesuffix(UNIVERSAL_SUFFIX) not in kept:

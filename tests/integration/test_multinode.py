@@ -162,7 +162,7 @@ def test_two_nodes_match_the_one_host_run_bit_for_bit(two_nodes, switch_referenc
     assert s["final_val_top1"] == summary(switch_reference)["final_val_top1"]
 
 
-# ------------------------------------------------------------------ node1 dies in warmup; node0 alone; both again
+# ------------------------------------------------------------------ node1 dies in warmup; both again through mpiexec
 def shards(trace: Path) -> list[set[int]]:
     """The train images each of the 2 ranks loaded (PRELORA_TRACE_SAMPLES) in epoch 0; asserts none twice."""
     out = []
@@ -181,8 +181,8 @@ def node_death(hosts, hostfile, tmp_path_factory):
 
     L1 `deepspeed --hostfile` from node0 (pdsh over ssh to both sshds); node1's rank parks after step 16
        (warmup), then every process of node1 (sshd included) gets SIGKILL.
-    L2 node0 alone (`--no_ssh`, a hostfile without node1): 1 rank from the universal checkpoint, stops at 18.
-    L3 `mpiexec -hosts node0,node1` (MPICH's hydra over ssh; node1's sshd restarted) to the end.
+    L2 `mpiexec -hosts node0,node1` (MPICH's hydra over ssh; node1's sshd restarted) to the end. (Going on without
+       node1 on 1 rank, and growing back to 2, is torchrun's test below: `elastic`.)
     """
     base = tmp_path_factory.mktemp("node_death")
     out = base / "run"
@@ -190,7 +190,6 @@ def node_death(hosts, hostfile, tmp_path_factory):
     ds.pop("gradient_accumulation_steps")
     ds["train_batch_size"] = 64
     (base / "elastic.json").write_text(json.dumps(ds))
-    (base / "node0_only").write_text("node0 slots=1\n")
     cmd = [*SWITCH_RUN, "--deepspeed_config", str(base / "elastic.json"), "--train.checkpoint_every_steps", "5",
            "--train.collective_timeout_s", str(TIMEOUT_S)]
     ssh = hosts.start_sshd(base / "ssh")
@@ -214,10 +213,6 @@ def node_death(hosts, hostfile, tmp_path_factory):
     after_kill = {"latest": (out / "checkpoints" / "latest").read_text().strip(),
                   "complete": sorted(p.parent.name for p in (out / "checkpoints").glob("step*/COMPLETE"))}
     env = threads_env()
-    alone = Job([node_cmd(hosts, 0, hostfile, "--output_dir", str(out), *cmd, "--resume", "--train.stop_at_step", "18",
-                          launcher=["--hostfile", str(base / "node0_only"), "--no_ssh", "--node_rank", "0"])],
-                [base / "alone.log"], [env])
-    alone_codes = alone.wait()
     ssh = hosts.start_sshd(base / "ssh")  # node1 comes back
     (base / "ssh_launcher").write_text(f"#!/bin/sh\nexec ssh {' '.join(ssh)} \"$@\"\n")
     (base / "ssh_launcher").chmod(0o755)
@@ -228,7 +223,7 @@ def node_death(hosts, hostfile, tmp_path_factory):
                [{**env, "PRELORA_TRACE_SAMPLES": str(traces[1])}])
     both_codes = both.wait()
     return dict(out=out, first=first, codes=codes, killed=killed, stopped_after=stopped_after, after_kill=after_kill,
-                alone=alone, alone_codes=alone_codes, both=both, both_codes=both_codes, traces=traces)
+                both=both, both_codes=both_codes, traces=traces)
 
 
 @needs_ssh
@@ -248,35 +243,28 @@ def test_node_death_stops_node0_within_the_timeout_naming_the_checkpoint(node_de
 
 
 @needs_ssh
-def test_node0_alone_then_both_nodes_continue_from_the_checkpoints(node_death, switch_reference):
+def test_both_nodes_continue_from_the_checkpoint_through_mpiexec(node_death, switch_reference):
     d = node_death
-    out, ckpt = d["out"], d["out"] / "checkpoints"
-    assert d["alone_codes"] == [0] and d["both_codes"] == [0], d["alone"].text(0)[-2000:] + d["both"].text(0)[-2000:]
-    alone, both = d["alone"].text(0), d["both"].text(0)
-    assert (f"resuming step00000015, saved by 2 rank(s), on 1 rank(s): converted to a DeepSpeed universal checkpoint "
-            f"({ckpt / 'step00000015_universal'}" in alone)
-    assert "resumed at step 15 (epoch 0, phase warmup)" in alone and "stopped at step 18" in alone
-    assert "resuming step00000018, saved by 1 rank(s), on 2 rank(s)" in both
-    assert "resumed at step 18 (epoch 0, phase warmup)" in both
+    out = d["out"]
+    assert d["both_codes"] == [0], d["both"].text(0)[-2000:]
+    both = d["both"].text(0)
+    assert "resumed at step 15 (epoch 0, phase warmup)" in both
     assert "node1: GLOO_SOCKET_IFNAME=veth1" in both  # mpiexec's rank 1 ran on node1
     assert timeline(out) == timeline(switch_reference)
     assert json.loads((out / "ranks.json").read_text()) == json.loads((switch_reference / "ranks.json").read_text())
     a, b = losses(switch_reference), losses(out)
     assert sorted(b) == list(range(1, 41))
-    # before the death (pdsh): the same 2 ranks as the reference, bit for bit; after: 2 micro batches on 1 rank for
-    # steps 16-18 change the reduction order (fp32 rounding), and later steps inherit that difference
-    assert all(a[s] == b[s] for s in range(1, 16))
-    worst = max(abs(a[s] - b[s]) for s in range(16, 41))
-    print(f"node death: largest loss difference after the resumes {worst:.2e}")
-    assert worst <= WORLD_TOL
-    assert abs(summary(out)["final_val_top1"] - summary(switch_reference)["final_val_top1"]) <= 0.3
+    # the same 2 ranks, the same reduction order (accumulation 1 either way): bit for bit, across the death
+    assert all(a[s] == b[s] for s in range(1, 41)), max(abs(a[s] - b[s]) for s in range(1, 41))
+    assert summary(out)["final_val_top1"] == summary(switch_reference)["final_val_top1"]
     for trace in d["traces"]:  # pdsh's and mpiexec's ranks loaded disjoint shards of the same size
         r0, r1 = shards(trace)
         assert r0 and not r0 & r1 and len(r0) == len(r1), trace.name
 
 
 # ------------------------------------------------------------------ torchrun's elastic agents: a node dies, comes back
-AGENT_RDZV = "join_timeout=120,last_call_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=3"
+# the last call waits for a second node after the first (both start together here); a dead node is known after 3 s
+AGENT_RDZV = "join_timeout=120,last_call_timeout=6,keep_alive_interval=1,keep_alive_max_attempt=3"
 
 
 def agent_cmd(hosts, i: int, port: int, *train: str) -> list[str]:
@@ -412,7 +400,7 @@ def test_hostfile_mistakes_are_refused_before_the_process_group(hosts, hostfile,
     # a name that does not resolve: a --no_ssh launch never uses it (a warning), so node0 goes on to the
     # rendezvous, where node7 never comes
     unresolved = Job([node_cmd(hosts, 0, hostfile, "--output_dir", str(tmp_path / "unresolved"), *SWITCH_RUN,
-                               "--train.rendezvous_timeout_s", str(RENDEZVOUS_S),
+                               "--train.rendezvous_timeout_s", "5",
                                launcher=["--hostfile", str(unknown), "--no_ssh", "--node_rank", "0"])],
                      [tmp_path / "unresolved.log"])
     for name, job in jobs.items():
@@ -424,7 +412,7 @@ def test_hostfile_mistakes_are_refused_before_the_process_group(hosts, hostfile,
     text = unresolved.text(0)
     assert (f"prelora-train: warning: host(s) node7 of hostfile {unknown} do not resolve on node0; a --no_ssh launch "
             "never uses the names" in text), text[-2000:]
-    assert f"the process group did not start within train.rendezvous_timeout_s={RENDEZVOUS_S} s" in text
+    assert "the process group did not start within train.rendezvous_timeout_s=5 s" in text
     # where the names are used (pdsh/ssh, MPI launchers) the check before launching refuses them
     for flags, code, message in (([], 2, f"error: host(s) node7 of hostfile {unknown} do not resolve on node0: fix "),
                                  (["--no_ssh"], 0, f"warning: host(s) node7 of hostfile {unknown} do not resolve")):

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from prelora_ds.checkpoint import manifest
+from prelora_ds.checkpoint import manifest, storage
 from prelora_ds.distributed import preempt
 from prelora_ds.metrics.readers import scalars
 from prelora_ds.testing.faults import damage
@@ -47,6 +47,7 @@ pytestmark = pytest.mark.launch
 SEED = int(os.environ.get("PRELORA_FAULT_SEED", random.SystemRandom().randrange(10**6)))
 print(f"PRELORA_FAULT_SEED={SEED}", file=sys.stderr)
 ORPHANS_S = 60  # the most a job's processes may outlive its runner (one step, a save, the exit)
+ZERO1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # rank 1's ZeRO partition in a checkpoint
 HOSTFILE = ["--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
 
 
@@ -142,8 +143,9 @@ def chain(tmp_path_factory, elastic_ds):
     L2 2 ranks  (hostfile launch) resumes past the partial save, SIGKILL inside the switch's engine rebuild at 12
     L3 1 rank   resumes the 2-rank checkpoint before the switch (full, 10), switches again at 12, stops at 16
     L4 2 ranks  (mpirun) resumes the 1-rank checkpoint (warmup), SIGKILL at a random step of warmup
-    L5 2 ranks  (torchrun --standalone --max-restarts 1) resumes it again, SIGKILL of rank 0 at a random step of
-                lora in the first attempt: the agent restarts both workers, which resume by themselves; stops at 38
+    L5 2 ranks  (torchrun --standalone --max-restarts 1) after rank 1's ZeRO file of the newest checkpoint (16) was
+                cut short: resumes the one before (15, saved by 1 rank), SIGKILL of rank 0 at a random step of lora
+                in the first attempt: the agent restarts both workers, which resume by themselves; stops at 38
     L6 1 rank   resumes the 2-rank checkpoint (lora), runs to the end
     """
     rng = random.Random(SEED)
@@ -160,6 +162,7 @@ def chain(tmp_path_factory, elastic_ds):
     launches.append(launch(out, *cmd, "--resume", via="hostfile", faults="kill_in_switch@12:0", check=False))
     launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "16", via="single"))
     launches.append(launch(out, *cmd, "--resume", via="mpirun", faults=f"kill@{kills['warmup']}:1", check=False))
+    damage(out / "checkpoints" / "step00000016" / ZERO1, "truncate")  # the newest: L5 must fall back to 15
     launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "38", via="torchrun",
                            faults=f"kill@{kills['lora']}:0#0"))
     launches.append(launch(out, *cmd, "--resume", via="single"))
@@ -185,7 +188,7 @@ def test_kill_in_full_warmup_lora_loses_only_the_steps_since_the_last_checkpoint
     # its step's update, before that step's save
     full_resume = 10  # the last complete checkpoint before the switch that was killed
     lora_resume = max(s for s in (20, 22, 25, 30, 35) if s < kills["lora"])
-    expected = [(launches[2], full_resume, "full"), (launches[3], 16, "warmup"), (launches[4], 16, "warmup"),
+    expected = [(launches[2], full_resume, "full"), (launches[3], 16, "warmup"), (launches[4], 15, "warmup"),
                 (launches[4], lora_resume, "lora"), (launches[5], 38, "lora")]
     for resumed, step, phase in expected:
         assert resumed_phase(resumed, step) == phase, (SEED, kills)
@@ -208,6 +211,19 @@ def test_torchrun_restarts_a_killed_worker_group_which_resumes_at_once(chain):
     assert "stopped at step 38" in agent.stdout
 
 
+def test_a_damaged_checkpoint_is_named_and_the_one_before_resumed(chain):
+    """The chain's newest checkpoint (16) had rank 1's ZeRO partition cut short before the torchrun launch: its
+    workers name the file and resume step 15; the damaged step is pruned by a later save, and every checkpoint left
+    verifies against its manifest."""
+    out, _, launches, _ = chain
+    ckpt = out / "checkpoints"
+    assert re.search(rf"checkpoint {re.escape(str(ckpt / 'step00000016'))} is damaged: {ZERO1}: size 1000 bytes, "
+                     r"expected \d+; resuming step00000015 instead", launches[4].stdout), launches[4].stdout[-3000:]
+    assert not (ckpt / "step00000016").exists()
+    left = sorted(p for p in ckpt.glob("step*") if not p.name.endswith(storage.UNIVERSAL_SUFFIX))
+    assert left and all(manifest.verify(tag) == [] for tag in left), left
+
+
 def test_a_switch_killed_inside_the_rebuild_is_made_again_at_the_same_step(chain):
     _, _, launches, _ = chain
     again = launches[2].stdout
@@ -219,7 +235,7 @@ def test_world_size_change_in_every_phase(chain):
     out, kills, launches, _ = chain
     full_resume = 10
     for resumed, step, before, after in [(launches[2], full_resume, 2, 1), (launches[3], 16, 1, 2),
-                                         (launches[5], 38, 2, 1)]:
+                                         (launches[4], 15, 1, 2), (launches[5], 38, 2, 1)]:
         assert (
             f"resuming step{step:08d}, saved by {before} rank(s), on {after} rank(s): converted to a DeepSpeed "
             "universal checkpoint" in resumed.stdout
@@ -501,7 +517,6 @@ def test_hung_rank_times_out_naming_the_collective(tmp_path):
 
 
 # ------------------------------------------------------------------ a checkpoint damaged after it was complete
-ZERO1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
 
 def damaged_copy(reference, tmp_path):
@@ -512,9 +527,9 @@ def damaged_copy(reference, tmp_path):
     return out, out / "checkpoints"
 
 
-def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, switch_reference):
-    """The reference's newest checkpoint (step 40) with rank 1's ZeRO partition cut short: --resume names the file,
-    falls back to step 22 and redoes steps 23-40 with the reference's losses, to the bit (same ranks, same order)."""
+def test_every_checkpoint_damaged_stops_naming_each_before_loading(tmp_path, switch_reference):
+    """One bit flipped in a tensor of step 40 (torch.load would take it silently) and step 22 cut short: no step 0
+    start, no traceback, but exit 1 naming both, every rank agreeing, before any file is loaded."""
     ckpt = switch_reference / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000022", "step00000040"]
     for tag in ckpt.glob("step*"):  # every file of both ranks is in the manifest, with the rank that wrote it
@@ -522,25 +537,6 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, sw
         assert set(entries) == {p.name for p in tag.iterdir()} - {"COMPLETE", manifest.MANIFEST_FILE}
         assert entries[ZERO1] == 1 and entries["rank1.pt"] == 1 and entries["mp_rank_00_model_states.pt"] == 0
         assert manifest.verify(tag) == []
-    out, ckpt = damaged_copy(switch_reference, tmp_path)
-    size = (ckpt / "step00000040" / ZERO1).stat().st_size
-    damage(ckpt / "step00000040" / ZERO1, "truncate")
-    proc = launch(out, *SWITCH_RUN, "--resume")
-    assert (
-        f"checkpoint {ckpt / 'step00000040'} is damaged: {ZERO1}: size 1000 bytes, expected {size}; resuming "
-        "step00000022 instead (the next save removes the damaged one)" in proc.stderr
-    )
-    assert f"resuming from the newest complete checkpoint that verifies {ckpt / 'step00000022'}" in proc.stdout
-    assert resumed_phase(proc, 22) == "lora"
-    a, b = losses(switch_reference), losses(out)
-    assert sorted(b) == list(range(23, 41)) and worst_diff(a, b, range(23, 41)) == 0.0
-    assert timeline(out) == timeline(switch_reference)
-    assert manifest.verify(ckpt / "step00000040") == []  # saved again
-
-
-def test_every_checkpoint_damaged_stops_naming_each_before_loading(tmp_path, switch_reference):
-    """One bit flipped in a tensor of step 40 (torch.load would take it silently) and step 22 cut short: no step 0
-    start, no traceback, but exit 1 naming both, every rank agreeing, before any file is loaded."""
     out, ckpt = damaged_copy(switch_reference, tmp_path)
     damage(ckpt / "step00000040" / "mp_rank_00_model_states.pt", "flip")
     damage(ckpt / "step00000022" / ZERO1, "truncate")

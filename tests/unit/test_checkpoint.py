@@ -67,6 +67,18 @@ def test_prune_keeps_newest_complete_and_removes_stale_partials(tmp_path):
     assert left == ["step00000010", "step00000015", "step00000015_universal", "step00000020"]
 
 
+def test_the_first_save_after_a_fallback_drops_the_skipped_checkpoints_it_passed(tmp_path):
+    """Resumed at 15 past a damaged 16; the first save (20) drops 16, which would otherwise count among the newest
+    two and push out 15; a later save keeps what this run saved."""
+    for step in (10, 15, 16, 20):
+        make(tmp_path, step)
+    storage.prune(tmp_path, keep=2, current="step00000020", resumed="step00000015")
+    assert storage.complete_tags(tmp_path) == ["step00000015", "step00000020"]
+    make(tmp_path, 22)
+    storage.prune(tmp_path, keep=2, current="step00000022")
+    assert storage.complete_tags(tmp_path) == ["step00000020", "step00000022"]
+
+
 # ------------------------------------------------------------------ manifests: damaged checkpoints
 ZERO1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
 

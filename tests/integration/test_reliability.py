@@ -47,7 +47,7 @@ pytestmark = pytest.mark.launch
 SEED = int(os.environ.get("PRELORA_FAULT_SEED", random.SystemRandom().randrange(10**6)))
 print(f"PRELORA_FAULT_SEED={SEED}", file=sys.stderr)
 ORPHANS_S = 60  # the most a job's processes may outlive its runner (one step, a save, the exit)
-ZERO1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # rank 1's ZeRO partition in a checkpoint
+ZERO0, ZERO1 = (f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1))  # a rank's ZeRO partition
 HOSTFILE = ["--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
 
 
@@ -143,7 +143,7 @@ def chain(tmp_path_factory, elastic_ds):
     L2 2 ranks  (hostfile launch) resumes past the partial save, SIGKILL inside the switch's engine rebuild at 12
     L3 1 rank   resumes the 2-rank checkpoint before the switch (full, 10), switches again at 12, stops at 16
     L4 2 ranks  (mpirun) resumes the 1-rank checkpoint (warmup), SIGKILL at a random step of warmup
-    L5 2 ranks  (torchrun --standalone --max-restarts 1) after rank 1's ZeRO file of the newest checkpoint (16) was
+    L5 2 ranks  (torchrun --standalone --max-restarts 1) after the ZeRO file of the newest checkpoint (16) was
                 cut short: resumes the one before (15, saved by 1 rank), SIGKILL of rank 0 at a random step of lora
                 in the first attempt: the agent restarts both workers, which resume by themselves; stops at 38
     L6 1 rank   resumes the 2-rank checkpoint (lora), runs to the end
@@ -162,7 +162,7 @@ def chain(tmp_path_factory, elastic_ds):
     launches.append(launch(out, *cmd, "--resume", via="hostfile", faults="kill_in_switch@12:0", check=False))
     launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "16", via="single"))
     launches.append(launch(out, *cmd, "--resume", via="mpirun", faults=f"kill@{kills['warmup']}:1", check=False))
-    damage(out / "checkpoints" / "step00000016" / ZERO1, "truncate")  # the newest: L5 must fall back to 15
+    damage(out / "checkpoints" / "step00000016" / ZERO0, "truncate")  # the newest (1 rank): L5 falls back to 15
     launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "38", via="torchrun",
                            faults=f"kill@{kills['lora']}:0#0"))
     launches.append(launch(out, *cmd, "--resume", via="single"))
@@ -212,12 +212,12 @@ def test_torchrun_restarts_a_killed_worker_group_which_resumes_at_once(chain):
 
 
 def test_a_damaged_checkpoint_is_named_and_the_one_before_resumed(chain):
-    """The chain's newest checkpoint (16) had rank 1's ZeRO partition cut short before the torchrun launch: its
+    """The chain's newest checkpoint (16, one rank's) had its ZeRO partition cut short before the torchrun launch: its
     workers name the file and resume step 15; the damaged step is pruned by a later save, and every checkpoint left
     verifies against its manifest."""
     out, _, launches, _ = chain
     ckpt = out / "checkpoints"
-    assert re.search(rf"checkpoint {re.escape(str(ckpt / 'step00000016'))} is damaged: {ZERO1}: size 1000 bytes, "
+    assert re.search(rf"checkpoint {re.escape(str(ckpt / 'step00000016'))} is damaged: {ZERO0}: size 1000 bytes, "
                      r"expected \d+; resuming step00000015 instead", launches[4].stdout), launches[4].stdout[-3000:]
     assert not (ckpt / "step00000016").exists()
     left = sorted(p for p in ckpt.glob("step*") if not p.name.endswith(storage.UNIVERSAL_SUFFIX))

@@ -299,7 +299,11 @@ def _check_resume_fits(out_dir: Path, cfg: RunConfig, num_classes: int, ds_confi
     tag = find_resume(ckpt_dir, lambda t: manifest.verify(ckpt_dir / t, checksum_up_to=manifest.QUICK_BYTES)).tag
     if tag is None:
         return
-    problems = layout_mismatch(read_trainer_state(ckpt_dir / tag), cfg, num_classes, ds_config)
+    from prelora_ds.config.deepspeed import phase_configs
+    from prelora_ds.distributed.launch import world_size_hint
+
+    configs = phase_configs(ds_config, cfg.engine, world_size_hint())
+    problems = layout_mismatch(read_trainer_state(ckpt_dir / tag), cfg, num_classes, ds_config, configs)
     if problems:
         raise ConfigError(mismatch_message(ckpt_dir / tag, problems))
 
@@ -329,10 +333,13 @@ def _check_faults() -> None:
 
 
 def _ds_config(cfg: RunConfig, world: int) -> dict:
-    """The recipe's DeepSpeed config, checked and completed for `world` ranks."""
-    from prelora_ds.config.deepspeed import load_ds_config, prepare_ds_config
+    """The recipe's DeepSpeed config, checked and completed for `world` ranks, with every phase's engine settings
+    checked against it (a phase that cannot keep the global batch fails here, before any process group)."""
+    from prelora_ds.config.deepspeed import load_ds_config, phase_configs, prepare_ds_config
 
-    return prepare_ds_config(load_ds_config(cfg.train.deepspeed_config), world)
+    ds_config = prepare_ds_config(load_ds_config(cfg.train.deepspeed_config), world)
+    phase_configs(ds_config, cfg.engine, world)
+    return ds_config
 
 
 if __name__ == "__main__":

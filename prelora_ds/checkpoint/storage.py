@@ -328,9 +328,23 @@ LAYOUT_KEYS = (
 )
 
 
-def layout_mismatch(saved: dict[str, Any], cfg, num_classes: int, ds_config: dict[str, Any]) -> list[str]:
-    """What differs between a checkpoint's saved trainer state and this run, in words (empty: it fits)."""
+def layout_mismatch(saved: dict[str, Any], cfg, num_classes: int, ds_config: dict[str, Any],
+                    configs: dict[str, dict] | None = None) -> list[str]:
+    """What differs between a checkpoint's saved trainer state and this run, in words (empty: it fits).
+    `configs`: this run's DeepSpeed config of each phase (`config.deepspeed.phase_configs`)."""
     problems = []
+    phase = saved.get("loop", {}).get("phase")
+    written = saved.get("engine_settings")
+    if written and configs and phase in configs:
+        from prelora_ds.config.deepspeed import engine_record
+
+        now = engine_record(configs[phase], False)
+        where = "the DeepSpeed config" if phase == "full" else f"engine.{phase}"
+        for key in ("zero_stage", "offload_optimizer"):  # the optimizer's partitions load into the same layout only
+            if written[key] != now[key]:
+                problems.append(f"the {phase} engine's {key} was {written[key]!r}, now {now[key]!r} (set it back in "
+                                f"{where}: a checkpoint loads into an engine of the ZeRO stage and offload it was "
+                                "saved with; the micro batch and activation checkpointing may change)")
     now = cfg.to_dict()
     for section, key in LAYOUT_KEYS:
         old = saved.get("config", {}).get(section, {}).get(key)

@@ -141,6 +141,59 @@ def prepare_ds_config(cfg: dict[str, Any], world_size: int) -> dict[str, Any]:
     return cfg
 
 
+def phase_ds_config(base: dict[str, Any], settings: dict[str, Any], world_size: int, phase: str) -> dict[str, Any]:
+    """The DeepSpeed config of `phase`'s engine: `base` (prepared for `world_size`) with the phase's settings
+    (`EngineConfig.settings`), checked by the same rules. The global batch is kept: a new micro batch derives the
+    accumulation, and one that cannot keep the global batch is a ConfigError naming the micro batches that can."""
+    cfg = copy.deepcopy(base)
+    zero = dict(cfg.get("zero_optimization") or {})
+    if "zero_stage" in settings:
+        zero["stage"] = settings["zero_stage"]
+        if zero["stage"] != 3:  # parameters whole: nothing to offload or prefetch per parameter
+            zero.pop("offload_param", None)
+            for key in [k for k in zero if k.startswith("stage3_")]:
+                zero.pop(key)
+    if "offload_optimizer" in settings:
+        if settings["offload_optimizer"]:
+            zero["offload_optimizer"] = zero.get("offload_optimizer") or {"device": "cpu", "pin_memory": True}
+            cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # the recipe's torch AdamW, as offload tests use
+        else:
+            zero.pop("offload_optimizer", None)
+    cfg["zero_optimization"] = zero
+    if "micro_batch" in settings:
+        glob, micro = base["train_batch_size"], settings["micro_batch"]
+        if glob % (micro * world_size):
+            fits = [m for m in range(1, glob // world_size + 1) if glob % (m * world_size) == 0]
+            raise ConfigError(
+                f"engine.{phase}.micro_batch={micro} cannot keep train_batch_size={glob} on {world_size} rank(s) "
+                f"(micro batch x accumulation x ranks must be {glob}); micro batches that keep it: "
+                f"{', '.join(map(str, fits))}."
+            )
+        cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=glob // (micro * world_size))
+    try:
+        return prepare_ds_config(cfg, world_size)
+    except ConfigError as exc:
+        raise ConfigError(f"engine.{phase}: {exc}") from exc
+
+
+def phase_configs(base: dict[str, Any], engine, world_size: int) -> dict[str, dict[str, Any]]:
+    """Every phase's DeepSpeed config (`engine`: the recipe's EngineConfig); ConfigError for the first that cannot
+    run. `full` is `base`."""
+    configs = {"full": base}
+    for phase in ("relora", "warmup", "lora"):
+        settings = {k: v for k, v in engine.settings(phase).items() if k != "activation_checkpointing"}
+        configs[phase] = phase_ds_config(base, settings, world_size, phase) if settings else base
+    return configs
+
+
+def engine_record(cfg: dict[str, Any], activation_checkpointing: bool) -> dict[str, Any]:
+    """What a checkpoint records of the engine that wrote it (and a resume compares: `storage.layout_mismatch`)."""
+    zero = cfg.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    return {"zero_stage": zero.get("stage", 0), "offload_optimizer": offload,
+            "micro_batch": cfg["train_micro_batch_size_per_gpu"], "activation_checkpointing": activation_checkpointing}
+
+
 def _check_zero(cfg: dict[str, Any], zero: dict[str, Any]) -> None:
     """ZeRO settings the PreLoRA cycle cannot run with (the switch must carry exact fp32 masters)."""
     stage = zero.get("stage", 0)

@@ -308,6 +308,47 @@ class ReLoRAConfig:
         _require(self.restart_warmup_steps >= 0, "relora.restart_warmup_steps must be >= 0.")
 
 
+# What a phase's rebuild may change in the DeepSpeed config (config/deepspeed.py `phase_ds_config`)
+PHASE_ENGINE_KEYS: dict[str, type] = {"zero_stage": int, "offload_optimizer": bool, "micro_batch": int,
+                                      "activation_checkpointing": bool}
+FROZEN_BASE_PHASES = ("relora", "warmup", "lora")  # the phases a rebuild starts: `full` runs on the config itself
+
+
+@dataclass
+class EngineConfig:
+    """The engine each phase runs on. `full` runs on the DeepSpeed config as written; the phases a switch rebuilds
+    into may change what the switch made cheaper: the ZeRO stage, optimizer offload, the micro batch (the global
+    batch stays: DeepSpeed derives the accumulation) and activation checkpointing (docs/usage.md, engine)."""
+
+    activation_checkpointing: bool = False
+    """timm's `set_grad_checkpointing` in `full` (recompute each block's activations in the backward: the memory of
+    one block instead of all), and in every other phase that does not set it."""
+    relora: dict[str, Any] = field(default_factory=dict)
+    """e.g. {zero_stage: 2, micro_batch: 64, offload_optimizer: false, activation_checkpointing: false}"""
+    warmup: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for phase in FROZEN_BASE_PHASES:
+            for key, value in getattr(self, phase).items():
+                _require(key in PHASE_ENGINE_KEYS,
+                         f"engine.{phase}.{key} is not a per-phase engine setting; write any of "
+                         f"{', '.join(PHASE_ENGINE_KEYS)}, e.g. --engine.{phase} '{{zero_stage: 2, micro_batch: 64}}'.")
+                kind = PHASE_ENGINE_KEYS[key]
+                _require(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)),
+                         f"engine.{phase}.{key}={value!r} must be {'true or false' if kind is bool else 'an integer'}.")
+            stage = getattr(self, phase).get("zero_stage")
+            _require(stage in (None, 0, 1, 2, 3), f"engine.{phase}.zero_stage={stage}: DeepSpeed has stages 0-3.")
+            micro = getattr(self, phase).get("micro_batch")
+            _require(micro is None or micro >= 1, f"engine.{phase}.micro_batch={micro} must be >= 1.")
+
+    def settings(self, phase: str) -> dict[str, Any]:
+        """`phase`'s engine settings ({} for `full`), activation checkpointing filled in from the run's default."""
+        own = dict(getattr(self, phase)) if phase in FROZEN_BASE_PHASES else {}
+        own.setdefault("activation_checkpointing", self.activation_checkpointing)
+        return own
+
+
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -315,6 +356,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     prelora: PreLoRAConfig = field(default_factory=PreLoRAConfig)
     relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

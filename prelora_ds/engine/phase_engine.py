@@ -34,6 +34,7 @@ from prelora_ds.distributed import collectives
 from prelora_ds.engine import moments, norms, zero
 from prelora_ds.engine.model import count_params, create_model
 from prelora_ds.engine.schedule import build_scheduler, set_lr
+from prelora_ds.log import logger
 from prelora_ds.lora import relora
 from prelora_ds.lora.inject import PHASES, build_structure, canonical_name, target_layers
 from prelora_ds.lora.merge import lora_scales
@@ -128,13 +129,17 @@ def low_precision(ds_config: dict) -> bool:
 class PhaseEngine:
     """Builds and rebuilds the engine for a phase; `engine` is None until `build`."""
 
-    def __init__(self, cfg: RunConfig, ds_config: dict, num_classes: int, total_steps: int, lr_warmup_steps: int):
+    def __init__(self, cfg: RunConfig, ds_config: dict, num_classes: int, total_steps: int, lr_warmup_steps: int,
+                 configs: dict[str, dict] | None = None):  # fmt: skip
+        """`configs`: each phase's DeepSpeed config (`config.deepspeed.phase_configs`); `ds_config` for every phase
+        when not given."""
         self.cfg, self.ds_config, self.num_classes = cfg, ds_config, num_classes
+        self.configs = configs or dict.fromkeys(PHASES, ds_config)
         self.total_steps, self.lr_warmup_steps = total_steps, lr_warmup_steps
         self.wd = weight_decay(ds_config)
-        self.stage = zero_stage(ds_config)
         self.keep_fp32 = low_precision(ds_config)
         self.engine = None
+        self.built_config: dict = self.configs["full"]  # the DeepSpeed config of `engine`
         self.scheduler = None
         self.frozen_fp32: FP32State = {}
         self.layout: norms.NormLayout | None = None
@@ -152,8 +157,9 @@ class PhaseEngine:
         init (meta device, then `to_empty`): seconds saved per switch on ViT-L. Under ZeRO-3 the model is
         built partitioned (`_make_partitioned`). Collective under ZeRO-3.
         """
-        if (zero_stage(ds_config) if ds_config else self.stage) == 3:
-            return self._make_partitioned(state, phase, ranks, ds_config or self.ds_config)
+        ds_config = ds_config or self.configs[phase]
+        if zero_stage(ds_config) == 3:
+            return self._make_partitioned(state, phase, ranks, ds_config)
         if state is None:
             model = create_model(self.cfg.model, self.num_classes)
         else:
@@ -199,6 +205,8 @@ class PhaseEngine:
     def _structure(self, model: torch.nn.Module, phase: str, ranks: dict[str, int] | None) -> torch.nn.Module:
         if self.layout is None:
             self.layout = norms.NormLayout.from_layers(target_layers(model, self.cfg.prelora.target_modules))
+        # recompute block activations in the backward where the phase needs the memory (timm's own switch)
+        model.set_grad_checkpointing(self.cfg.engine.settings(phase)["activation_checkpointing"])
         return build_structure(model, PHASES[phase], ranks or None, self.cfg.prelora)
 
     @staticmethod
@@ -207,14 +215,16 @@ class PhaseEngine:
         if missing:
             raise RuntimeError(f"the carried state has no value for {missing[:5]}")
 
-    def build(self, phase: str, ranks: dict[str, int] | None, step: int, ds_config: dict | None = None,
+    def build(self, phase: str, ranks: dict[str, int] | None, step: int, checkpoint: dict | None = None,
               keep_frozen: bool = True, saved: dict | None = None) -> None:
         """An engine on a freshly initialised model of `phase` (a new run, or before a resume loads its
-        checkpoint); the same initial weights on every rank and in every run. `ds_config`: this engine only;
+        checkpoint), on the phase's DeepSpeed config; the same initial weights on every rank and in every run.
+        `checkpoint`: the config's "checkpoint" section for this engine only (a universal load);
         `keep_frozen`: keep the fp32 copy of a frozen base (not before a resume: the checkpoint has one);
         `saved`: the checkpoint's `state_dict()`, whose optimizer group layout the engine must have to load it."""
         saved = saved or {}
         self.counts, self.rewarm_start = dict(saved.get("adam_counts", {})), saved.get("rewarm_start")
+        ds_config = {**self.configs[phase], "checkpoint": checkpoint} if checkpoint else self.configs[phase]
         torch.manual_seed(self.cfg.train.seed)
         model = self.make_model(None, phase, ranks, ds_config)
         self.frozen_fp32 = {  # under ZeRO-3 gathered from the partitions (collective): the values the module holds
@@ -222,7 +232,8 @@ class PhaseEngine:
             for n, p in model.named_parameters()
             if not p.requires_grad and self.keep_fp32 and keep_frozen
         }
-        self.engine = build_engine(model, ds_config or self.ds_config, self.wd, self.counts)
+        self.engine = build_engine(model, ds_config, self.wd, self.counts)
+        self.built_config = self.configs[phase]
         self._attach_scheduler(step)
 
     def rebuild(self, phase: str, ranks: dict[str, int] | None, step: int, merge_lora: bool = False) -> float:
@@ -244,9 +255,11 @@ class PhaseEngine:
         release(old)
         del old
         faults.in_rebuild(step, collectives.rank())  # drills: a rank lost between the old engine and the new one
-        model = self.make_model(state, phase, ranks)
+        model = self.make_model(state, phase, ranks)  # whole or partitioned, as the phase's ZeRO stage says
         counts = {n: c for n, (c, _) in carried.items()}
-        self.engine = build_engine(model, self.ds_config, self.wd, counts)
+        self.engine = build_engine(model, self.configs[phase], self.wd, counts)
+        self._log_engine_change(phase, self.built_config, self.configs[phase])
+        self.built_config = self.configs[phase]
         if self.engine.bfloat16_enabled() or self.engine.fp16_enabled():  # in fp32 the masters were exact already
             write_fp32_masters(self.engine, state)
         written = moments.write(self.engine, carried)
@@ -261,6 +274,16 @@ class PhaseEngine:
         self.frozen_fp32 = frozen if self.keep_fp32 else {}
         self._attach_scheduler(step)
         return time.perf_counter() - t0
+
+    @staticmethod
+    def _log_engine_change(phase: str, old: dict, new: dict) -> None:
+        def describe(cfg: dict) -> str:
+            zero = cfg.get("zero_optimization") or {}
+            offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+            return f"ZeRO stage {zero.get('stage', 0)}, optimizer offload {offload}"
+
+        if describe(old) != describe(new):
+            logger.info(f"[{phase}] engine: {describe(old)} -> {describe(new)}")
 
     def state_dict(self) -> dict:
         """The engine's layout a resume must rebuild (saved in trainer_state.json): the Adam step count each

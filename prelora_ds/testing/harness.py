@@ -56,6 +56,10 @@ RELORA_RUN = [
     # changes of ~1e-4 % in this short run put layers on bucket edges), so resumed runs compare exactly
     "--prelora.r_min", "16", "--prelora.r_max", "16",
 ]  # fmt: skip
+# Engines per phase (on a ZeRO-3 config with micro batch 16): relora and lora rebuild onto ZeRO-2 with micro batch 32,
+# warmup back onto the run's own ZeRO-3 with 16 (tests/scripts/zero_stages.py `phased`)
+PHASE_ENGINES = ["--engine.relora", "{zero_stage: 2, micro_batch: 32}",
+                 "--engine.lora", "{zero_stage: 2, micro_batch: 32}"]
 # The paper's structure: separate q, k, v projections and the six targets (model.qkv: split).
 SPLIT_RUN = [*SWITCH_RUN, "--model.qkv", "split", "--prelora.target_modules", SPLIT_TARGETS]
 

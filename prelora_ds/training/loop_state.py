@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass  # changed in place by `regroup` only: the Checkpointer reads the Trainer's object
 class BatchGeometry:
-    """How a global batch is made on this world: micro batch x accumulation x ranks; fixed for a run's process."""
+    """How a global batch is made on this world: micro batch x accumulation x ranks. The global batch is fixed for
+    a run; a phase may change the micro batch (engine.<phase>.micro_batch), which changes the accumulation."""
 
     micro: int  # images per rank per forward
     accum: int  # micro batches per optimizer step
@@ -23,6 +24,13 @@ class BatchGeometry:
     @property
     def global_batch(self) -> int:
         return self.micro * self.accum * self.world
+
+    def regroup(self, micro: int, batch_in_epoch: int) -> int:
+        """Take `micro` images a forward from now on (the accumulation follows); returns `batch_in_epoch`, a count of
+        micro batches of the old size, in the new size (a whole number: steps consumed whole global batches)."""
+        images = batch_in_epoch * self.micro
+        self.accum, self.micro = self.micro * self.accum // micro, micro
+        return images // micro
 
 
 @dataclass

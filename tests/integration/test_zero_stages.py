@@ -1,7 +1,8 @@
 """Every ZeRO stage a user can write runs the whole PreLoRA cycle: ZeRO-1, ZeRO-2 (with and without the optimizer
-offloaded) and ZeRO-3 (fp32 and bf16) in one launch of the product's entry point (tests/scripts/zero_stages.py),
-with ReLoRA merges, compared with each other; then ZeRO-3 killed in relora and resumed on 2 ranks, then on 1 rank
-(universal checkpoint)."""
+offloaded), ZeRO-3 (fp32 and bf16) and a run whose phases change the engine (ZeRO-3 with micro batch 16 in full and
+warmup, ZeRO-2 with 32 in relora and lora) in one launch of the product's entry point (tests/scripts/zero_stages.py),
+with ReLoRA merges, compared with each other; then that run killed in relora and resumed on 2 ranks, then on 1 rank
+(universal checkpoint of a ZeRO-3 warmup)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from prelora_ds.metrics.readers import scalars
-from prelora_ds.testing.harness import BIN, REPO, SWITCH, TINY, deepspeed_cmd, run, summary
+from prelora_ds.testing.harness import BIN, PHASE_ENGINES, SWITCH, TINY, deepspeed_cmd, run, summary
 
 pytestmark = pytest.mark.launch
 
@@ -24,7 +25,8 @@ CYCLE = [*TINY, "--train.max_steps", "28", *SWITCH[:-2], "--prelora.warmup_steps
          "--train.checkpoint_every_steps", "4", "--relora.enabled", "true", "--relora.start_step", "4",
          "--relora.rank", "8", "--relora.merge_every_steps", "3", "--relora.restart_warmup_steps", "1"]  # fmt: skip
 TIMELINE = [("full", 0, 4), ("relora", 4, 16), ("warmup", 16, 20), ("lora", 20, 28)]
-STAGES = ("stage1", "stage2", "stage2_offload", "stage3")  # fp32: the same run up to the reduction order
+# fp32: the same run up to the reduction order (`phased`: also another grouping of the same images into micro batches)
+STAGES = ("stage1", "stage2", "stage2_offload", "stage3", "phased")
 BF16_TOL = 0.05  # stage 3 in bf16 against stage 2 in fp32: bf16 rounding of every matmul
 STAGE_TOL = 2e-3  # the same computation with another partitioning: fp32 reduction order only
 
@@ -42,7 +44,7 @@ def timeline(out):
 
 
 def test_every_stage_runs_through_the_switch(stages):
-    assert json.loads((stages / "codes.json").read_text()) == dict.fromkeys((*STAGES, "stage3_bf16"), 0)
+    assert json.loads((stages / "codes.json").read_text()) == dict.fromkeys((*STAGES, "stage3_bf16", "phased"), 0)
     reference = stages / "stage2"
     for name in (*STAGES, "stage3_bf16"):
         run_dir = stages / name
@@ -64,7 +66,7 @@ def test_zero3_builds_the_model_partitioned_with_the_same_initial_weights(stages
     numbers drawn after it (data order, LoRA factors) are the same: the first loss is ZeRO-2's to fp32 rounding."""
     built = re.findall(r"ZeRO-3: model built partitioned \(deepspeed.zero.Init\): rank 0 allocated ([\d,]+) of "
                        r"([\d,]+) parameter elements", (stages / "stdout.txt").read_text())
-    assert len(built) == 2, built  # stage3 and stage3_bf16; the ZeRO-1/2 runs build whole models
+    assert len(built) == 3, built  # stage3, stage3_bf16, phased (full); the ZeRO-1/2 runs build whole models
     for held, whole in built:
         held, whole = int(held.replace(",", "")), int(whole.replace(",", ""))
         assert whole > 100_000 and held <= whole // 2 + 2 * 1024, (held, whole)  # its half (+ alignment padding)
@@ -102,23 +104,43 @@ def test_every_stage_exports_the_model_it_trained(stages):
     assert torch.isfinite(model(torch.randn(2, 3, 16, 16))).all()
 
 
-def test_zero3_killed_in_relora_resumes_on_two_then_on_one_rank(tmp_path, stages):
-    """SIGKILL in relora (after its first merge), resume on 2 ranks to step 18 (warmup), then on 1 rank through
-    DeepSpeed's universal checkpoint to the end: the resumed losses continue the uninterrupted stage-3 run."""
-    out, elastic = tmp_path / "run", tmp_path / "zero3_elastic.json"
-    cfg = json.loads((REPO / "ds_configs" / "cpu_zero3_fp32.json").read_text())
-    cfg.pop("gradient_accumulation_steps")
-    elastic.write_text(json.dumps({**cfg, "train_batch_size": 64}))  # accumulation 1 on 2 ranks, 2 on 1 rank
-    cmd = [*CYCLE, "--deepspeed_config", str(elastic), "--output_dir", str(out)]
+def test_phase_engines_switch_stage_and_micro_batch_at_each_rebuild(stages):
+    """The `phased` run rebuilds whole (ZeRO-2) at relora, partitioned (ZeRO-3) at warmup, whole at lora, and its
+    loader regroups the epoch's images at each micro batch change; the run is stage 2's (test above)."""
+    log = (stages / "stdout.txt").read_text()
+    changes = re.findall(r"\[(\w+)\] engine: ZeRO stage (\d), optimizer offload none -> ZeRO stage (\d)", log)
+    assert changes == [("relora", "3", "2"), ("warmup", "2", "3"), ("lora", "3", "2")], changes  # rank 0 logs
+    regroups = re.findall(r"\[(\w+)\] step (\d+): micro batch x accumulation (\d+) x (\d+) -> (\d+) x (\d+)", log)
+    assert regroups == [("relora", "4", "16", "2", "32", "1"), ("warmup", "16", "32", "1", "16", "2"),
+                        ("lora", "20", "16", "2", "32", "1")], regroups
+    settings = json.loads((stages / "phased" / "checkpoints" / "step00000028" / "trainer_state.json").read_text())
+    assert settings["engine_settings"] == {"zero_stage": 2, "offload_optimizer": False, "micro_batch": 32,
+                                           "activation_checkpointing": False}
+
+
+def test_phased_run_killed_in_relora_resumes_on_two_then_on_one_rank(tmp_path, stages):
+    """SIGKILL in relora (ZeRO-2, micro 32; after its first merge), resume on 2 ranks to step 18 (warmup, ZeRO-3),
+    then on 1 rank through DeepSpeed's universal checkpoint of that ZeRO-3 warmup to the end (lora on ZeRO-2, micro
+    32 x accumulation 2): the resumed losses continue the uninterrupted phased run. A resume whose recipe moved the
+    checkpoint's phase to another ZeRO stage is refused before start-up."""
+    out = tmp_path / "run"
+    config = json.loads((stages / "phased.rank0.json").read_text())  # train_batch_size 64: accumulation derived
+    (tmp_path / "phased.json").write_text(json.dumps(config))
+    cmd = [*CYCLE, "--deepspeed_config", str(tmp_path / "phased.json"), "--output_dir", str(out), *PHASE_ENGINES]
     killed = run(deepspeed_cmd(*cmd), check=False, env={"PRELORA_FAULTS": "kill@10:1"})
     assert killed.returncode != 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000008"
+    moved = run([str(BIN / "python"), "-m", "prelora_ds.train", *cmd, "--resume", "--engine.relora",
+                 "{zero_stage: 3}"], check=False)
+    assert moved.returncode == 2 and "the relora engine's zero_stage was 2, now 3 (set it back in engine.relora" \
+        in moved.stderr, moved.stderr[-2000:]
     resumed = run(deepspeed_cmd(*cmd, "--resume", "--train.stop_at_step", "18"))
     assert "resumed at step 8 (epoch 0, phase relora)" in resumed.stdout
     single = run([str(BIN / "python"), "-m", "prelora_ds.train", *cmd, "--resume"])
     assert "resuming step00000018, saved by 2 rank(s), on 1 rank(s)" in single.stdout
     assert "resumed at step 18 (epoch 0, phase warmup)" in single.stdout
+    assert "[lora] step 20: micro batch x accumulation 16 x 4 -> 32 x 2" in single.stdout
     assert timeline(out) == TIMELINE and summary(out)["relora_merges"] == 3
-    a, b = dict(scalars(stages / "stage3")["train/loss"]), dict(scalars(out)["train/loss"])
+    a, b = dict(scalars(stages / "phased")["train/loss"]), dict(scalars(out)["train/loss"])
     assert max(abs(a[s] - b[s]) for s in range(1, 19)) <= STAGE_TOL
     assert max(abs(a[s] - b[s]) for s in range(19, 29)) <= STAGE_TOL  # 1 rank: another reduction order

@@ -12,13 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from prelora_ds.testing.harness import REPO
+from prelora_ds.testing.harness import PHASE_ENGINES, REPO
 
 
 def variants(out: Path) -> dict[str, Path]:
     """ZeRO-1, ZeRO-2 with the optimizer offloaded to CPU, ZeRO-3 (every parameter partitioned) in fp32 and bf16,
-    and ZeRO-2 as the reference the others are compared with: the demo's CPU configs with only
-    `zero_optimization` (and `bf16`) changed."""
+    a run that changes its engine per phase (`phased`), and ZeRO-2 as the reference the others are compared with:
+    the demo's CPU configs with only `zero_optimization` (and `bf16`, the micro batch) changed."""
     base = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
     zero = base["zero_optimization"]
     configs = {
@@ -29,6 +29,9 @@ def variants(out: Path) -> dict[str, Path]:
         "stage3": json.loads((REPO / "ds_configs" / "cpu_zero3_fp32.json").read_text()),
     }
     configs["stage3_bf16"] = {**configs["stage3"], "bf16": {"enabled": True}}  # the kept fp32 base, gathered masters
+    # ZeRO-3 with half the micro batch in full and warmup; relora and lora rebuild onto ZeRO-2 with twice it (PHASED)
+    stage3 = {k: v for k, v in configs["stage3"].items() if k != "gradient_accumulation_steps"}
+    configs["phased"] = {**stage3, "train_micro_batch_size_per_gpu": 16, "train_batch_size": 64}
     paths = {}
     for name, cfg in configs.items():  # one file per rank: no rank reads a file another is writing
         paths[name] = out / f"{name}.rank{os.environ.get('RANK', '0')}.json"
@@ -41,7 +44,8 @@ def main(out: Path, args: list[str]) -> None:
 
     codes = {}
     for name, config in variants(out).items():
-        codes[name] = train([*args, "--deepspeed_config", str(config), "--output_dir", str(out / name)])
+        extra = PHASE_ENGINES if name == "phased" else []  # stage 3 -> 2 at relora, 2 -> 3 at warmup, 3 -> 2 at lora
+        codes[name] = train([*args, "--deepspeed_config", str(config), "--output_dir", str(out / name), *extra])
     (out / "codes.json").write_text(json.dumps(codes))
 
 

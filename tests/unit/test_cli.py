@@ -118,6 +118,16 @@ def test_main_unknown_recipe_key(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_main_phase_engine_that_cannot_keep_the_global_batch(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as the launcher says before any group: 32 x 1 x 2 = 64 images a step
+    err = run_main(capsys, [*DEMO, "--engine.lora", "{zero_stage: 2, micro_batch: 24}",
+                            "--output_dir", str(tmp_path / "run")])
+    assert ("engine.lora.micro_batch=24 cannot keep train_batch_size=64 on 2 rank(s) (micro batch x accumulation x "
+            "ranks must be 64); micro batches that keep it: 1, 2, 4, 8, 16, 32.") in err
+    err = run_main(capsys, [*DEMO, "--engine.warmup", "{zero_stage: 2, offload: true}"])
+    assert "engine.warmup.offload is not a per-phase engine setting" in err
+
+
 def test_main_bad_flag(capsys):
     err = run_main(capsys, [*DEMO, "--epochs", "3"])
     assert "unknown flag --epochs" in err

@@ -31,7 +31,7 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
 def test_defaults_validate():
     cfg = build_config({})
     assert cfg.to_dict() == RunConfig().to_dict()
-    assert SECTIONS == ("data", "model", "train", "prelora", "relora")
+    assert SECTIONS == ("data", "model", "train", "prelora", "relora", "engine")
     assert (cfg.data.dataset, cfg.prelora.r_min, cfg.prelora.r_max) == ("digits", 8, 64)
     assert load_recipe(None).to_dict() == cfg.to_dict()
 

@@ -7,7 +7,16 @@ import re
 
 import pytest
 
-from prelora_ds.config.deepspeed import load_ds_config, peak_lr, prepare_ds_config, resolve_batch, zero_stage
+from prelora_ds.config.deepspeed import (
+    engine_record,
+    load_ds_config,
+    peak_lr,
+    phase_configs,
+    phase_ds_config,
+    prepare_ds_config,
+    resolve_batch,
+    zero_stage,
+)
 from prelora_ds.errors import ConfigError
 from prelora_ds.testing.harness import REPO
 
@@ -235,3 +244,61 @@ def test_prepare_refuses_zero_settings_the_cycle_cannot_run(patch, message):
     cfg = {**json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text()), **patch}
     with pytest.raises(ConfigError, match=message):
         prepare_ds_config(cfg, 2)
+
+
+# ----------------------------------------------------------------------------------------------- per-phase engines
+def zero3(**batch) -> dict:
+    cfg = base(**batch)
+    cfg["zero_optimization"] = {"stage": 3, "offload_param": {"device": "cpu"}, "stage3_prefetch_bucket_size": 10}
+    return prepare_ds_config(cfg, 2)
+
+
+def test_a_phase_changes_the_stage_and_the_micro_batch_keeping_the_global_batch():
+    full = zero3(**{G: 64, M: 16})
+    lora = phase_ds_config(full, {"zero_stage": 2, "micro_batch": 32}, 2, "lora")
+    assert (lora[G], lora[M], lora[A]) == (64, 32, 1) and (full[M], full[A]) == (16, 2)
+    assert lora["zero_optimization"] == {"stage": 2}  # what only partitioned parameters use is gone
+    assert full["zero_optimization"]["stage"] == 3  # the run's own config is not touched
+    back = phase_ds_config(lora, {"zero_stage": 3}, 2, "warmup")
+    assert zero_stage(back) == 3 and back[M] == 32
+
+
+def test_a_phase_offloads_or_stops_offloading_the_optimizer():
+    full = prepare_ds_config(base(**{M: 8}), 2)
+    offloaded = phase_ds_config(full, {"offload_optimizer": True}, 2, "relora")
+    assert offloaded["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_optimizer" not in phase_ds_config(offloaded, {"offload_optimizer": False}, 2, "lora")[
+        "zero_optimization"]
+    record = engine_record(offloaded, True)
+    assert record == {"zero_stage": 2, "offload_optimizer": True, "micro_batch": 8, "activation_checkpointing": True}
+
+
+def test_a_phase_micro_batch_that_cannot_keep_the_global_batch_names_those_that_can():
+    full = prepare_ds_config(base(**{G: 64, M: 32}), 2)
+    with pytest.raises(ConfigError, match=re.escape(
+            "engine.lora.micro_batch=24 cannot keep train_batch_size=64 on 2 rank(s) (micro batch x accumulation x "
+            "ranks must be 64); micro batches that keep it: 1, 2, 4, 8, 16, 32.")):
+        phase_ds_config(full, {"micro_batch": 24}, 2, "lora")
+
+
+def test_a_phase_setting_goes_through_the_same_checks_as_the_config():
+    full = prepare_ds_config({**base(**{M: 8}), "fp16": {"enabled": True}}, 2)
+    with pytest.raises(ConfigError, match=r"^engine.lora: fp16 with zero_optimization.stage 0 keeps no fp32 masters"):
+        phase_ds_config(full, {"zero_stage": 0}, 2, "lora")
+
+
+def test_phase_configs_from_the_recipe():
+    from prelora_ds.config.recipe import load_recipe
+
+    cfg = load_recipe("recipes/demo.yaml" if (REPO / "recipes").is_dir() else None,
+                      {"engine.lora": {"zero_stage": 3, "micro_batch": 16}, "engine.activation_checkpointing": True})
+    full = prepare_ds_config(base(**{G: 64, M: 32}), 2)
+    configs = phase_configs(full, cfg.engine, 2)
+    assert configs["full"] is full and configs["relora"] is full and configs["warmup"] is full
+    assert (zero_stage(configs["lora"]), configs["lora"][M], configs["lora"][A]) == (3, 16, 2)
+    assert cfg.engine.settings("warmup") == {"activation_checkpointing": True}
+    with pytest.raises(ConfigError, match=r"engine.lora.micro is not a per-phase engine setting; write any of "
+                                          r"zero_stage, offload_optimizer, micro_batch, activation_checkpointing"):
+        load_recipe(None, {"engine.lora": {"micro": 16}})
+    with pytest.raises(ConfigError, match=r"engine.warmup.zero_stage=4: DeepSpeed has stages 0-3."):
+        load_recipe(None, {"engine.warmup": {"zero_stage": 4}})

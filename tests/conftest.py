@@ -3,6 +3,7 @@ The helpers they are made with (launch commands, job runs, the test recipes) are
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,18 @@ from prelora_ds.testing.harness import RELORA_RUN, REPO, SPLIT_RUN, SWITCH_RUN, 
 @pytest.fixture(scope="session")
 def root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def global64(tmp_path_factory) -> str:
+    """The demo's DeepSpeed config with the global batch fixed (64) instead of the accumulation: DeepSpeed derives
+    accumulation 1 on 2 ranks and 2 on 1 rank, so a run keeps its steps and data when its world size changes."""
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
+    ds.pop("gradient_accumulation_steps")
+    ds["train_batch_size"] = 64
+    path = tmp_path_factory.mktemp("ds") / "global64.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -175,7 +175,7 @@ def shards(trace: Path) -> list[set[int]]:
 
 
 @pytest.fixture(scope="module")
-def node_death(hosts, hostfile, tmp_path_factory):
+def node_death(hosts, hostfile, tmp_path_factory, global64):
     """The switch reference's run with the global batch fixed (64: accumulation 1 on 2 ranks, 2 on 1), a
     checkpoint every 5 steps, through the launcher's other multi-node paths:
 
@@ -186,11 +186,7 @@ def node_death(hosts, hostfile, tmp_path_factory):
     """
     base = tmp_path_factory.mktemp("node_death")
     out = base / "run"
-    ds = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
-    ds.pop("gradient_accumulation_steps")
-    ds["train_batch_size"] = 64
-    (base / "elastic.json").write_text(json.dumps(ds))
-    cmd = [*SWITCH_RUN, "--deepspeed_config", str(base / "elastic.json"), "--train.checkpoint_every_steps", "5",
+    cmd = [*SWITCH_RUN, "--deepspeed_config", global64, "--train.checkpoint_every_steps", "5",
            "--train.collective_timeout_s", str(TIMEOUT_S)]
     ssh = hosts.start_sshd(base / "ssh")
     traces = [base / "trace_pdsh", base / "trace_mpi"]
@@ -279,7 +275,7 @@ def agent_cmd(hosts, i: int, port: int, *train: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def elastic(hosts, tmp_path_factory):
+def elastic(hosts, tmp_path_factory, global64):
     """The switch reference's run (global batch fixed at 64) under two torchrun agents, one per host, --resume on the
     command line (what an agent restarts) and nothing typed after the start:
 
@@ -293,12 +289,8 @@ def elastic(hosts, tmp_path_factory):
     """
     base = tmp_path_factory.mktemp("elastic")
     out = base / "run"
-    ds = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
-    ds.pop("gradient_accumulation_steps")
-    ds["train_batch_size"] = 64
-    (base / "elastic.json").write_text(json.dumps(ds))
     port = free_port()
-    train = ["--output_dir", str(out), *SWITCH_RUN, "--deepspeed_config", str(base / "elastic.json"),
+    train = ["--output_dir", str(out), *SWITCH_RUN, "--deepspeed_config", global64,
              "--train.checkpoint_every_steps", "5", "--train.collective_timeout_s", str(TIMEOUT_S), "--resume"]
     t0 = time.monotonic()
     env = {**threads_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # for a node change (distributed/elastic.py)

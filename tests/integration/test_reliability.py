@@ -124,19 +124,7 @@ def timeline(out) -> list[tuple[str, int, int]]:
 
 # ------------------------------------------------------------------ kills and world-size changes, every phase
 @pytest.fixture(scope="module")
-def elastic_ds(tmp_path_factory):
-    """The demo's DeepSpeed config with the global batch fixed (64) instead of the accumulation: DeepSpeed
-    derives accumulation 1 on 2 ranks and 2 on 1 rank, so steps and data are the same at either size."""
-    cfg = json.loads((REPO / "ds_configs" / "cpu_zero2_fp32.json").read_text())
-    cfg.pop("gradient_accumulation_steps")
-    cfg["train_batch_size"] = 64
-    path = tmp_path_factory.mktemp("ds") / "elastic.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory, elastic_ds):
+def chain(tmp_path_factory, global64):
     """One run of the switch reference's settings, killed four times and moved between 2 and 1 ranks:
 
     L1 2 ranks  SIGKILL inside the save of step 10 (full)
@@ -150,7 +138,7 @@ def chain(tmp_path_factory, elastic_ds):
     """
     rng = random.Random(SEED)
     out = tmp_path_factory.mktemp("chain") / "run"
-    cmd = [*SWITCH_RUN, "--deepspeed_config", elastic_ds, "--train.checkpoint_every_steps", "5"]
+    cmd = [*SWITCH_RUN, "--deepspeed_config", global64, "--train.checkpoint_every_steps", "5"]
     kills = {"switch": 12, "warmup": rng.randint(17, 19), "lora": rng.randint(21, 37)}
 
     launches = [launch(out, *cmd, faults="kill_in_save@10:1", check=False)]
@@ -209,6 +197,18 @@ def test_torchrun_restarts_a_killed_worker_group_which_resumes_at_once(chain):
     print(f"torchrun: the kill after step {kills['lora']} to the resumed step {lora_resume}: {resumed - killed:.1f} s")
     assert resumed - killed < 60, (resumed - killed, SEED)  # the rendezvous timeout is 600 s
     assert "stopped at step 38" in agent.stdout
+
+
+def test_an_agent_restarting_in_another_runs_directory_is_refused(chain, global64):
+    """The command an agent restarts carries --resume; pointed at a directory whose checkpoints belong to another
+    model it is refused before any process group, exit 2 (torchrun reports its worker's code and ends)."""
+    out = chain[0]
+    proc = stamped([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "--max-restarts", "0", "-m",
+                    "prelora_ds.train", "--output_dir", str(out), *SWITCH_RUN, "--deepspeed_config", global64,
+                    "--resume", "--model.kwargs", "{img_size: 16, patch_size: 4, depth: 4}"], {})
+    assert proc.returncode != 0
+    assert "does not fit this run: model.kwargs was" in proc.stdout and "exitcode  : 2" in proc.stdout, \
+        proc.stdout[-3000:]
 
 
 def test_a_damaged_checkpoint_is_named_and_the_one_before_resumed(chain):
@@ -271,10 +271,10 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(chain, capsys, monkeypatch):
     assert f"{out} already holds checkpoints (step00000040 is the newest); add --resume" in err
 
 
-def test_resume_refuses_another_layout_before_starting(chain, elastic_ds, capsys, monkeypatch):
+def test_resume_refuses_another_layout_before_starting(chain, global64, capsys, monkeypatch):
     out = chain[0]
     depth4 = ["--model.kwargs", "{img_size: 16, patch_size: 4, depth: 4}"]
-    err = refused(["--output_dir", str(out), *SWITCH_RUN, "--deepspeed_config", elastic_ds, "--resume", *depth4],
+    err = refused(["--output_dir", str(out), *SWITCH_RUN, "--deepspeed_config", global64, "--resume", *depth4],
                   capsys, monkeypatch)
     assert (
         f"checkpoint {out / 'checkpoints' / 'step00000040'} does not fit this run: model.kwargs was "
@@ -285,11 +285,11 @@ def test_resume_refuses_another_layout_before_starting(chain, elastic_ds, capsys
     assert 'the global batch (train_batch_size) was 64, now 32: set "train_batch_size": 64' in err
 
 
-def test_relora_killed_mid_cycle_resumes_on_one_rank(tmp_path, elastic_ds, relora_reference):
+def test_relora_killed_mid_cycle_resumes_on_one_rank(tmp_path, global64, relora_reference):
     """Kill a rank mid-cycle (relora started at 4, merges after 9 and 14), resume on 1 rank."""
     rng = random.Random(SEED + 1)
     out = tmp_path / "run"
-    cmd = [*RELORA_RUN, "--deepspeed_config", elastic_ds, "--train.checkpoint_every_steps", "5"]
+    cmd = [*RELORA_RUN, "--deepspeed_config", global64, "--train.checkpoint_every_steps", "5"]
     kill = rng.randint(11, 13)
     killed = launch(out, *cmd, faults=f"kill@{kill}:1", check=False)
     assert killed.returncode != 0

@@ -15,7 +15,10 @@
 #   4. ZeRO-2 against ZeRO-3 (tools/bench_zero.py --gpu): ViT-H/14 in full and lora, each cell its own job on
 #      this GPU, the bf16 A100 configs: peak memory and step time, and that stage 3 runs on NCCL. One GPU has
 #      one data-parallel rank, so stage 3 partitions nothing here: the per-rank savings need >= 2 GPUs
-#      (`--ranks N`); on CPU ranks they are in docs/benchmarks.md. Last, so a tight budget loses only this.
+#      (`--ranks N`); on CPU ranks they are in docs/benchmarks.md.
+#   5. an engine per phase (tools/bench_phase_engines.py --gpu): ViT-H/14 switched from a ZeRO-3 `full` to `lora` on
+#      ZeRO-3 kept, on ZeRO-2, and on ZeRO-2 with the micro batch doubled; ViT-L/16 with the lora micro batch x1, x2,
+#      x4. Last, so a tight budget loses only this.
 #
 # Before (on a machine with network, from the repo root):
 #   pip wheel --no-deps deepspeed==0.19.8 -w .whl      # deepspeed ships as an sdist only
@@ -53,14 +56,21 @@ python3 tools/bench_zero.py --gpu --ranks 1 --model vit_huge_patch14_224 --batch
   --out "$OUT/zero_bench.json" > "$OUT/zero_bench.md"
 zero_rc=$?
 cat "$OUT/zero_bench.md"
-python3 - "$OUT" "$product_rc" "$bench_rc" "$data_rc" "$zero_rc" <<'PY'
+python3 tools/bench_phase_engines.py --gpu --ranks 1 --model vit_huge_patch14_224 --micro 16 --accum 2 \
+  --out "$OUT/phase_engines_h.json" > "$OUT/phase_engines.md" &&
+python3 tools/bench_phase_engines.py --gpu --ranks 1 --model vit_large_patch16_224 --micro 16 --accum 4 \
+  --cells micro_x1 micro_x2 micro_x4 --out "$OUT/phase_engines_l.json" >> "$OUT/phase_engines.md"
+engines_rc=$?
+cat "$OUT/phase_engines.md"
+python3 - "$OUT" "$product_rc" "$bench_rc" "$data_rc" "$zero_rc" "$engines_rc" <<'PY'
 import json, sys
 from pathlib import Path
-out, product_rc, bench_rc, data_rc, zero_rc = Path(sys.argv[1]), *map(int, sys.argv[2:6])
+out, product_rc, bench_rc, data_rc, zero_rc, engines_rc = Path(sys.argv[1]), *map(int, sys.argv[2:7])
 def read(p):
     return json.loads(p.read_text()) if p.exists() else None
 merged = {"product_rc": product_rc, "bench_rc": bench_rc, "data_rc": data_rc, "zero_rc": zero_rc,
-          "zero": read(out / "zero_bench.json"),
+          "engines_rc": engines_rc, "zero": read(out / "zero_bench.json"),
+          "engines": [read(out / "phase_engines_h.json"), read(out / "phase_engines_l.json")],
           "product": read(out / "product" / "product.json"), "bench": read(out / "gpu_bench.json"),
           "data": read(out / "data_bench.json")}
 (out / "gpu_check.json").write_text(json.dumps(merged, indent=1))
@@ -70,7 +80,9 @@ md += ["## ViT-L/16 phases (tools/bench_phases.py)", "", (out / "gpu_bench.md").
 md += ["## Input paths at those rates (tools/bench_data.py)", "",
        (out / "data_bench.md").read_text() if (out / "data_bench.md").exists() else "no result", "",
        "## ViT-H/14 under ZeRO-2 and ZeRO-3 (tools/bench_zero.py)", "",
-       (out / "zero_bench.md").read_text() if (out / "zero_bench.md").exists() else "no result"]
+       (out / "zero_bench.md").read_text() if (out / "zero_bench.md").exists() else "no result", "",
+       "## An engine per phase (tools/bench_phase_engines.py)", "",
+       (out / "phase_engines.md").read_text() if (out / "phase_engines.md").exists() else "no result"]
 (out / "gpu_check.md").write_text("\n".join(md))
 PY
-exit $(( product_rc || bench_rc || data_rc || zero_rc ))
+exit $(( product_rc || bench_rc || data_rc || zero_rc || engines_rc ))

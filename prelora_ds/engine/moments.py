@@ -15,6 +15,8 @@ layout a checkpoint records, so a resume builds the same groups and DeepSpeed lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
@@ -136,9 +138,11 @@ def _names(engine) -> dict[int, str]:
     return {id(p): canonical_name(n) for n, p in engine.module.named_parameters()}
 
 
-def gather(engine) -> Moments:
+def gather(engine, keep: Callable[[str], bool] | None = None) -> Moments:
     """Every trainable parameter's Adam moments (whole, fp32, CPU) with its step count, by canonical name;
-    partitions that have not stepped yet are left out. Collective: every rank calls it, in the same order."""
+    partitions that have not stepped yet are left out; with `keep`, only the names it accepts (the same on every
+    rank: a rebuild into `lora` reads the few it carries, not two whole fp32 copies of the base). Collective: every
+    rank calls it, in the same order."""
     optimizer, names = engine.optimizer, _names(engine)
     if not supported(optimizer):
         import warnings
@@ -156,8 +160,9 @@ def gather(engine) -> Moments:
         # (DeepSpeed adds the keys in the os.listdir order of the first parameter folder the rank owns)
         keys = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
         for p in params:
-            out[names[id(p)]] = (int(state["step"]), {
-                k: _read(optimizer, p, k) for k in keys})  # fmt: skip
+            if keep is None or keep(names[id(p)]):
+                out[names[id(p)]] = (int(state["step"]), {
+                    k: _read(optimizer, p, k) for k in keys})  # fmt: skip
     return out
 
 

@@ -36,7 +36,7 @@ from prelora_ds.engine.model import count_params, create_model
 from prelora_ds.engine.schedule import build_scheduler, set_lr
 from prelora_ds.log import logger
 from prelora_ds.lora import relora
-from prelora_ds.lora.inject import PHASES, build_structure, canonical_name, target_layers
+from prelora_ds.lora.inject import PHASES, build_structure, canonical_name, target_layers, trains
 from prelora_ds.lora.merge import lora_scales
 from prelora_ds.lora.merge import merge_lora as merge_lora_state
 from prelora_ds.testing import faults
@@ -246,7 +246,12 @@ class PhaseEngine:
         # masters and Adam moments out of the old engine (collective), then the old engine goes
         state = gather_fp32_state(old, self.frozen_fp32)
         carry = self.cfg.prelora.switch_optimizer == "carry"  # `reset`: a fresh optimizer, the paper's behaviour
-        gathered = moments.gather(old) if carry else {}
+        spec = PHASES[phase]
+        # the moments the new engine takes: every weight's when the base trains on (or, into `relora`, is kept for
+        # `warmup`), else those of the LoRA factors and `prelora.trainable_extra` only
+        keep = None if spec.base_trainable or phase == "relora" else \
+            (lambda name: trains(name, spec, self.cfg.prelora.trainable_extra))
+        gathered = moments.gather(old, keep) if carry else {}
         carried = {**self.dormant, **gathered}  # dormant: the base's moments kept through `relora`
         if merge_lora:
             state = merge_lora_state(state, scales)

@@ -110,12 +110,16 @@ def inject_lora(
     return peft_model
 
 
+def trains(name: str, phase: PhaseSpec, extra_pattern: str) -> bool:
+    """Whether parameter `name` (PEFT's or canonical) trains in `phase`."""
+    owner = canonical_name(name).rpartition(".")[0]  # module that holds the parameter
+    return is_lora_param(name) or phase.base_trainable or bool(re.fullmatch(extra_pattern, owner))
+
+
 def set_trainable(model: torch.nn.Module, phase: PhaseSpec, extra_pattern: str) -> None:
     """requires_grad per phase. ZeRO-1/2 fix the trainable set at construction: call before building."""
-    extra = re.compile(extra_pattern)
     for name, p in model.named_parameters():
-        owner = canonical_name(name).rpartition(".")[0]  # module that holds the parameter
-        p.requires_grad_(is_lora_param(name) or phase.base_trainable or bool(extra.fullmatch(owner)))
+        p.requires_grad_(trains(name, phase, extra_pattern))
 
 
 def build_structure(

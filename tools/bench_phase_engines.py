@@ -25,11 +25,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
-from prelora_ds.testing.harness import deepspeed_cmd
+from prelora_ds.testing.harness import deepspeed_cmd, run_ranked
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"zero2": "ds_configs/cpu_zero2_fp32.json", "zero3": "ds_configs/cpu_zero3_fp32.json"}
@@ -106,10 +105,7 @@ def run_cell(args: argparse.Namespace, cell: str) -> list[dict]:
                         "--micro", str(args.micro), "--accum", str(args.accum), "--full-steps", str(args.full_steps),
                         "--lora-steps", str(args.lora_steps), "--rank", str(args.rank), "--tmp", args.tmp,
                         "--result", result, *(["--gpu"] if args.gpu else []), ranks=args.ranks, script=__file__)
-    # glibc returns a freed block of 1 MiB or more to the OS at once, so peak RSS follows live memory (bench_zero.py)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    subprocess.run(cmd, cwd=ROOT, check=True, env=env)
-    return [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(args.ranks)]
+    return run_ranked(cmd, result, args.ranks)
 
 
 def main() -> None:
@@ -128,8 +124,8 @@ def main() -> None:
     p.add_argument("--tmp", default="/tmp/prelora_bench_phases")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--cell", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    for hidden in ("--cell", "--result"):  # what the driver passes to each job's worker
+        p.add_argument(hidden, help=argparse.SUPPRESS)
     args, _ = p.parse_known_args()  # the launcher appends --local_rank
     if args.worker:
         return worker(args)

@@ -15,11 +15,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
-from prelora_ds.testing.harness import deepspeed_cmd
+from prelora_ds.testing.harness import deepspeed_cmd, run_ranked
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"zero2": "ds_configs/cpu_zero2_fp32.json", "zero3": "ds_configs/cpu_zero3_fp32.json"}
@@ -93,11 +92,7 @@ def run_cell(args: argparse.Namespace, name: str, config: str, phase: str) -> li
                         "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
                         "--steps", str(args.steps), "--rank", str(args.rank), "--tmp", args.tmp,
                         "--result", result, ranks=args.ranks, port=args.port, script=__file__)  # fmt: skip
-    # glibc returns a freed block of 1 MiB or more to the OS at once (by default its threshold grows to 32 MiB
-    # after the first large free, and freed gathered parameters stay in the heap): peak RSS then follows live memory
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    subprocess.run(cmd, cwd=ROOT, check=True, env=env)
-    return [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(args.ranks)]
+    return run_ranked(cmd, result, args.ranks)
 
 
 def main() -> None:

@@ -121,6 +121,15 @@ def run(
     return proc
 
 
+def run_ranked(cmd: list[str], result: Path, ranks: int) -> list[dict]:
+    """Run a benchmark job in the checkout and read what each of its `ranks` wrote to `result`.rank<R>.json.
+
+    glibc returns a freed block of 1 MiB or more to the OS at once (by default its threshold grows to 32 MiB after
+    the first large free, and freed gathered parameters stay in the heap): peak RSS then follows live memory."""
+    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)})
+    return [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(ranks)]
+
+
 def load_tool(name: str):
     """A script of tools/ as a module (the tools are scripts, not a package)."""
     import importlib.util

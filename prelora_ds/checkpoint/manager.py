@@ -27,7 +27,7 @@ class Resumed:
     tag: str
     loop: dict[str, Any]  # LoopState fields, the position in the epoch already mapped to this run
     load_tag: str  # `tag`, or its universal conversion for another world size
-    ds_config: dict  # the engine's DeepSpeed config for loading (load_universal when converted)
+    checkpoint: dict | None  # the DeepSpeed config's "checkpoint" section for loading (load_universal when converted)
     saved_world: int
     engine: dict[str, Any]  # the engine layout to rebuild (PhaseEngine.state_dict)
 
@@ -93,13 +93,12 @@ class Checkpointer:
         loop = dict(saved["loop"])
         loop["batch_in_epoch"] = self._map_epoch_position(saved, tag, loop)
         saved_world = saved.get("world_size", self.geometry.world)
-        ds_config, load_tag = self.ds_config, tag
+        checkpoint, load_tag = None, tag
         if saved_world != self.geometry.world:
             load_tag = self._to_universal(saved, tag, loop)
-            universal = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
-            ds_config = {**self.ds_config, "checkpoint": universal}
+            checkpoint = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         self.saved_step, self.resumed_tag = loop["step"], tag
-        return Resumed(tag, loop, load_tag, ds_config, saved_world, saved.get("engine", {}))
+        return Resumed(tag, loop, load_tag, checkpoint, saved_world, saved.get("engine", {}))
 
     def _verify(self, tag: str) -> list[str] | None:
         """What is damaged in checkpoint `tag` ([]: nothing; None: it has no manifest), the same answer on every rank.

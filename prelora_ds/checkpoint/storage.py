@@ -198,12 +198,11 @@ def prune(ckpt_dir: Path, keep: int, current: str | None = None, resumed: str | 
     every file back after it was written (`save`), and a resume checks the files against it again."""
     tags = complete_tags(ckpt_dir)
     current = current or (tags[-1] if tags else None)
-    abandoned = [t for t in tags if resumed is not None and current is not None and resumed < t < current]
-    tags = [t for t in tags if t not in abandoned]
-    older = [t for t in tags if current is None or t <= current]
-    kept = older[-keep:]
-    newer = [t for t in tags if current is not None and t > current]
-    for tag in older[:-keep] + newer + abandoned + [t for t in incomplete_tags(ckpt_dir) if kept and t < kept[-1]]:
+    since = resumed or current  # this run's timeline has no checkpoint after it but the one just saved
+    left = [t for t in tags if current is not None and t > since and t != current]  # the timeline a resume left
+    timeline = [t for t in tags if t not in left]
+    kept = timeline[-keep:]
+    for tag in timeline[:-keep] + left + [t for t in incomplete_tags(ckpt_dir) if kept and t < kept[-1]]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     for universal in ckpt_dir.glob(f"*{UNIVERSAL_SUFFIX}"):
         if universal.name.removesuffix(UNIVERSAL_SUFFIX) not in kept:
@@ -352,7 +351,6 @@ def layout_mismatch(saved: dict[str, Any], cfg, num_classes: int, ds_config: dic
             problems.append(f"{section}.{key} was {old!r}, now {now[section][key]!r}")
     if saved.get("num_classes") not in (None, num_classes):
         problems.append(f"the data had {saved['num_classes']} classes, now {num_classes}")
-    phase = saved.get("loop", {}).get("phase")
     old_rank = saved.get("config", {}).get("relora", {}).get("rank")
     if phase == "relora" and old_rank not in (None, cfg.relora.rank):
         problems.append(f"relora.rank was {old_rank}, now {cfg.relora.rank} (the checkpoint is in phase relora)")

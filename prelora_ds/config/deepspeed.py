@@ -88,10 +88,16 @@ def resolve_batch(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
     return glob, micro, accum
 
 
+def _keeping(glob: int, other: int, upto: int) -> list[int]:
+    """The n <= `upto` with n x `other` dividing `glob`: the world sizes that keep a global batch when each rank takes
+    a multiple of `other` images, or the micro batches that keep it on `other` ranks."""
+    return [n for n in range(1, upto + 1) if glob % (other * n) == 0]
+
+
 def _fitting_worlds(glob: int, per_rank: int, upto: int = 1024) -> str:
     """The world sizes (up to `upto`) that keep `glob` images a step when each rank takes a multiple of `per_rank`
     (an elastic run resumes on whichever of them the agent forms)."""
-    worlds = [w for w in range(1, upto + 1) if glob % (per_rank * w) == 0]
+    worlds = _keeping(glob, per_rank, upto)
     return f" (train_batch_size={glob} is kept on {', '.join(map(str, worlds))} rank(s))" if worlds else ""
 
 
@@ -163,7 +169,7 @@ def phase_ds_config(base: dict[str, Any], settings: dict[str, Any], world_size: 
     if "micro_batch" in settings:
         glob, micro = base["train_batch_size"], settings["micro_batch"]
         if glob % (micro * world_size):
-            fits = [m for m in range(1, glob // world_size + 1) if glob % (m * world_size) == 0]
+            fits = _keeping(glob, world_size, glob // world_size)
             raise ConfigError(
                 f"engine.{phase}.micro_batch={micro} cannot keep train_batch_size={glob} on {world_size} rank(s) "
                 f"(micro batch x accumulation x ranks must be {glob}); micro batches that keep it: "

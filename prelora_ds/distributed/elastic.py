@@ -23,6 +23,8 @@ import time
 import uuid
 from datetime import timedelta
 
+from prelora_ds.distributed.supervisor import TORCHRUN, ancestry, flag
+
 AGENT_VARS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
 STORE_KEY = "prelora/worker_group_store"  # in the agent's store: "PORT TOKEN" of the current group's store
 TOKEN_KEY = "prelora/token"  # in the group's store: TOKEN
@@ -79,12 +81,7 @@ def rendezvous_host() -> str | None:
     import ipaddress
     import socket
 
-    argv = agent_argv()
-    endpoint = None
-    for i, arg in enumerate(argv):
-        key, eq, value = arg.partition("=")
-        if key in ("--rdzv_endpoint", "--rdzv-endpoint"):
-            endpoint = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    endpoint = flag(agent_argv(), "--rdzv_endpoint", "--rdzv-endpoint")
     if not endpoint:
         return None
     host = endpoint.rsplit(":", 1)[0].strip("[]") if endpoint.count(":") != 1 or "]" in endpoint else \
@@ -98,26 +95,16 @@ def rendezvous_host() -> str | None:
 
 
 def agent_argv() -> list[str]:
-    """The command line of the torchrun agent that started this process ([] outside torchrun)."""
-    import psutil
-
+    """The arguments of the torchrun agent that started this process ([] outside torchrun)."""
     if not under_agent():
         return []
-    try:
-        return psutil.Process().parent().cmdline()
-    except (psutil.Error, AttributeError):
-        return []
+    return next((list(launcher.args) for launcher in ancestry() if launcher.kind == TORCHRUN), [])
 
 
 def max_nodes(argv: list[str]) -> int:
     """The most nodes a torchrun command line lets join (`--nnodes N` or `MIN:MAX`; 1 with --standalone or none)."""
-    value = "1"
-    for i, arg in enumerate(argv):
-        key, eq, rest = arg.partition("=")
-        if key == "--nnodes":
-            value = rest if eq else (argv[i + 1] if i + 1 < len(argv) else "1")
     try:
-        return int(value.split(":")[-1])
+        return int((flag(argv, "--nnodes") or "1").split(":")[-1])
     except ValueError:
         return 1
 

@@ -127,26 +127,21 @@ def _launcher_args() -> tuple[dict[str, list[int]] | None, str | None, bool]:
     --hostfile), an ancestor only when it started this node's launcher itself (--no_ssh, or a single node)."""
     import psutil
 
-    from prelora_ds.distributed.supervisor import PER_NODE, RUNNER, ancestry
+    from prelora_ds.distributed.supervisor import PER_NODE, RUNNER, ancestry, flag
 
     world, hostfile, runner_here = None, None, False
     for launcher in ancestry():
-        args = launcher.args
         if launcher.kind == PER_NODE and world is None:
-            info = next((a.split("=", 1)[1] for a in args if a.startswith("--world_info=")), None)
+            info = flag(launcher.args, "--world_info")
             world = json.loads(base64.urlsafe_b64decode(info)) if info else None
         elif launcher.kind == RUNNER and not runner_here:
             runner_here = True
-            for i, arg in enumerate(args):
-                name = arg[len("--hostfile="):] if arg.startswith("--hostfile=") else None
-                if arg in ("--hostfile", "-H") and i + 1 < len(args):
-                    name = args[i + 1]
-                if name is not None:
-                    try:
-                        hostfile = str(Path(launcher.process.cwd()) / name)
-                    except psutil.Error:  # gone meanwhile: check the launcher's host list instead
-                        pass
-                    break
+            name = flag(launcher.args, "--hostfile", "-H")
+            if name is not None:
+                try:
+                    hostfile = str(Path(launcher.process.cwd()) / name)
+                except psutil.Error:  # gone meanwhile: check the launcher's host list instead
+                    pass
     return world, hostfile, runner_here
 
 

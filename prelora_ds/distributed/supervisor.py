@@ -91,6 +91,17 @@ def program(cmdline: Sequence[str]) -> tuple[str, list[str]]:
     return "", []
 
 
+def flag(args: Sequence[str], *names: str) -> str | None:
+    """The value a command line gives any of the options `names` (`--name value` or `--name=value`; the last one
+    counts, as argparse has it), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        key, eq, rest = arg.partition("=")
+        if key in names:
+            value = rest if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
+
+
 def ancestry(pid: int | None = None) -> list[Launcher]:
     """The launchers among the ancestors of `pid` (this process) on this node, nearest first."""
     import psutil

@@ -85,7 +85,9 @@ def active() -> tuple[Fault, ...]:
 
 
 def due(kind: str, step: int, rank: int) -> bool:
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    from prelora_ds.distributed.elastic import restart_count
+
+    attempt = restart_count()
     return any(f.kind == kind and f.step == step and f.rank in (None, rank) and f.attempt in (None, attempt)
                for f in active())
 

@@ -60,7 +60,6 @@ class Trainer:
         self.eval_loss = torch.nn.CrossEntropyLoss()
         self.phases = PhaseEngine(cfg, ds_config, data.num_classes, self.total_steps, lr_warmup,
                                   phase_configs(ds_config, cfg.engine, world))
-        self.regrouped = False  # the micro batch changed with the phase: the epoch continues on a new loader
         self.ckpt = Checkpointer(out_dir / "checkpoints", rank, t.keep_checkpoints, ds_config, self.geometry)
         self.recorder = Recorder(out_dir, rank)
         # names the operation in the error when a rank stops answering inside it (the controller's too)
@@ -127,7 +126,7 @@ class Trainer:
                 self.save_due |= self.control.after_step(self.state, Clock(self.state.step, self.state.epoch))
                 if self._epoch_done():
                     self._end_epoch()
-                self._regroup()
+                regrouped = self._regroup()  # a new loader: the while loop takes the epoch up from here
                 self.state.wall_s = time.perf_counter() - t_start
                 with self.collective(f"the all-reduce of the stop request after step {self.state.step}"):
                     decision = self.stop_request.agreed()  # every rank stops after the same step
@@ -137,8 +136,7 @@ class Trainer:
                 due = self.save_due or (every and self.state.step % every == 0)
                 if self.state.step < self.total_steps and due:
                     self.save_checkpoint()
-                if self.state.step >= self.total_steps or self.regrouped:
-                    self.regrouped = False  # (a new loader: the while loop takes the epoch up from here)
+                if self.state.step >= self.total_steps or regrouped:
                     break
                 t_last = time.perf_counter()
             else:
@@ -174,20 +172,21 @@ class Trainer:
         self.state.batch_in_epoch = 0
         self.save_due = True  # every epoch end has a checkpoint (after the step's stop agreement)
 
-    def _regroup(self) -> None:
+    def _regroup(self) -> bool:
         """After a rebuild into a phase with another micro batch: a train loader of that micro batch, continuing at
         the same image of the epoch (the sampler's order does not depend on the batch size, so the data order and
-        the images of every step stay the same; only their grouping into forward passes changes)."""
+        the images of every step stay the same; only their grouping into forward passes changes). Returns whether
+        the loader was replaced."""
         micro = self.phases.configs[self.state.phase]["train_micro_batch_size_per_gpu"]
         if micro == self.geometry.micro:
-            return
+            return False
         old = f"{self.geometry.micro} x {self.geometry.accum}"
         self.state.batch_in_epoch = self.geometry.regroup(micro, self.state.batch_in_epoch)
         self.train_loader, _ = build_loaders(self.data, micro, self.rank, self.world, self.cfg.train.seed,
                                              self.cfg.data.num_workers)
-        self.regrouped = True
         logger.info(f"[{self.state.phase}] step {self.state.step}: micro batch x accumulation {old} -> {micro} x "
                     f"{self.geometry.accum} (the global batch stays {self.geometry.global_batch})")
+        return True
 
     def _epoch_done(self) -> bool:
         return self.state.batch_in_epoch >= self.geometry.steps_per_epoch * self.geometry.accum
@@ -300,7 +299,7 @@ class Trainer:
             self.phases.build("full", None, 0)
             return
         self.load_state_dict(resumed.loop)
-        self.phases.build(self.state.phase, self.state.ranks, self.state.step, resumed.ds_config.get("checkpoint"),
+        self.phases.build(self.state.phase, self.state.ranks, self.state.step, resumed.checkpoint,
                           keep_frozen=False, saved=resumed.engine)
         with self.collective(f"loading checkpoint {self.ckpt.dir / resumed.tag}"):
             frozen, pending = self.ckpt.load(self.engine, resumed)
@@ -308,7 +307,6 @@ class Trainer:
         if pending is not None:
             self.control.restore_pending_loss(pending)
         self._regroup()  # the position was mapped in the run's first micro batch; the phase may use another
-        self.regrouped = False  # no loop to leave yet
         if self.state.step:
             logger.info(f"resumed at step {self.state.step} (epoch {self.state.epoch}, phase {self.state.phase}) in "
                         f"{time.perf_counter() - t0:.1f} s")

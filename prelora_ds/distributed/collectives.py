@@ -145,6 +145,19 @@ def broadcast_rng_state() -> None:
     torch.set_rng_state(state)
 
 
+def broadcast_tensor(value: torch.Tensor | None, src: int, shape: torch.Size, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """`src`'s `value` on every rank (the others pass None), on `device`. The one collective here on the training
+    group rather than the statistics group: it carries model state through a rebuild (engine/stream.py), bulk data
+    that belongs on the accelerator's fabric, so `device` is the accelerator's (NCCL takes CUDA tensors only)."""
+    if value is not None:
+        out = value.to(device, dtype).contiguous()
+    else:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    tdist.broadcast(out, src=src)
+    return out
+
+
 class NamedCollectives:
     """`with named("the all-reduce of ...")`: a rank that times out waiting inside the block, or learns that a
     peer's process or node died (its sockets closed at once), stops with a TrainingError that names the operation,

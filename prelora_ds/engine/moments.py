@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
+from prelora_ds.engine import stream
 from prelora_ds.engine.model import param_groups as weight_decay_groups
 from prelora_ds.lora.inject import canonical_name
 
@@ -134,15 +135,23 @@ def _write(optimizer, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> N
         safe_set_full_optimizer_state(p, value.to("cpu" if hasattr(p, "ds_id") else p.device), key)
 
 
+def _rank() -> int:
+    import torch.distributed as tdist
+
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
 def _names(engine) -> dict[int, str]:
     return {id(p): canonical_name(n) for n, p in engine.module.named_parameters()}
 
 
-def gather(engine, keep: Callable[[str], bool] | None = None) -> Moments:
+def gather(engine, keep: Callable[[str], bool] | None = None, owner: dict[str, int] | None = None) -> Moments:
     """Every trainable parameter's Adam moments (whole, fp32, CPU) with its step count, by canonical name;
     partitions that have not stepped yet are left out; with `keep`, only the names it accepts (the same on every
-    rank: a rebuild into `lora` reads the few it carries, not two whole fp32 copies of the base). Collective: every
-    rank calls it, in the same order."""
+    rank: a rebuild into `lora` reads the few it carries, not two whole fp32 copies of the base). With `owner`
+    (name -> rank, `stream.owners`), a rank keeps the tensors of the names it owns and None for the others, so
+    the ranks hold one copy between them (`write` takes each from its owner). Collective: every rank calls it,
+    in the same order."""
     optimizer, names = engine.optimizer, _names(engine)
     if not supported(optimizer):
         import warnings
@@ -152,6 +161,7 @@ def gather(engine, keep: Callable[[str], bool] | None = None) -> Moments:
         return {}
     link_state(optimizer)
     out: Moments = {}
+    rank = _rank()
     for params, flat in _partitions(optimizer):
         state = _inner(optimizer).state.get(flat, {})
         if "step" not in state:
@@ -160,10 +170,33 @@ def gather(engine, keep: Callable[[str], bool] | None = None) -> Moments:
         # (DeepSpeed adds the keys in the os.listdir order of the first parameter folder the rank owns)
         keys = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
         for p in params:
-            if keep is None or keep(names[id(p)]):
-                out[names[id(p)]] = (int(state["step"]), {
-                    k: _read(optimizer, p, k) for k in keys})  # fmt: skip
+            name = names[id(p)]
+            if keep is None or keep(name):
+                mine = owner is None or owner[name] == rank
+                out[name] = (int(state["step"]), {k: _kept(_read(optimizer, p, k), mine) for k in keys})
     return out
+
+
+def _kept(value: torch.Tensor, mine: bool) -> torch.Tensor | None:
+    return value if mine else None
+
+
+def free(engine) -> None:
+    """Release the old optimizer's Adam moments once `gather` has read them (their storage: the parameters' fragment
+    views point into it), so a rebuild never holds them beside the values it gathers next: under ZeRO-3 in `full`
+    they are half of what a rank holds. The engine cannot step afterwards."""
+    optimizer = engine.optimizer
+    for params, flat in _partitions(optimizer):
+        state = _inner(optimizer).state.get(flat, {})
+        for key, value in list(state.items()):
+            if torch.is_tensor(value) and value.shape == flat.shape and value.data_ptr() != flat.data_ptr():
+                try:
+                    value.untyped_storage().resize_(0)
+                except RuntimeError:  # a storage a checkpoint load handed over as not resizable: drop every reference
+                    state[key] = None
+                    for p in params:
+                        if getattr(p, "_hp_mapping", None) is not None:
+                            p._hp_mapping.optim_fragment = {}  # views into the state (link_state)
 
 
 def _step_value(inner: torch.optim.Optimizer, flat: torch.Tensor, count: int):
@@ -175,9 +208,10 @@ def _step_value(inner: torch.optim.Optimizer, flat: torch.Tensor, count: int):
     return torch.tensor(float(count), dtype=torch.float32, device=flat.device if on_device else "cpu")
 
 
-def write(engine, moments: Moments) -> list[str]:
+def write(engine, moments: Moments, owner: dict[str, int] | None = None) -> list[str]:
     """Give the new engine's optimizer the carried moments and step counts, before its first step. Returns the
-    names that were carried. Collective under ZeRO-3 (each rank copies its own slice of the whole values)."""
+    names that were carried. `owner`: the names whose tensors one rank holds (`gather(owner=...)`), broadcast from it
+    here; the others every rank holds. Collective (each rank copies its own slice of the whole values)."""
     optimizer, names = engine.optimizer, _names(engine)
     inner, carried = _inner(optimizer), []
     for params, flat in _partitions(optimizer):
@@ -197,7 +231,10 @@ def write(engine, moments: Moments) -> list[str]:
             if name not in moments:
                 continue
             for key, value in moments[name][1].items():
+                if owner is not None and name in owner:
+                    value = stream.broadcast(value, owner[name], p.ds_shape if hasattr(p, "ds_id") else p.shape)
                 _write(optimizer, p, key, value)
+                del value
             carried.append(name)
     return carried
 

@@ -31,14 +31,13 @@ from prelora_ds.algorithm import policy
 from prelora_ds.config.deepspeed import compute_dtype, weight_decay, zero_stage
 from prelora_ds.config.sections import RunConfig
 from prelora_ds.distributed import collectives
-from prelora_ds.engine import moments, norms, zero
+from prelora_ds.engine import moments, norms, stream, zero
 from prelora_ds.engine.model import count_params, create_model
 from prelora_ds.engine.schedule import build_scheduler, set_lr
 from prelora_ds.log import logger
 from prelora_ds.lora import relora
 from prelora_ds.lora.inject import PHASES, build_structure, canonical_name, target_layers, trains
 from prelora_ds.lora.merge import lora_scales
-from prelora_ds.lora.merge import merge_lora as merge_lora_state
 from prelora_ds.testing import faults
 
 FP32State = dict[str, torch.Tensor]
@@ -78,26 +77,53 @@ def load_fp32_state(model: torch.nn.Module, state: FP32State) -> list[str]:
     return missing
 
 
-def write_fp32_masters(engine, state: FP32State) -> None:
-    """Overwrite the new engine's fp32 masters (and its low-precision copies) with exact fp32 values."""
+def gather_sharded(engine, frozen_fp32: FP32State, world: int, rank: int) -> stream.ShardedState:
+    """`gather_fp32_state` streamed: each value kept by its owner rank only (`stream.owners`), so the ranks hold
+    one fp32 copy of the model between them. Collective: all ranks call it."""
+    shapes = {canonical_name(n): torch.Size(p.ds_shape if zero.is_zero3(p) else p.shape)
+              for n, p in engine.module.named_parameters()}  # fmt: skip
+    state = stream.ShardedState.for_names(shapes, world, rank)
+    for name, p in engine.module.named_parameters():
+        key = canonical_name(name)
+        if not p.requires_grad and key in frozen_fp32:
+            state.keep(key, frozen_fp32[key])  # every rank has the kept copy
+        elif p.requires_grad or zero.is_zero3(p) or state.mine(key):  # a master or a partition: collective
+            state.keep(key, zero.full_value(p))
+    return state
+
+
+def load_streamed(model: torch.nn.Module, state: stream.ShardedState, keep_frozen: bool) -> tuple[list[str], FP32State]:
+    """Write `state` into a model's parameters one at a time, each taken from its owner (partitioned under ZeRO-3,
+    then the owner's value is re-cut into the partitions). Returns the canonical names it had no value for, and
+    (`keep_frozen`) the fp32 values of the frozen parameters, which every rank keeps. Collective."""
+    missing, frozen = [], {}
+    for name, p in model.named_parameters():
+        key = canonical_name(name)
+        if key not in state:
+            missing.append(key)
+        elif zero.is_zero3(p) and not (keep_frozen and not p.requires_grad) and state.src(key) is not None:
+            zero.write_module_value(p, state.local.get(key), src=state.src(key))  # the owner's value, re-cut
+        else:
+            value = state.value(key)
+            zero.write_module_value(p, value)
+            if keep_frozen and not p.requires_grad:
+                frozen[key] = value.cpu()
+            del value
+    return missing, frozen
+
+
+def write_fp32_masters(engine, state: stream.ShardedState) -> None:
+    """Overwrite the new engine's fp32 masters (and its low-precision copies) with exact fp32 values. Collective."""
     for name, p in engine.module.named_parameters():
         key = canonical_name(name)
         if p.requires_grad and key in state:
-            zero.write_master(p, state[key])
-
-
-def frozen_fp32_of(engine, state: FP32State) -> FP32State:
-    """The fp32 values of the engine's frozen parameters (kept on CPU: the engine has only bf16)."""
-    return {
-        canonical_name(n): state[canonical_name(n)]
-        for n, p in engine.module.named_parameters()
-        if not p.requires_grad and canonical_name(n) in state
-    }
+            zero.write_master(p, state.value(key))
 
 
 def release(engine) -> None:
     """Destroy an engine and drop what it holds so its memory can be returned."""
     engine.destroy()
+    zero.forget_engine(getattr(engine, "module", None))
     for attr in ("optimizer", "module", "lr_scheduler", "training_dataloader"):
         if hasattr(engine, attr):
             try:
@@ -149,9 +175,11 @@ class PhaseEngine:
         self.rewarm_start: int | None = None  # the step this engine was built at by a rebuild (fresh groups ramp)
 
     # ----------------------------------------------------------------- build
-    def make_model(self, state: FP32State | None, phase: str, ranks: dict[str, int] | None,
-                   ds_config: dict | None = None) -> torch.nn.Module:  # fmt: skip
-        """A fresh timm model with the structure of `phase` (LoRA of `ranks`), `state` loaded when given.
+    def make_model(self, state: FP32State | stream.ShardedState | None, phase: str, ranks: dict[str, int] | None,
+                   ds_config: dict | None = None, frozen: FP32State | None = None) -> torch.nn.Module:  # fmt: skip
+        """A fresh timm model with the structure of `phase` (LoRA of `ranks`), `state` loaded when given (a whole
+        state every rank holds, or one streamed from its owners); `frozen` receives the fp32 values of the
+        parameters the phase freezes, where the engine keeps a copy of them (bf16/fp16).
 
         With a `state`, every base weight is overwritten, so the model is allocated without timm's random
         init (meta device, then `to_empty`): seconds saved per switch on ViT-L. Under ZeRO-3 the model is
@@ -159,7 +187,7 @@ class PhaseEngine:
         """
         ds_config = ds_config or self.configs[phase]
         if zero_stage(ds_config) == 3:
-            return self._make_partitioned(state, phase, ranks, ds_config)
+            return self._make_partitioned(state, phase, ranks, ds_config, frozen)
         if state is None:
             model = create_model(self.cfg.model, self.num_classes)
         else:
@@ -171,11 +199,12 @@ class PhaseEngine:
                 model = model.to_empty(device="cpu")
         model = self._structure(model, phase, ranks)
         if state is not None:
-            self._load(model, state)
+            self._load(model, state, frozen)
         return model
 
-    def _make_partitioned(self, state: FP32State | None, phase: str, ranks: dict[str, int] | None,
-                          ds_config: dict) -> torch.nn.Module:  # fmt: skip
+    def _make_partitioned(self, state: FP32State | stream.ShardedState | None, phase: str,
+                          ranks: dict[str, int] | None, ds_config: dict,
+                          frozen: FP32State | None) -> torch.nn.Module:  # fmt: skip
         """ZeRO-3: the model is built under `deepspeed.zero.Init`, so a rank allocates its partitions only (each
         rank building the whole model first, as ZeRO-1/2 do, costs a whole model per rank: ViT-H/14 did not fit).
 
@@ -196,7 +225,7 @@ class PhaseEngine:
         self.built_elements = zero.local_elements(model)  # before PEFT's factors, which the engine partitions
         model = self._structure(model, phase, ranks)
         if state is not None:
-            self._load(model, state)
+            self._load(model, state, frozen)
         dtype = compute_dtype(ds_config)
         if dtype != torch.float32:
             zero.cast_unpartitioned(model, dtype)
@@ -209,11 +238,16 @@ class PhaseEngine:
         model.set_grad_checkpointing(self.cfg.engine.settings(phase)["activation_checkpointing"])
         return build_structure(model, PHASES[phase], ranks or None, self.cfg.prelora)
 
-    @staticmethod
-    def _load(model: torch.nn.Module, state: FP32State) -> None:
-        missing = [k for k in load_fp32_state(model, state) if ".lora_" not in k]
+    def _load(self, model: torch.nn.Module, state: FP32State | stream.ShardedState,
+              frozen: FP32State | None) -> None:  # fmt: skip
+        if not isinstance(state, stream.ShardedState):
+            state = stream.ShardedState.replicated(state)
+        missing, kept = load_streamed(model, state, self.keep_fp32 and frozen is not None)
+        missing = [k for k in missing if ".lora_" not in k]
         if missing:
             raise RuntimeError(f"the carried state has no value for {missing[:5]}")
+        if frozen is not None:
+            frozen.update(kept)
 
     def build(self, phase: str, ranks: dict[str, int] | None, step: int, checkpoint: dict | None = None,
               keep_frozen: bool = True, saved: dict | None = None) -> None:
@@ -243,32 +277,40 @@ class PhaseEngine:
         t0 = time.perf_counter()
         scales = lora_scales(self.engine.module) if merge_lora else {}
         old, self.engine = self.engine, None
-        # masters and Adam moments out of the old engine (collective), then the old engine goes
-        state = gather_fp32_state(old, self.frozen_fp32)
+        rank, world = collectives.rank(), collectives.world_size()
         carry = self.cfg.prelora.switch_optimizer == "carry"  # `reset`: a fresh optimizer, the paper's behaviour
         spec = PHASES[phase]
         # the moments the new engine takes: every weight's when the base trains on (or, into `relora`, is kept for
         # `warmup`), else those of the LoRA factors and `prelora.trainable_extra` only
         keep = None if spec.base_trainable or phase == "relora" else \
             (lambda name: trains(name, spec, self.cfg.prelora.trainable_extra))
-        gathered = moments.gather(old, keep) if carry else {}
+        # Streamed (stream.py): each value and moment is kept by its owner rank only, so no rank holds a second whole
+        # fp32 copy of the model. Into `relora` the base's moments stay whole on every rank until `warmup`
+        # (`dormant`, which a checkpoint saves from rank 0).
+        owner = stream.owners({canonical_name(n): zero.numel(p) for n, p in old.module.named_parameters()}, world)
+        sharded = phase != "relora"
+        gathered = moments.gather(old, keep, owner if sharded else None) if carry else {}
+        moments.free(old)  # the old Adam state goes before the values are gathered beside the old engine
+        state = gather_sharded(old, self.frozen_fp32, world, rank)  # masters out of the old engine (collective)
+        self.frozen_fp32 = {}  # the old kept base: what this rank owns of it is in `state`
         carried = {**self.dormant, **gathered}  # dormant: the base's moments kept through `relora`
+        self.dormant = {}
         if merge_lora:
-            state = merge_lora_state(state, scales)
-        # moments travel for parameters whose value travels unchanged in shape (not LoRA factors a merge folded away)
-        carried = {n: m for n, m in carried.items() if n in state and state[n].shape == next(iter(m[1].values())).shape}
+            state = state.merged(scales)
+        # moments travel for parameters whose value travels unchanged (not LoRA factors a merge folded away)
+        carried = {n: m for n, m in carried.items() if n in state}
         release(old)
         del old
-        faults.in_rebuild(step, collectives.rank())  # drills: a rank lost between the old engine and the new one
-        model = self.make_model(state, phase, ranks)  # whole or partitioned, as the phase's ZeRO stage says
+        faults.in_rebuild(step, rank)  # drills: a rank lost between the old engine and the new one
+        frozen: FP32State = {}
+        model = self.make_model(state, phase, ranks, frozen=frozen)  # whole or partitioned, as the stage says
         counts = {n: c for n, (c, _) in carried.items()}
         self.engine = build_engine(model, self.configs[phase], self.wd, counts)
         self._log_engine_change(phase, self.built_config, self.configs[phase])
         self.built_config = self.configs[phase]
         if self.engine.bfloat16_enabled() or self.engine.fp16_enabled():  # in fp32 the masters were exact already
             write_fp32_masters(self.engine, state)
-        written = moments.write(self.engine, carried)
-        frozen = frozen_fp32_of(self.engine, state)
+        written = moments.write(self.engine, carried, {n: owner[n] for n in gathered} if sharded else None)
         left = {n: m for n, m in gathered.items() if n not in written}  # moments the new engine does not train
         self.counts = {n: counts[n] for n in written}
         del model, carried, state
@@ -366,6 +408,6 @@ class PhaseEngine:
 
     def destroy(self) -> None:
         if self.engine is not None:
-            self.engine.destroy()
-            self.engine = None
+            engine, self.engine = self.engine, None
+            release(engine)
 

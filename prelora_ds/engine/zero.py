@@ -40,16 +40,16 @@ def full_value(p: torch.nn.Parameter) -> torch.Tensor:
     return p.detach().float().cpu().clone()
 
 
-def write_module_value(p: torch.nn.Parameter, value: torch.Tensor | None) -> None:
+def write_module_value(p: torch.nn.Parameter, value: torch.Tensor | None, src: int = 0) -> None:
     """Set the module's copy of `p` (in its dtype) to `value`, on every rank. Collective under ZeRO-3: the
-    partitions are re-cut from rank 0's value, so the other ranks may pass None."""
+    partitions are re-cut from rank `src`'s value, so the other ranks may pass None."""
     with torch.no_grad():
         if not is_zero3(p):
             p.copy_(value.to(p.device, p.dtype))
             return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=src):
             if value is not None:
                 p.copy_(value.to(p.device, p.dtype).view(p.shape))
 
@@ -116,3 +116,25 @@ def cast_unpartitioned(model: torch.nn.Module, dtype: torch.dtype) -> None:
         for t in [*model.parameters(), *model.buffers()]:
             if not is_zero3(t) and t.is_floating_point() and t.dtype != dtype:
                 t.data = t.data.to(dtype)
+
+
+def forget_engine(module: torch.nn.Module | None) -> None:
+    """Drop DeepSpeed's own references to a destroyed ZeRO-3 engine, which `destroy()` leaves (DeepSpeed 0.19.8) and
+    through which the whole old engine stayed alive, its optimizer state and gradient partitions included (2.8 GiB a
+    rank after a ViT-L/16 switch on 2 ranks; every engine of a run until the process ends):
+    - `parameter_offload.FWD_MODULE_STACK`, to which each engine appends its top module and never takes it off;
+    - the class-wide `functools.lru_cache` on `PartitionedParameterCoordinator.__params_to_release`, keyed by each
+      engine's coordinator and submodules. Clearing it costs a live engine one recomputation per submodule."""
+    try:
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    except ImportError:  # a DeepSpeed without ZeRO-3's offload module keeps neither
+        return
+    if module is not None:
+        stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
+        stack[:] = [m for m in stack if m is not module]
+    method = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for fn in (method, getattr(method, "__wrapped__", None)):  # behind DeepSpeed's nvtx wrapper, in its closure
+        for cell in getattr(fn, "__closure__", None) or ():
+            if hasattr(cell.cell_contents, "cache_clear"):
+                cell.cell_contents.cache_clear()

@@ -45,6 +45,9 @@ def timeline(out):
 
 def test_every_stage_runs_through_the_switch(stages):
     assert json.loads((stages / "codes.json").read_text()) == dict.fromkeys((*STAGES, "stage3_bf16", "phased"), 0)
+    for rank in (0, 1):  # no engine, optimizer or model of a finished run is left alive (ZeRO-3 kept each one)
+        leaks = json.loads((stages / f"leaks.rank{rank}.json").read_text())
+        assert leaks == dict.fromkeys((*STAGES, "stage3_bf16"), {}), leaks
     reference = stages / "stage2"
     for name in (*STAGES, "stage3_bf16"):
         run_dir = stages / name

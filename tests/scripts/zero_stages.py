@@ -7,6 +7,7 @@ OUT_DIR/<name>/ is each run's output directory; ARG... are the recipe flags ever
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -39,14 +40,34 @@ def variants(out: Path) -> dict[str, Path]:
     return paths
 
 
+# what a finished run must not leave behind in the process: its engines, their optimizers, its models
+LEAKS = ("DeepSpeedEngine", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer",
+         "VisionTransformer")
+
+
+def alive() -> dict[str, int]:
+    """How many objects of each LEAKS type are still reachable (after a full collection)."""
+    gc.collect()
+    counts = dict.fromkeys(LEAKS, 0)
+    for obj in gc.get_objects():
+        if type(obj).__name__ in counts:
+            counts[type(obj).__name__] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
 def main(out: Path, args: list[str]) -> None:
     from prelora_ds.train import main as train
 
-    codes = {}
+    codes, leaks = {}, {}
+    only = os.environ.get("ZERO_STAGES_ONLY")  # a comma list of variants, for a quick look by hand
     for name, config in variants(out).items():
+        if only and name not in only.split(","):
+            continue
         extra = PHASE_ENGINES if name == "phased" else []  # stage 3 -> 2 at relora, 2 -> 3 at warmup, 3 -> 2 at lora
         codes[name] = train([*args, "--deepspeed_config", str(config), "--output_dir", str(out / name), *extra])
+        leaks[name] = alive()  # each run's engines (three to five rebuilds) are gone once it returns
     (out / "codes.json").write_text(json.dumps(codes))
+    (out / f"leaks.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(leaks))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import statistics
 import time
 from pathlib import Path
 
+from bench_zero import live_bytes  # tools/ is the script's own directory
+
 from prelora_ds.testing.harness import deepspeed_cmd, run_ranked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
 
     reset_peak_memory()
     full_times = timed_steps(args.full_steps)
-    full_peak = memory_bytes()
+    full_peak, full_live = memory_bytes(), live_bytes()
     ranks = {name: args.rank for name in trainer.phases.layout.layers}
     reset_peak_memory()
     t0 = time.perf_counter()
@@ -87,12 +89,14 @@ def worker(args: argparse.Namespace) -> None:
     trainer.phases.rebuild("lora", ranks, trainer.state.step)
     trainer._regroup()  # the lora engine's micro batch: a new loader, the same images per step
     rebuild_s, rebuild_peak = time.perf_counter() - t0, memory_bytes()
+    rebuild_live = live_bytes()
     reset_peak_memory()
     lora_times = timed_steps(args.lora_steps)
     trainable, total = trainer.phases.count_params()
     result = {"full_step_s": statistics.median(full_times[1:] or full_times), "full_peak_bytes": full_peak,
               "rebuild_s": rebuild_s, "rebuild_peak_bytes": rebuild_peak,
               "lora_step_s": statistics.median(lora_times[1:] or lora_times), "lora_peak_bytes": memory_bytes(),
+              "full_live_bytes": full_live, "rebuild_live_bytes": rebuild_live, "lora_live_bytes": live_bytes(),
               "lora_micro": trainer.geometry.micro, "lora_accum": trainer.geometry.accum, "global_batch": global_batch,
               "lora_settings": settings, "trainable_params": trainable, "total_params": total}  # fmt: skip
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))

@@ -277,6 +277,7 @@ class PhaseEngine:
         t0 = time.perf_counter()
         scales = lora_scales(self.engine.module) if merge_lora else {}
         old, self.engine = self.engine, None
+        self.scheduler = None  # timm's scheduler holds the old optimizer: it would outlive return_freed_memory()
         rank, world = collectives.rank(), collectives.world_size()
         carry = self.cfg.prelora.switch_optimizer == "carry"  # `reset`: a fresh optimizer, the paper's behaviour
         spec = PHASES[phase]
@@ -408,6 +409,6 @@ class PhaseEngine:
 
     def destroy(self) -> None:
         if self.engine is not None:
-            engine, self.engine = self.engine, None
+            engine, self.engine, self.scheduler = self.engine, None, None
             release(engine)
 

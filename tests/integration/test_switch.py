@@ -67,6 +67,7 @@ def test_memory_flat_over_five_rebuilds(facts):
         rss = f["rss"]
         assert len(rss) == 5
         assert max(rss) - rss[0] < 48 * 2**20, [r / 2**20 for r in rss]
+        assert f["engines_after_rebuild"] == [1] * 5  # the old engine was freed by the rebuild, not later
         assert f["live_engines"] == 1  # the destroyed engines are really gone
 
 

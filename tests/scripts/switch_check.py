@@ -89,12 +89,15 @@ def main(out: Path) -> None:
     facts["frozen_changed"] = [k for k in frozen_keys if not torch.equal(after[k], after_step[k])]
 
     # memory: 5 more rebuilds, RSS after each (fresh model per rebuild keeps it flat)
-    rss = []
+    rss, engines = [], []
     for i in range(5):
         trainer.switch_to("warmup" if i % 2 == 0 else "lora")
+        # before any collection of ours: the rebuild itself let the old engine go (an engine in a reference cycle
+        # still referenced at its last gc.collect() waits for Python's next full collection, GiBs on ViT-H)
+        engines.append(sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects()))
         gc.collect()
         rss.append(psutil.Process().memory_info().rss)
-    facts["rss"] = rss
+    facts["rss"], facts["engines_after_rebuild"] = rss, engines
     facts["live_engines"] = sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
     # a fresh model loads the gathered state exactly (the export path)
     fresh = create_model(trainer.cfg.model, 10)

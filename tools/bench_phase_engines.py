@@ -8,7 +8,8 @@ Each cell is one job (`deepspeed --num_gpus N tools/bench_phase_engines.py --wor
 synthetic images takes --full-steps optimizer steps in `full`, switches to `lora` through `PhaseEngine.rebuild` (LoRA
 rank --rank on every target layer; the fp32 masters gathered and carried as in a run) and takes --lora-steps. Every
 cell has the same global batch (micro x accumulation x ranks), so images/s compare directly. Each rank reports its
-peak memory (peak RSS on CPU, max_memory_allocated on GPU) in full, in the rebuild and in lora. Prints a markdown
+peak memory (peak RSS on CPU, max_memory_allocated on GPU) in full, in the rebuild and in lora, and the tensors alive
+after full's and lora's steps (bench_zero.live_bytes). Prints a markdown
 table with each cell's lora step against the first cell's, all from this one run.
 
 Cells (--micro M: full's micro batch; full accumulates --accum micro batches):
@@ -140,12 +141,14 @@ def main() -> None:
     print(f"\n{args.model} at {args.img_size} px, {args.ranks} ranks, global batch {cells[first][0]['global_batch']}, "
           f"LoRA rank {args.rank}: per rank (max over ranks); lora step against {first}")
     print("| cell | lora micro x accum | lora s/step | vs first | images/s | peak GiB full | rebuild | lora | "
-          "rebuild s |\n|---|---|---|---|---|---|---|---|---|")
+          "live GiB full | lora | rebuild s |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for cell, ranks in cells.items():
         step = max(r["lora_step_s"] for r in ranks)
-        peaks = [max(r[k] for r in ranks) / gib for k in ("full_peak_bytes", "rebuild_peak_bytes", "lora_peak_bytes")]
+        peaks = [max(r[k] for r in ranks) / gib for k in ("full_peak_bytes", "rebuild_peak_bytes", "lora_peak_bytes",
+                                                           "full_live_bytes", "lora_live_bytes")]
         print(f"| {cell} | {ranks[0]['lora_micro']} x {ranks[0]['lora_accum']} | {step:.2f} | {step / base:.2f} | "
               f"{ranks[0]['global_batch'] / step:.1f} | {peaks[0]:.2f} | {peaks[1]:.2f} | {peaks[2]:.2f} | "
+              f"{peaks[3]:.2f} | {peaks[4]:.2f} | "
               f"{max(r['rebuild_s'] for r in ranks):.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))

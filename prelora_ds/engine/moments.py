@@ -20,7 +20,8 @@ from collections.abc import Callable
 import torch
 from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
-from prelora_ds.engine import stream
+from prelora_ds.distributed import collectives
+from prelora_ds.engine import stream, zero
 from prelora_ds.engine.model import param_groups as weight_decay_groups
 from prelora_ds.lora.inject import canonical_name
 
@@ -135,12 +136,6 @@ def _write(optimizer, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> N
         safe_set_full_optimizer_state(p, value.to("cpu" if hasattr(p, "ds_id") else p.device), key)
 
 
-def _rank() -> int:
-    import torch.distributed as tdist
-
-    return tdist.get_rank() if tdist.is_initialized() else 0
-
-
 def _names(engine) -> dict[int, str]:
     return {id(p): canonical_name(n) for n, p in engine.module.named_parameters()}
 
@@ -161,7 +156,7 @@ def gather(engine, keep: Callable[[str], bool] | None = None, owner: dict[str, i
         return {}
     link_state(optimizer)
     out: Moments = {}
-    rank = _rank()
+    rank = collectives.rank() if owner is not None else None
     for params, flat in _partitions(optimizer):
         state = _inner(optimizer).state.get(flat, {})
         if "step" not in state:
@@ -172,13 +167,10 @@ def gather(engine, keep: Callable[[str], bool] | None = None, owner: dict[str, i
         for p in params:
             name = names[id(p)]
             if keep is None or keep(name):
-                mine = owner is None or owner[name] == rank
-                out[name] = (int(state["step"]), {k: _kept(_read(optimizer, p, k), mine) for k in keys})
+                values = {k: _read(optimizer, p, k) for k in keys}  # every rank reads: collective under ZeRO-1/2
+                out[name] = (int(state["step"]), values if owner is None or owner[name] == rank else
+                             dict.fromkeys(keys))  # fmt: skip
     return out
-
-
-def _kept(value: torch.Tensor, mine: bool) -> torch.Tensor | None:
-    return value if mine else None
 
 
 def free(engine) -> None:
@@ -232,7 +224,7 @@ def write(engine, moments: Moments, owner: dict[str, int] | None = None) -> list
                 continue
             for key, value in moments[name][1].items():
                 if owner is not None and name in owner:
-                    value = stream.broadcast(value, owner[name], p.ds_shape if hasattr(p, "ds_id") else p.shape)
+                    value = stream.broadcast(value, owner[name], zero.shape(p))
                 _write(optimizer, p, key, value)
                 del value
             carried.append(name)

@@ -80,8 +80,7 @@ def load_fp32_state(model: torch.nn.Module, state: FP32State) -> list[str]:
 def gather_sharded(engine, frozen_fp32: FP32State, world: int, rank: int) -> stream.ShardedState:
     """`gather_fp32_state` streamed: each value kept by its owner rank only (`stream.owners`), so the ranks hold
     one fp32 copy of the model between them. Collective: all ranks call it."""
-    shapes = {canonical_name(n): torch.Size(p.ds_shape if zero.is_zero3(p) else p.shape)
-              for n, p in engine.module.named_parameters()}  # fmt: skip
+    shapes = {canonical_name(n): zero.shape(p) for n, p in engine.module.named_parameters()}
     state = stream.ShardedState.for_names(shapes, world, rank)
     for name, p in engine.module.named_parameters():
         key = canonical_name(name)
@@ -101,14 +100,15 @@ def load_streamed(model: torch.nn.Module, state: stream.ShardedState, keep_froze
         key = canonical_name(name)
         if key not in state:
             missing.append(key)
-        elif zero.is_zero3(p) and not (keep_frozen and not p.requires_grad) and state.src(key) is not None:
+            continue
+        keep = keep_frozen and not p.requires_grad  # every rank needs the whole value
+        if zero.is_zero3(p) and state.src(key) is not None and not keep:
             zero.write_module_value(p, state.local.get(key), src=state.src(key))  # the owner's value, re-cut
-        else:
-            value = state.value(key)
-            zero.write_module_value(p, value)
-            if keep_frozen and not p.requires_grad:
-                frozen[key] = value.cpu()
-            del value
+            continue
+        value = state.value(key)
+        zero.write_module_value(p, value)
+        if keep:
+            frozen[key] = value.cpu()
     return missing, frozen
 
 

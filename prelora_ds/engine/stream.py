@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from prelora_ds.distributed import collectives
 from prelora_ds.lora.merge import merge_lora
 
 
@@ -46,8 +47,6 @@ def device() -> torch.device:
 def broadcast(value: torch.Tensor | None, src: int, shape: torch.Size,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
     """`src`'s `value` on every rank (the others pass None), on the accelerator's device. Collective."""
-    from prelora_ds.distributed import collectives
-
     return collectives.broadcast_tensor(value, src, shape, device(), dtype)
 
 

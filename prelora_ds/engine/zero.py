@@ -23,6 +23,11 @@ def numel(p: torch.Tensor) -> int:
     return int(p.ds_numel) if is_zero3(p) else p.numel()
 
 
+def shape(p: torch.Tensor) -> torch.Size:
+    """The parameter's full shape (a ZeRO-3 placeholder's own shape is empty)."""
+    return torch.Size(p.ds_shape) if is_zero3(p) else p.shape
+
+
 def full_value(p: torch.nn.Parameter) -> torch.Tensor:
     """The whole parameter in fp32 on CPU: the fp32 master when the optimizer holds one, else the module's
     value (gathered under ZeRO-3). Collective under ZeRO-3."""
@@ -31,7 +36,7 @@ def full_value(p: torch.nn.Parameter) -> torch.Tensor:
 
         full = safe_get_full_fp32_param(p)  # all-gathered from the partitions: a fresh tensor
         if full is not None:
-            return full.detach().float().cpu().view(p.ds_shape if is_zero3(p) else p.shape)
+            return full.detach().float().cpu().view(shape(p))
     if is_zero3(p):
         import deepspeed
 

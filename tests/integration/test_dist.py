@@ -46,6 +46,8 @@ def test_package_collectives_on_a_cuda_only_default_group(tmp_path, world):
         else:
             assert f["disagree_message"] is None  # one rank always agrees with itself
         assert f["gathered"] == [{"rank": r, "files": [f"rank{r}.pt"]} for r in range(world)]  # objects, rank order
+        # the streamed rebuild's broadcast uses the training group: a CPU tensor is refused there, as under NCCL
+        assert f["bulk_broadcast_error"] == "No backend type associated with device type cpu"
         # norms: exact to fp32 rounding, the frozen fp32 value counted once (not once per rank)
         assert f["norm_max_rel_err"] < 1e-5
         assert (f["loss_sum"], f["loss_count"]) == (sum(r + 1.0 for r in range(world)), 3.0 * world)

@@ -57,6 +57,11 @@ def main(out: Path) -> None:
         facts["disagree_message"] = str(exc)
     facts["gathered"] = collectives.all_gather_object({"rank": rank, "files": [f"rank{rank}.pt"]})
     collectives.barrier()
+    try:  # a rebuild's bulk broadcast goes on the training group, so it needs the accelerator's device (engine/stream)
+        collectives.broadcast_tensor(torch.ones(2) if rank == 0 else None, 0, torch.Size([2]), torch.device("cpu"))
+        facts["bulk_broadcast_error"] = None
+    except RuntimeError as exc:
+        facts["bulk_broadcast_error"] = str(exc).splitlines()[0]
 
     # a norm sample as in `full`: plain parameters (no ZeRO fragments), counted once (rank 0), frozen fp32 used
     model = tiny_vit()

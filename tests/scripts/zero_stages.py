@@ -59,10 +59,7 @@ def main(out: Path, args: list[str]) -> None:
     from prelora_ds.train import main as train
 
     codes, leaks = {}, {}
-    only = os.environ.get("ZERO_STAGES_ONLY")  # a comma list of variants, for a quick look by hand
     for name, config in variants(out).items():
-        if only and name not in only.split(","):
-            continue
         extra = PHASE_ENGINES if name == "phased" else []  # stage 3 -> 2 at relora, 2 -> 3 at warmup, 3 -> 2 at lora
         codes[name] = train([*args, "--deepspeed_config", str(config), "--output_dir", str(out / name), *extra])
         leaks[name] = alive()  # each run's engines (three to five rebuilds) are gone once it returns

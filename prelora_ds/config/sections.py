@@ -291,6 +291,11 @@ class ReLoRAConfig:
     entries) or 'full' (zero all of it). The second moment is kept in both (docs/relora.md)."""
     restart_warmup_steps: int = 50
     """After each merge the LR restarts from 0 and ramps linearly back to the cosine over this many steps."""
+    warmup_base_lr_scale: float = 0.1
+    """LR factor (on the schedule) of the base weights in the `warmup` that follows `relora`: frozen through
+    `relora`, at the schedule's own LR their full-rank steps raised the training loss for the whole `warmup` and
+    cost 4-5 points of top-1 on the demo, at 0.1 none (docs/study.md). 1.0: the schedule's LR. LoRA factors, head
+    and norms always train at the schedule's LR."""
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"relora.rank must be >= 1, got {self.rank}.")
@@ -306,6 +311,11 @@ class ReLoRAConfig:
         _require(0 <= self.prune_ratio <= 1, f"relora.prune_ratio must be in [0, 1], got {self.prune_ratio}.")
         _require(self.reset in ("magnitude", "full"), f"relora.reset={self.reset!r}: write 'magnitude' or 'full'.")
         _require(self.restart_warmup_steps >= 0, "relora.restart_warmup_steps must be >= 0.")
+        _require(
+            0 < self.warmup_base_lr_scale <= 1,
+            f"relora.warmup_base_lr_scale must be in (0, 1], got {self.warmup_base_lr_scale}: it scales the LR of "
+            "the base weights in the warmup after relora (1.0: the schedule's LR).",
+        )
 
 
 # What a phase's rebuild may change in the DeepSpeed config (config/deepspeed.py `phase_ds_config`)

@@ -28,22 +28,29 @@ from prelora_ds.lora.inject import canonical_name
 # name -> (Adam step count, {state key: the whole fp32 tensor on CPU})
 Moments = dict[str, tuple[int, dict[str, torch.Tensor]]]
 COUNT = "adam_step_at_build"  # parameter-group key: the step count its parameters' moments carried in (0: fresh)
+REVIVED = "revived"  # parameter-group key: frozen in the previous phase, training again (relora -> warmup's base)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, counts: dict[str, int] | None = None) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, counts: dict[str, int] | None = None,
+                 revived: frozenset[str] = frozenset(), revived_lr_scale: float = 1.0) -> list[dict]:  # fmt: skip
     """The weight-decay groups, each split by the Adam step count its parameters carry into this engine (0:
-    fresh). Without counts (a new run, or a reset at the switch) they are the plain weight-decay groups."""
+    fresh) and by whether they are `revived` (names frozen in the previous phase that train again: the base in
+    the `warmup` after `relora`), whose groups take `revived_lr_scale` as timm's `lr_scale` (its schedulers
+    multiply a group's LR by it). Without either (a new run, a reset at the switch) the plain weight-decay
+    groups."""
     groups = weight_decay_groups(model, weight_decay)
-    if not counts:
+    if not counts and not revived:
         return groups
+    counts = counts or {}
     names = {id(p): canonical_name(n) for n, p in model.named_parameters()}
     split = []
     for group in groups:
-        by_count: dict[int, list[torch.nn.Parameter]] = {}
+        by_key: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
         for p in group["params"]:
-            by_count.setdefault(counts.get(names[id(p)], 0), []).append(p)
-        for count in sorted(by_count, reverse=True):  # the same order at a switch and at the resume after it
-            split.append({**group, "params": by_count[count], COUNT: count})
+            by_key.setdefault((counts.get(names[id(p)], 0), names[id(p)] in revived), []).append(p)
+        for count, back in sorted(by_key, reverse=True):  # the same order at a switch and at the resume after it
+            scale = {REVIVED: True, "lr_scale": revived_lr_scale} if back else {}
+            split.append({**group, "params": by_key[(count, back)], COUNT: count, **scale})
     return split
 
 

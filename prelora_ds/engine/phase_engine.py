@@ -43,10 +43,12 @@ from prelora_ds.testing import faults
 FP32State = dict[str, torch.Tensor]
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict, weight_decay: float, counts: dict[str, int] | None = None):
+def build_engine(model: torch.nn.Module, ds_config: dict, weight_decay: float, counts: dict[str, int] | None = None,
+                 revived: frozenset[str] = frozenset(), revived_lr_scale: float = 1.0):  # fmt: skip
     """A DeepSpeed engine whose optimizer holds exactly the model's trainable parameters, in weight-decay groups
-    split by the Adam step count each parameter carries in (`counts`, name -> count; none: one fresh history)."""
-    groups = moments.param_groups(model, weight_decay, counts)
+    split by the Adam step count each parameter carries in (`counts`, name -> count; none: one fresh history) and
+    by whether it is `revived` (its groups' LR scaled by `revived_lr_scale`)."""
+    groups = moments.param_groups(model, weight_decay, counts, revived, revived_lr_scale)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return engine
 
@@ -173,6 +175,7 @@ class PhaseEngine:
         self.counts: dict[str, int] = {}  # name -> the Adam step count its moments carried into this engine
         self.dormant: moments.Moments = {}  # in relora: the frozen base's Adam state from `full`, for `warmup`
         self.rewarm_start: int | None = None  # the step this engine was built at by a rebuild (fresh groups ramp)
+        self.revived: frozenset[str] = frozenset()  # trainable here, frozen in the phase before (relora's base)
 
     # ----------------------------------------------------------------- build
     def make_model(self, state: FP32State | stream.ShardedState | None, phase: str, ranks: dict[str, int] | None,
@@ -258,6 +261,7 @@ class PhaseEngine:
         `saved`: the checkpoint's `state_dict()`, whose optimizer group layout the engine must have to load it."""
         saved = saved or {}
         self.counts, self.rewarm_start = dict(saved.get("adam_counts", {})), saved.get("rewarm_start")
+        self.revived = frozenset(saved.get("revived", ()))
         ds_config = {**self.configs[phase], "checkpoint": checkpoint} if checkpoint else self.configs[phase]
         torch.manual_seed(self.cfg.train.seed)
         model = self.make_model(None, phase, ranks, ds_config)
@@ -266,7 +270,7 @@ class PhaseEngine:
             for n, p in model.named_parameters()
             if not p.requires_grad and self.keep_fp32 and keep_frozen
         }
-        self.engine = build_engine(model, ds_config, self.wd, self.counts)
+        self.engine = build_engine(model, ds_config, self.wd, self.counts, self.revived, self.revived_lr_scale)
         self.built_config = self.configs[phase]
         self._attach_scheduler(step)
 
@@ -289,6 +293,7 @@ class PhaseEngine:
         # fp32 copy of the model. Into `relora` the base's moments stay whole on every rank until `warmup`
         # (`dormant`, which a checkpoint saves from rank 0).
         owner = stream.owners({canonical_name(n): zero.numel(p) for n, p in old.module.named_parameters()}, world)
+        frozen_before = {canonical_name(n) for n, p in old.module.named_parameters() if not p.requires_grad}
         sharded = phase != "relora"
         gathered = moments.gather(old, keep, owner if sharded else None) if carry else {}
         moments.free(old)  # the old Adam state goes before the values are gathered beside the old engine
@@ -306,7 +311,10 @@ class PhaseEngine:
         frozen: FP32State = {}
         model = self.make_model(state, phase, ranks, frozen=frozen)  # whole or partitioned, as the stage says
         counts = {n: c for n, (c, _) in carried.items()}
-        self.engine = build_engine(model, self.configs[phase], self.wd, counts)
+        # the base after `relora` (frozen through it) trains at `relora.warmup_base_lr_scale` of the schedule
+        self.revived = frozenset(canonical_name(n) for n, p in model.named_parameters()
+                                 if p.requires_grad and canonical_name(n) in frozen_before)  # fmt: skip
+        self.engine = build_engine(model, self.configs[phase], self.wd, counts, self.revived, self.revived_lr_scale)
         self._log_engine_change(phase, self.built_config, self.configs[phase])
         self.built_config = self.configs[phase]
         if self.engine.bfloat16_enabled() or self.engine.fp16_enabled():  # in fp32 the masters were exact already
@@ -335,8 +343,9 @@ class PhaseEngine:
 
     def state_dict(self) -> dict:
         """The engine's layout a resume must rebuild (saved in trainer_state.json): the Adam step count each
-        carried parameter brought in (its parameter group), and the step of the rebuild that built it."""
-        return {"adam_counts": self.counts, "rewarm_start": self.rewarm_start,
+        carried parameter brought in and the revived parameters (its parameter groups), and the step of the rebuild
+        that built it."""
+        return {"adam_counts": self.counts, "rewarm_start": self.rewarm_start, "revived": sorted(self.revived),
                 "group_steps": moments.group_steps(self.engine.optimizer)}
 
     def frozen_state(self, rank: int) -> FP32State:
@@ -362,6 +371,10 @@ class PhaseEngine:
         if frozen:
             load_fp32_state(self.engine.module, frozen)
         self.frozen_fp32 = frozen if self.keep_fp32 else {}
+
+    @property
+    def revived_lr_scale(self) -> float:
+        return self.cfg.relora.warmup_base_lr_scale
 
     def _attach_scheduler(self, step: int) -> None:
         self.scheduler = build_scheduler(self.engine.optimizer, self.total_steps, self.lr_warmup_steps,

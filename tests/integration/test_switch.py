@@ -147,6 +147,25 @@ def test_the_base_frozen_through_relora_takes_up_its_moments_at_warmup(switch_ou
         assert f["warmup_fresh"] and all(".lora_" in n for n in f["warmup_fresh"])  # only the new factors
 
 
+@pytest.mark.parametrize("name", ["zero2_fp32", "zero3_bf16"])
+def test_the_base_revived_after_relora_trains_at_its_lr_scale(switch_out, name):
+    """In the warmup after relora the base (frozen through relora) steps at `relora.warmup_base_lr_scale` of the
+    schedule: the same first step with the scale at 1.0 (the control, from the same checkpoint) moves the base 1/scale
+    as far and every other parameter (LoRA factors, head, norms) bit for bit the same; a resume keeps the groups."""
+    for f in moment_facts(switch_out, f"{name}_relora"):
+        frozen = {n.replace("base_model.model.", "").replace(".base_layer", "") for n in f["frozen_in_relora"]}
+        assert f["revived"] == sorted(frozen)
+        scale = f["scale"]
+        assert scale == 0.1
+        revived_groups = [g for g in f["groups"] if g[1]]
+        assert revived_groups and all(g[2] == scale and g[4] == f["lr"] * scale for g in revived_groups)
+        assert all(g[2] is None and g[4] == f["lr"] for g in f["groups"] if not g[1])
+        assert abs(f["base_update_ratio"] - scale) < 1e-3 * scale, f["base_update_ratio"]
+        assert f["other_update_mismatch"] == [] and f["other_updated"] > 10
+        assert f["resume_phase"] == "warmup"
+        assert f["resume_groups"] == [g[:4] for g in f["groups"]]
+
+
 @pytest.mark.parametrize("name", MOMENT_CONFIGS)
 def test_the_first_step_after_the_switch_moves_the_model_like_a_step_of_full(switch_out, name):
     """The base weights' update in the step after the switch against the last steps of `full` in the same run:

@@ -60,6 +60,26 @@ def update_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor])
     return float(sum(float((after[k] - before[k]).double().pow(2).sum()) for k in before if ".lora_" not in k) ** 0.5)
 
 
+def layout(trainer: Trainer) -> list[list]:
+    """Each optimizer group's (Adam count carried in, revived, timm's lr_scale, elements: of this rank's flat
+    partition under ZeRO)."""
+    return [[g.get(moments.COUNT), bool(g.get(moments.REVIVED)), g.get("lr_scale"), sum(p.numel() for p in g["params"])]
+            for g in trainer.engine.optimizer.param_groups]  # fmt: skip
+
+
+def warmup_step(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor) -> dict:
+    """One step of warmup: the revived names, the group layout with each group's LR, and the values before and
+    after of the base (revived) and the change of every other parameter."""
+    w0 = trainer.phases.fp32_state()
+    trainer.train_step([(images[:4], targets[:4])])
+    w1 = trainer.phases.fp32_state()
+    revived = sorted(trainer.phases.revived)
+    groups = [[*row, g["lr"]] for row, g in zip(layout(trainer), trainer.engine.optimizer.param_groups, strict=True)]
+    return {"revived": revived, "groups": groups,
+            "base": ({n: w0[n] for n in revived}, {n: w1[n] for n in revived}),
+            "other": {n: w1[n] - w0[n] for n in w1 if n not in trainer.phases.revived and n in w0}}  # fmt: skip
+
+
 def check(out: Path, name: str) -> dict:
     trainer = build(out / name, name)
     rank = trainer.rank
@@ -134,6 +154,11 @@ def check_relora(out: Path, name: str) -> dict:
         trainer.train_step([(images[4 * i : 4 * i + 4], targets[4 * i : 4 * i + 4])])
     trainer.save_checkpoint()
     trainer.close()
+    # the control: the same resume and first step of warmup with the base at the schedule's own LR
+    control = build(run, name, resume=True, relora={**relora, "warmup_base_lr_scale": 1.0})
+    control.switch_to("warmup", {n: 16 for n in control.phases.layout.layers}, merge_lora=True)
+    control_step = warmup_step(control, images, targets)
+    control.close()
     resumed = build(run, name, resume=True, relora=relora)
     facts = {"frozen_in_relora": sorted(n for n, p in resumed.engine.module.named_parameters() if not p.requires_grad),
              "kept": sorted(kept), "kept_keys": sorted({k for _, m in kept.values() for k in m}),
@@ -147,7 +172,21 @@ def check_relora(out: Path, name: str) -> dict:
     facts["warmup_fresh"] = sorted(n for n, p in resumed.engine.module.named_parameters()
                                    if p.requires_grad and n.replace("base_model.model.", "").replace(".base_layer", "")
                                    not in warmup)  # fmt: skip
+    step = warmup_step(resumed, images, targets)
+    facts["scale"] = resumed.cfg.relora.warmup_base_lr_scale
+    facts["revived"] = step["revived"]
+    facts["groups"] = step["groups"]
+    facts["lr"] = resumed.last_lr
+    facts["base_update_ratio"] = update_norm(*step["base"]) / update_norm(*control_step["base"])
+    other, control_other = step["other"], control_step["other"]
+    facts["other_update_mismatch"] = [n for n, d in other.items() if not torch.equal(d, control_other[n])]
+    facts["other_updated"] = sum(bool(d.any()) for d in step["other"].values())
+    resumed.save_checkpoint()
     resumed.close()
+    again = build(run, name, resume=True, relora=relora)  # a resume in warmup builds the same groups
+    facts["resume_phase"] = again.state.phase
+    facts["resume_groups"] = layout(again)
+    again.close()
     (out / f"{name}_relora.rank{rank}.json").write_text(json.dumps(facts))
     return facts
 

@@ -228,22 +228,34 @@ def plot_time_to_accuracy(run_dirs: list[Path], labels: list[str], out: Path) ->
 
 
 # ----------------------------------------------------------------------------- the switches
-def switch_effects(summary: dict[str, Any], target: float = 95.0) -> dict[str, Any]:
+def switch_effects(summary: dict[str, Any], target: float = 95.0, tail: int = 5) -> dict[str, Any]:
     """Around each phase change: val top-1 at the last validation at or before it (the switch follows the epoch's
-    validation) and at the first after it; the final top-1; the first validation at `target` % (step, wall s)."""
+    validation) and at the first after it, and the steps of every validation in the phase it starts; the final
+    top-1 and the mean of the last `tail` validations (one validation moves by a few points between epochs at a
+    high LR: the means are the steadier measures); the first validation at `target` % (step, wall s)."""
     val = summary.get("val") or []
+    phases = summary.get("phases") or []
     changes = []
-    for phase in (summary.get("phases") or [])[1:]:
-        at = phase["start_step"]
+    for phase in phases[1:]:
+        at, end = phase["start_step"], phase.get("end_step")
         before = [v for v in val if v["step"] <= at]
         after = [v for v in val if v["step"] > at]
         changes.append({"to": phase["name"], "step": at, "before": before[-1]["top1"] if before else None,
                         "after": after[0]["top1"] if after else None,
-                        "after_step": after[0]["step"] if after else None})
+                        "after_step": after[0]["step"] if after else None,
+                        "phase_steps": [v["step"] for v in after if end is None or v["step"] <= end]})
     reached = next((v for v in val if v["top1"] >= target), None)
+    last = [v["top1"] for v in val[-tail:]]
     return {"changes": changes, "final": summary.get("final_val_top1"),
+            "tail_mean": sum(last) / len(last) if last else None,
             "target_step": reached["step"] if reached else None,
             "target_wall_s": reached.get("wall_s") if reached else None}
+
+
+def mean_top1(summary: dict[str, Any] | None, steps: list[int]) -> float | None:
+    """Mean val top-1 of `summary`'s validations at `steps` (None when it has not all of them)."""
+    got = [top1_at(summary, s) for s in steps] if summary and steps else [None]
+    return None if None in got else sum(got) / len(got)
 
 
 def top1_at(summary: dict[str, Any], step: int | None) -> float | None:
@@ -252,21 +264,24 @@ def top1_at(summary: dict[str, Any], step: int | None) -> float | None:
 
 def switch_table(run_dirs: list[Path], labels: list[str], baseline: dict[str, Path] | None = None) -> str:
     """A markdown row per run: top-1 just before / just after each switch (and the baseline run's top-1 at that
-    first validation after it), the final top-1, and when 95 % was first reached. `baseline`: seed label -> the
-    full-training run of that seed (matched by the `_s<seed>` suffix of the run's label)."""
-    lines = ["| run | switch | step | top-1 before | top-1 after | full at that step | final top-1 | 95 % at step | "
-             "95 % at s |", "|" + "---|" * 9]
+    first validation after it), the mean over the phase the switch starts (and the baseline's over the same steps),
+    the final top-1 and the mean of the last five validations, and when 95 % was first reached. `baseline`: seed
+    label -> the full-training run of that seed (matched by the `_s<seed>` suffix of the run's label)."""
+    lines = ["| run | switch | step | top-1 before | top-1 after | full at that step | phase mean | full's mean | "
+             "final top-1 | last-5 mean | 95 % at step | 95 % at s |", "|" + "---|" * 12]
     for run_dir, label in zip(run_dirs, labels, strict=True):
         s = read_json(run_dir / "summary.json")
         eff = switch_effects(s)
         seed = label.rsplit("_s", 1)[-1] if "_s" in label else None
         base = read_json(baseline[seed] / "summary.json") if baseline and seed in baseline else None
-        rows = eff["changes"] or [{"to": "-", "step": None, "before": None, "after": None, "after_step": None}]
+        rows = eff["changes"] or [{"to": "-", "step": None, "before": None, "after": None, "after_step": None,
+                                   "phase_steps": []}]  # fmt: skip
         for i, c in enumerate(rows):
             cells = [label if i == 0 else "", f"-> {c['to']}", fmt(c["step"]), fmt(c["before"], ".1f"),
-                     fmt(c["after"], ".1f"), fmt(top1_at(base, c["after_step"]) if base else None, ".1f")]
-            cells += [fmt(eff["final"], ".2f"), fmt(eff["target_step"]), fmt(eff["target_wall_s"], ".0f")] if i == 0 \
-                else ["", "", ""]
+                     fmt(c["after"], ".1f"), fmt(top1_at(base, c["after_step"]) if base else None, ".1f"),
+                     fmt(mean_top1(s, c["phase_steps"]), ".1f"), fmt(mean_top1(base, c["phase_steps"]), ".1f")]
+            cells += [fmt(eff["final"], ".2f"), fmt(eff["tail_mean"], ".2f"), fmt(eff["target_step"]),
+                      fmt(eff["target_wall_s"], ".0f")] if i == 0 else ["", "", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

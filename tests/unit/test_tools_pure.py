@@ -38,6 +38,22 @@ def test_steps_per_epoch_from_validation_history():
     assert compare.steps_per_epoch({"epochs": 0, "val": [{"step": 10, "epoch": 0}]}) is None
 
 
+def test_switch_effects_measure_each_phase_and_the_tail():
+    """Around a switch: the validation before and the first after, the steps of the phase it starts (its mean is
+    compared with full training's over the same steps), and the mean of the last validations."""
+    val = [{"step": 10 * i, "top1": float(t)} for i, t in enumerate([50, 60, 70, 64, 72, 80, 90, 92, 94, 96], 1)]
+    summary = {"val": val, "final_val_top1": 96.0, "phases": [
+        {"name": "full", "start_step": 0, "end_step": 30}, {"name": "warmup", "start_step": 30, "end_step": 60},
+        {"name": "lora", "start_step": 60, "end_step": 100}]}  # fmt: skip
+    eff = compare.switch_effects(summary, tail=3)
+    warmup, lora = eff["changes"]
+    assert (warmup["before"], warmup["after"], warmup["after_step"]) == (70.0, 64.0, 40)
+    assert warmup["phase_steps"] == [40, 50, 60] and lora["phase_steps"] == [70, 80, 90, 100]
+    assert compare.mean_top1(summary, warmup["phase_steps"]) == 72.0
+    assert compare.mean_top1(summary, [40, 45]) is None  # a run without a validation there is not compared
+    assert eff["tail_mean"] == 94.0 and eff["target_step"] == 100
+
+
 def test_replay_gives_the_middle_rank_when_max_epochs_forced_a_switch_before_two_windows():
     """The trainer's choice with one closed window (no change to compare): the middle rank on every layer."""
     windows = {"norm_windows": {"attn.qkv": [[1.0, 2.0, 3.0]]},

@@ -6,7 +6,7 @@
   python tools/run_study.py --only full_vits relaxed_vits        # a compute-bound scale (ViT-S-sized, 32 px)
   python tools/run_study.py --only full relaxed relaxed_reset medium medium_reset relora relora_reset --seeds 0 1
                                                                   # Adam's state across the switch: carry vs reset
-  python tools/run_study.py --only full relaxed medium relora relora_base_lr1 --seeds 0 1 2 3
+  python tools/run_study.py --only full relaxed medium relora relora_base_lr01 --seeds 0 1 2 3
                                                                   # the base's LR in the warmup after relora
 
 Each configuration is one command (printed before it runs): the demo recipe on 2 CPU ranks through the
@@ -54,8 +54,8 @@ CONFIGS |= {"full_vits": [*CONFIGS["full"], *VITS], "relaxed_vits": [*CONFIGS["r
 CONFIGS["relora"] = ["--recipe", "recipes/demo_relora.yaml"]  # the later --recipe wins
 RESET = ["--prelora.switch_optimizer", "reset"]
 CONFIGS |= {f"{name}_reset": [*CONFIGS[name], *RESET] for name in ("relaxed", "medium", "relora")}
-# the base after relora at the schedule's own LR in warmup (the default scales it: relora.warmup_base_lr_scale)
-CONFIGS["relora_base_lr1"] = [*CONFIGS["relora"], "--relora.warmup_base_lr_scale", "1.0"]
+# the base after relora at 0.1 of the schedule's LR in warmup (relora.warmup_base_lr_scale; the default is 1.0)
+CONFIGS["relora_base_lr01"] = [*CONFIGS["relora"], "--relora.warmup_base_lr_scale", "0.1"]
 
 
 def launcher() -> list[str]:

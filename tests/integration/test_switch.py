@@ -149,9 +149,10 @@ def test_the_base_frozen_through_relora_takes_up_its_moments_at_warmup(switch_ou
 
 @pytest.mark.parametrize("name", ["zero2_fp32", "zero3_bf16"])
 def test_the_base_revived_after_relora_trains_at_its_lr_scale(switch_out, name):
-    """In the warmup after relora the base (frozen through relora) steps at `relora.warmup_base_lr_scale` of the
-    schedule: the same first step with the scale at 1.0 (the control, from the same checkpoint) moves the base 1/scale
-    as far and every other parameter (LoRA factors, head, norms) bit for bit the same; a resume keeps the groups."""
+    """In the warmup after relora the base (frozen through relora) steps at `relora.warmup_base_lr_scale` (0.1 here)
+    of the schedule: the same first step at 1.0 (the default; the control, from the same checkpoint) moves the base
+    1/scale as far and every other parameter (LoRA factors, head, norms) bit for bit the same; a resume keeps the
+    groups."""
     for f in moment_facts(switch_out, f"{name}_relora"):
         frozen = {n.replace("base_model.model.", "").replace(".base_layer", "") for n in f["frozen_in_relora"]}
         assert f["revived"] == sorted(frozen)

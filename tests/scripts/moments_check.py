@@ -140,7 +140,8 @@ def check(out: Path, name: str) -> dict:
 def check_relora(out: Path, name: str) -> dict:
     """full -> relora (the base freezes: its moments are kept aside), a checkpoint and a resume in relora, then
     relora -> warmup (the base trains again and takes them up)."""
-    relora = {"enabled": True, "start_step": 1000, "rank": 8}  # the switches are made by hand here
+    # the switches are made by hand here; the base revived in warmup trains at 0.1 of the LR (the control at 1.0)
+    relora = {"enabled": True, "start_step": 1000, "rank": 8, "warmup_base_lr_scale": 0.1}
     run = out / f"{name}_relora"
     trainer = build(run, name, relora=relora)
     rank = trainer.rank

@@ -56,6 +56,8 @@ RESET = ["--prelora.switch_optimizer", "reset"]
 CONFIGS |= {f"{name}_reset": [*CONFIGS[name], *RESET] for name in ("relaxed", "medium", "relora")}
 # the base after relora at 0.1 of the schedule's LR in warmup (relora.warmup_base_lr_scale; the default is 1.0)
 CONFIGS["relora_base_lr01"] = [*CONFIGS["relora"], "--relora.warmup_base_lr_scale", "0.1"]
+# ... rising linearly from 0.1 at the switch to 1.0 at the end of warmup (relora.warmup_base_lr_ramp)
+CONFIGS["relora_base_ramp"] = [*CONFIGS["relora_base_lr01"], "--relora.warmup_base_lr_ramp", "true"]
 
 
 def launcher() -> list[str]:

@@ -157,6 +157,16 @@ def rewarmup_factor(step: int, start: int | None, warmup: int) -> float:
     return (step - start) / warmup
 
 
+def revived_lr_scale(step: int, start: int | None, r: ReLoRAConfig, warmup_steps: int) -> float:
+    """LR factor of the base revived at `relora -> warmup` (the rebuild after `start` steps) for optimizer step
+    `step` (0-based): `warmup_base_lr_scale`; with `warmup_base_lr_ramp` it rises linearly from there at the
+    switch to 1 at the end of `warmup` (`warmup_steps` long) and stays at 1."""
+    scale = r.warmup_base_lr_scale
+    if not r.warmup_base_lr_ramp or start is None or warmup_steps <= 0:
+        return scale
+    return scale + (1.0 - scale) * min(max(step - start, 0) / warmup_steps, 1.0)
+
+
 def merge_due(step: int, start: int | None, every: int) -> bool:
     """Whether the ReLoRA merge runs after optimizer step `step` (the count of steps done); `start`: the step
     `relora` began (None: not started)."""

@@ -297,6 +297,9 @@ class ReLoRAConfig:
     raise the training loss through the whole `warmup` (demo, 4 seeds: top-1 one epoch after the switch 1.4 to 10.6
     points under the validation before it) and the run ends highest; 0.1: no rise (-4.5 to +2.5 points there) but
     0.6 points lower at the end, the base learning less in `warmup` (docs/study.md)."""
+    warmup_base_lr_ramp: bool = False
+    """Raise that factor linearly from `warmup_base_lr_scale` at the switch to 1.0 at the end of `warmup`
+    (`prelora.warmup_steps`, or `warmup_epochs` x the steps of an epoch)."""
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"relora.rank must be >= 1, got {self.rank}.")
@@ -316,6 +319,11 @@ class ReLoRAConfig:
             0 < self.warmup_base_lr_scale <= 1,
             f"relora.warmup_base_lr_scale must be in (0, 1], got {self.warmup_base_lr_scale}: it scales the LR of "
             "the base weights in the warmup after relora (1.0: the schedule's LR).",
+        )
+        _require(
+            not self.warmup_base_lr_ramp or self.warmup_base_lr_scale < 1,
+            "relora.warmup_base_lr_ramp raises the base's LR factor from relora.warmup_base_lr_scale to 1.0 across "
+            "warmup, but warmup_base_lr_scale is 1.0 already: set it below 1 (e.g. 0.1) or turn the ramp off.",
         )
 
 

@@ -241,3 +241,8 @@ def write(engine, moments: Moments, owner: dict[str, int] | None = None) -> list
 def fresh_groups(optimizer) -> list[dict]:
     """The parameter groups whose Adam state started fresh in this engine (all of them without a split)."""
     return [g for g in optimizer.param_groups if not g.get(COUNT, 0)]
+
+
+def revived_groups(optimizer) -> list[dict]:
+    """The parameter groups of the parameters frozen in the previous phase that train again in this engine."""
+    return [g for g in optimizer.param_groups if g.get(REVIVED)]

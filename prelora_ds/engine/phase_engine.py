@@ -158,12 +158,13 @@ class PhaseEngine:
     """Builds and rebuilds the engine for a phase; `engine` is None until `build`."""
 
     def __init__(self, cfg: RunConfig, ds_config: dict, num_classes: int, total_steps: int, lr_warmup_steps: int,
-                 configs: dict[str, dict] | None = None):  # fmt: skip
+                 configs: dict[str, dict] | None = None, warmup_phase_steps: int = 0):  # fmt: skip
         """`configs`: each phase's DeepSpeed config (`config.deepspeed.phase_configs`); `ds_config` for every phase
-        when not given."""
+        when not given. `warmup_phase_steps`: the length of `warmup` in steps (`relora.warmup_base_lr_ramp`)."""
         self.cfg, self.ds_config, self.num_classes = cfg, ds_config, num_classes
         self.configs = configs or dict.fromkeys(PHASES, ds_config)
         self.total_steps, self.lr_warmup_steps = total_steps, lr_warmup_steps
+        self.warmup_phase_steps = warmup_phase_steps
         self.wd = weight_decay(ds_config)
         self.keep_fp32 = low_precision(ds_config)
         self.engine = None
@@ -270,7 +271,7 @@ class PhaseEngine:
             for n, p in model.named_parameters()
             if not p.requires_grad and self.keep_fp32 and keep_frozen
         }
-        self.engine = build_engine(model, ds_config, self.wd, self.counts, self.revived, self.revived_lr_scale)
+        self.engine = build_engine(model, ds_config, self.wd, self.counts, self.revived, self.revived_lr_scale(step))
         self.built_config = self.configs[phase]
         self._attach_scheduler(step)
 
@@ -314,7 +315,9 @@ class PhaseEngine:
         # the base after `relora` (frozen through it) trains at `relora.warmup_base_lr_scale` of the schedule
         self.revived = frozenset(canonical_name(n) for n, p in model.named_parameters()
                                  if p.requires_grad and canonical_name(n) in frozen_before)  # fmt: skip
-        self.engine = build_engine(model, self.configs[phase], self.wd, counts, self.revived, self.revived_lr_scale)
+        self.rewarm_start = step
+        self.engine = build_engine(model, self.configs[phase], self.wd, counts, self.revived,
+                                   self.revived_lr_scale(step))
         self._log_engine_change(phase, self.built_config, self.configs[phase])
         self.built_config = self.configs[phase]
         if self.engine.bfloat16_enabled() or self.engine.fp16_enabled():  # in fp32 the masters were exact already
@@ -326,7 +329,6 @@ class PhaseEngine:
         return_freed_memory()
         # `relora` freezes the base until `warmup`: keep its moments for then (measured best, docs/study.md)
         self.dormant = left if phase == "relora" else {}
-        self.rewarm_start = step
         self.frozen_fp32 = frozen if self.keep_fp32 else {}
         self._attach_scheduler(step)
         return time.perf_counter() - t0
@@ -372,9 +374,9 @@ class PhaseEngine:
             load_fp32_state(self.engine.module, frozen)
         self.frozen_fp32 = frozen if self.keep_fp32 else {}
 
-    @property
-    def revived_lr_scale(self) -> float:
-        return self.cfg.relora.warmup_base_lr_scale
+    def revived_lr_scale(self, step: int) -> float:
+        """The revived base's LR factor at optimizer step `step` (`policy.revived_lr_scale`)."""
+        return policy.revived_lr_scale(step, self.rewarm_start, self.cfg.relora, self.warmup_phase_steps)
 
     def _attach_scheduler(self, step: int) -> None:
         self.scheduler = build_scheduler(self.engine.optimizer, self.total_steps, self.lr_warmup_steps,
@@ -396,7 +398,11 @@ class PhaseEngine:
 
     def set_lr(self, step: int, factor: float = 1.0) -> float:
         """The schedule's LR for optimizer step `step` (times `factor`); the groups whose Adam state started fresh
-        at this engine's rebuild ramp up over `prelora.switch_rewarmup_steps`. Returns the schedule's value."""
+        at this engine's rebuild ramp up over `prelora.switch_rewarmup_steps`; the revived base's groups take their
+        factor for this step (`relora.warmup_base_lr_ramp`). Returns the schedule's value."""
+        if self.revived:  # timm's scheduler multiplies each group's LR by its `lr_scale`
+            for group in moments.revived_groups(self.engine.optimizer):
+                group["lr_scale"] = self.revived_lr_scale(step)
         lr = set_lr(self.scheduler, step, factor)
         ramp = policy.rewarmup_factor(step, self.rewarm_start, self.cfg.prelora.switch_rewarmup_steps)
         if ramp != 1.0:

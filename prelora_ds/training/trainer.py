@@ -58,8 +58,10 @@ class Trainer:
         self.mixup = build_mixup(cfg.data, data.num_classes)
         self.train_loss = build_train_loss(cfg.data, self.mixup is not None)
         self.eval_loss = torch.nn.CrossEntropyLoss()
+        p = cfg.prelora
+        warmup_phase = p.warmup_steps if p.warmup_steps is not None else p.warmup_epochs * spe
         self.phases = PhaseEngine(cfg, ds_config, data.num_classes, self.total_steps, lr_warmup,
-                                  phase_configs(ds_config, cfg.engine, world))
+                                  phase_configs(ds_config, cfg.engine, world), warmup_phase)
         self.ckpt = Checkpointer(out_dir / "checkpoints", rank, t.keep_checkpoints, ds_config, self.geometry)
         self.recorder = Recorder(out_dir, rank)
         # names the operation in the error when a rank stops answering inside it (the controller's too)

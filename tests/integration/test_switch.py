@@ -152,7 +152,8 @@ def test_the_base_revived_after_relora_trains_at_its_lr_scale(switch_out, name):
     """In the warmup after relora the base (frozen through relora) steps at `relora.warmup_base_lr_scale` (0.1 here)
     of the schedule: the same first step at 1.0 (the default; the control, from the same checkpoint) moves the base
     1/scale as far and every other parameter (LoRA factors, head, norms) bit for bit the same; a resume keeps the
-    groups."""
+    groups. With `warmup_base_lr_ramp` the factor then rises by (1 - scale) / (warmup's steps) a step, across a
+    resume too."""
     for f in moment_facts(switch_out, f"{name}_relora"):
         frozen = {n.replace("base_model.model.", "").replace(".base_layer", "") for n in f["frozen_in_relora"]}
         assert f["revived"] == sorted(frozen)
@@ -164,7 +165,13 @@ def test_the_base_revived_after_relora_trains_at_its_lr_scale(switch_out, name):
         assert abs(f["base_update_ratio"] - scale) < 1e-3 * scale, f["base_update_ratio"]
         assert f["other_update_mismatch"] == [] and f["other_updated"] > 10
         assert f["resume_phase"] == "warmup"
-        assert f["resume_groups"] == [g[:4] for g in f["groups"]]
+        assert [[*g[:2], g[3]] for g in f["resume_groups"]] == [[*g[:2], g[3]] for g in f["groups"]]
+        ramp = [scale + (1 - scale) * k / f["warmup_steps"] for k in range(3)]  # the first three steps of warmup
+        assert f["warmup_steps"] > 10
+        second = [g for g in f["second_groups"] if g[1]]
+        assert second and all(g[2] == pytest.approx(ramp[1], rel=1e-12) for g in second)
+        assert all(g[4] == pytest.approx(f["second_lr"] * ramp[1], rel=1e-12) for g in second)
+        assert f["resume_step_groups"] == pytest.approx([ramp[2]] * len(second), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", MOMENT_CONFIGS)

@@ -140,8 +140,9 @@ def check(out: Path, name: str) -> dict:
 def check_relora(out: Path, name: str) -> dict:
     """full -> relora (the base freezes: its moments are kept aside), a checkpoint and a resume in relora, then
     relora -> warmup (the base trains again and takes them up)."""
-    # the switches are made by hand here; the base revived in warmup trains at 0.1 of the LR (the control at 1.0)
-    relora = {"enabled": True, "start_step": 1000, "rank": 8, "warmup_base_lr_scale": 0.1}
+    # the switches are made by hand here; the base revived in warmup trains at 0.1 of the LR at its first step, rising
+    # to 1.0 across warmup (the control: 1.0 throughout)
+    relora = {"enabled": True, "start_step": 1000, "rank": 8, "warmup_base_lr_scale": 0.1, "warmup_base_lr_ramp": True}
     run = out / f"{name}_relora"
     trainer = build(run, name, relora=relora)
     rank = trainer.rank
@@ -156,7 +157,8 @@ def check_relora(out: Path, name: str) -> dict:
     trainer.save_checkpoint()
     trainer.close()
     # the control: the same resume and first step of warmup with the base at the schedule's own LR
-    control = build(run, name, resume=True, relora={**relora, "warmup_base_lr_scale": 1.0})
+    flat = {**relora, "warmup_base_lr_scale": 1.0, "warmup_base_lr_ramp": False}
+    control = build(run, name, resume=True, relora=flat)
     control.switch_to("warmup", {n: 16 for n in control.phases.layout.layers}, merge_lora=True)
     control_step = warmup_step(control, images, targets)
     control.close()
@@ -182,11 +184,16 @@ def check_relora(out: Path, name: str) -> dict:
     other, control_other = step["other"], control_step["other"]
     facts["other_update_mismatch"] = [n for n, d in other.items() if not torch.equal(d, control_other[n])]
     facts["other_updated"] = sum(bool(d.any()) for d in step["other"].values())
+    facts["warmup_steps"] = resumed.phases.warmup_phase_steps
+    facts["second_groups"] = warmup_step(resumed, images, targets)["groups"]  # the ramp's second step
+    facts["second_lr"] = resumed.last_lr
     resumed.save_checkpoint()
     resumed.close()
     again = build(run, name, resume=True, relora=relora)  # a resume in warmup builds the same groups
     facts["resume_phase"] = again.state.phase
     facts["resume_groups"] = layout(again)
+    again.train_step([(images[:4], targets[:4])])  # the third step of warmup, after the resume
+    facts["resume_step_groups"] = [g["lr_scale"] for g in moments.revived_groups(again.engine.optimizer)]
     again.close()
     (out / f"{name}_relora.rank{rank}.json").write_text(json.dumps(facts))
     return facts

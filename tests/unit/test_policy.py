@@ -126,3 +126,14 @@ def test_rewarmup_factor_after_a_rebuild():
 def test_switch_optimizer_fields_are_validated(fields, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         PreLoRAConfig(**fields)
+
+
+def test_revived_lr_scale_is_constant_or_ramps_to_one_across_warmup():
+    flat = ReLoRAConfig(warmup_base_lr_scale=0.1)
+    assert [policy.revived_lr_scale(s, 10, flat, 4) for s in (10, 12, 20)] == [0.1, 0.1, 0.1]
+    ramp = ReLoRAConfig(warmup_base_lr_scale=0.2, warmup_base_lr_ramp=True)
+    # the switch after 10 steps, a 4-step warmup: 0.2 at its first step, +0.2 a step, 1.0 from its end on
+    got = [policy.revived_lr_scale(s, 10, ramp, 4) for s in range(10, 16)]
+    assert got == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0], abs=1e-12)
+    assert policy.revived_lr_scale(12, None, ramp, 4) == 0.2  # no rebuild made this engine: nothing ramps
+    assert policy.revived_lr_scale(12, 10, ramp, 0) == 0.2  # no warmup length known

@@ -5,6 +5,7 @@
   prelora compare RUN_DIR... --out compare.png
   prelora pack-shards SRC OUT --workers 16
   prelora check-hostfile HOSTFILE --node_rank N
+  prelora sharpness RUN_DIR --step 300
 
 `prelora COMMAND --help` shows a command's options. A command's module is imported only when that command runs
 (`prelora --help` and `prelora replay` never import matplotlib). `python -m prelora_ds.cli ...` is the same.
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "compare finished runs: a markdown table and a PNG"),
     "pack-shards": ("pack_shards", "pack an ImageFolder into tar shards for data.dataset: shards"),
     "check-hostfile": ("check_hostfile", "check a deepspeed hostfile on the node about to start"),
+    "sharpness": ("sharpness", "a checkpoint's Hessian top eigenvalue on the target layers, raw and Adam-scaled"),
 }
 
 

@@ -1,4 +1,4 @@
-"""`prelora plot`, `prelora replay`, `prelora compare` on real run directories.
+"""`prelora plot`, `prelora replay`, `prelora compare`, `prelora sharpness` on real run directories.
 
 One PreLoRA run (2 CPU ranks through the deepspeed launcher, switch at the acceptance flags) and one
 full-only run are made once for the module; the commands then run as subprocesses, as a user runs them
@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from prelora_ds.algorithm.convergence import layer_changes
 from prelora_ds.algorithm.ranks import assign_ranks, ranks_by_module_name
 from prelora_ds.testing.harness import deepspeed_cmd, run, summary
 
 PRELORA = [sys.executable, "-m", "prelora_ds.cli"]
-COMMANDS = ["replay", "plot", "compare", "pack-shards", "check-hostfile"]
+COMMANDS = ["replay", "plot", "compare", "pack-shards", "check-hostfile", "sharpness"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["weight_norms.png", "layer_changes.png", "ranks.png", "lora_norms.png", "throughput.png", "loss_top1.png"]
 
@@ -32,7 +33,7 @@ def run_prelora(command: str, *args: str) -> str:
 
 
 def test_prelora_help_lists_every_command():
-    """`prelora --help` lists the five commands; `prelora COMMAND --help` shows the command's own options under its
+    """`prelora --help` lists the six commands; `prelora COMMAND --help` shows the command's own options under its
     own name. No run needed."""
     out = run([*PRELORA, "--help"]).stdout
     assert out.startswith("usage: prelora [-h] COMMAND ...")
@@ -202,3 +203,38 @@ def test_compare_runs_time_to_accuracy_curve(runs, tmp_path):
     check_png(curve)
     val = summary(runs["prelora"])["val"]
     assert all(0 < a["wall_s"] < b["wall_s"] for a, b in zip(val, val[1:], strict=False))  # the clock of the run
+
+
+# ----------------------------------------------------------------------------- prelora sharpness
+def test_sharpness_loads_the_model_the_run_exported(runs):
+    """The values `prelora sharpness` measures (universal conversion, the kept frozen base, LoRA factors merged) are
+    bit for bit the merged model the PreLoRA run exported at its last step (a `lora` checkpoint: split q/k/v, rank
+    8..64 factors)."""
+    from safetensors.torch import load_file
+
+    from prelora_ds.checkpoint import storage
+    from prelora_ds.cli import sharpness
+    from prelora_ds.engine.model import fuse_qkv
+
+    run_dir = runs["prelora"]
+    tag = storage.complete_tags(run_dir / "checkpoints")[-1]
+    assert tag == storage.tag_for(summary(run_dir)["steps"])  # the checkpoint of the step the export was taken at
+    state, _ = sharpness.load_state(run_dir, tag)
+    exported = load_file(str(run_dir / "model_merged.safetensors"))
+    ours = fuse_qkv(state)
+    assert sorted(ours) == sorted(exported)
+    assert [k for k in exported if not torch.equal(ours[k], exported[k])] == []
+
+
+def test_sharpness_of_a_full_checkpoint(runs, tmp_path):
+    """On the full run's last checkpoint: every target layer measured with its own Adam state (the step count of
+    the checkpoint), a positive top eigenvalue, and Adam's preconditioner (1 / sqrt(v), v ~ g^2 << 1) scaling it
+    up; the JSON file is what it printed."""
+    out = run_prelora("sharpness", runs["full"], "--images", "32", "--iters", "15", "--json", tmp_path / "s.json")
+    result = json.loads(out)
+    assert result == json.loads((tmp_path / "s.json").read_text())
+    assert result["layers"] == 4 * 6 and result["images"] == 32  # qkv, proj, fc1, fc2 of each of the 6 blocks
+    assert result["adam_counts"] == [summary(runs["full"])["steps"]] and result["moments"] == "the checkpoint's own"
+    assert 0 < result["lambda_max"] < result["lambda_max_adam"]
+    bad = run([*PRELORA, "sharpness", str(runs["full"]), "--step", "3"], check=False)
+    assert bad.returncode == 2 and "no complete checkpoint step00000003" in bad.stderr, bad.stderr

@@ -184,3 +184,26 @@ def test_plot_and_compare_without_matplotlib_name_the_extra(tmp_path, monkeypatc
         main(["--help"])
     assert help_exit.value.code == 0
     assert main(["replay", run_dir]) == 0
+
+
+def test_sharpness_power_iteration_finds_the_top_eigenvalue_raw_and_adam_scaled():
+    """A quadratic with a known Hessian (diagonal h on two tensors): the raw top eigenvalue is max h, the
+    preconditioned one max h / P with Adam's P = sqrt(v / (1 - beta2^count)) + eps."""
+    import torch
+
+    from prelora_ds.cli import sharpness
+
+    h = [torch.tensor([[1.0, 3.0], [0.5, 2.0]]), torch.tensor([7.0, 0.25, 4.0])]
+
+    def hvp(u):
+        return [hi * ui for hi, ui in zip(h, u, strict=True)]
+
+    shapes = [t.shape for t in h]
+    assert sharpness.top_eigenvalue(hvp, shapes, iters=500, tol=1e-9) == pytest.approx(7.0, rel=1e-6)
+    v = [torch.tensor([[0.04, 0.0004], [1.0, 1.0]]), torch.tensor([4.0, 1.0, 1.0])]  # count 1: v_hat = v / 0.001
+    scale = [sharpness.adam_scale(vi, 1, 0.999, 1e-8) for vi in v]
+    p = [torch.sqrt(vi / 0.001) + 1e-8 for vi in v]
+    expected = max(float((hi / pi).max()) for hi, pi in zip(h, p, strict=True))  # 3 / sqrt(0.4): the 2nd entry
+    got = sharpness.top_eigenvalue(sharpness.preconditioned(hvp, scale), shapes, iters=500, tol=1e-9)
+    assert expected == pytest.approx(3 / 0.4**0.5, rel=1e-6)
+    assert got == pytest.approx(expected, rel=1e-5)

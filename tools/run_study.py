@@ -6,7 +6,7 @@
   python tools/run_study.py --only full_vits relaxed_vits        # a compute-bound scale (ViT-S-sized, 32 px)
   python tools/run_study.py --only full relaxed relaxed_reset medium medium_reset relora relora_reset --seeds 0 1
                                                                   # Adam's state across the switch: carry vs reset
-  python tools/run_study.py --only full relaxed medium relora relora_base_lr01 --seeds 0 1 2 3
+  python tools/run_study.py --only full relaxed medium relora relora_base_lr10 relora_base_lr01 --seeds 0 1 2 3
                                                                   # the base's LR in the warmup after relora
 
 Each configuration is one command (printed before it runs): the demo recipe on 2 CPU ranks through the
@@ -54,10 +54,12 @@ CONFIGS |= {"full_vits": [*CONFIGS["full"], *VITS], "relaxed_vits": [*CONFIGS["r
 CONFIGS["relora"] = ["--recipe", "recipes/demo_relora.yaml"]  # the later --recipe wins
 RESET = ["--prelora.switch_optimizer", "reset"]
 CONFIGS |= {f"{name}_reset": [*CONFIGS[name], *RESET] for name in ("relaxed", "medium", "relora")}
-# the base after relora at 0.1 of the schedule's LR in warmup (relora.warmup_base_lr_scale; the default is 1.0)
-CONFIGS["relora_base_lr01"] = [*CONFIGS["relora"], "--relora.warmup_base_lr_scale", "0.1"]
-# ... rising linearly from 0.1 at the switch to 1.0 at the end of warmup (relora.warmup_base_lr_ramp)
-CONFIGS["relora_base_ramp"] = [*CONFIGS["relora_base_lr01"], "--relora.warmup_base_lr_ramp", "true"]
+# the base's LR in the warmup after relora: the default ramps its factor from 0.1 at the switch to 1.0 at the end of
+# warmup (relora.warmup_base_lr_scale, warmup_base_lr_ramp); these hold it at 1.0 (the paper's) or at 0.1
+CONFIGS["relora_base_lr10"] = [*CONFIGS["relora"], "--relora.warmup_base_lr_scale", "1.0",
+                               "--relora.warmup_base_lr_ramp", "false"]
+CONFIGS["relora_base_lr01"] = [*CONFIGS["relora"], "--relora.warmup_base_lr_scale", "0.1",
+                               "--relora.warmup_base_lr_ramp", "false"]
 
 
 def launcher() -> list[str]:

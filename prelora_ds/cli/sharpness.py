@@ -6,17 +6,17 @@ Hessian restricted to them, raw and preconditioned by Adam's second moment, by p
 
 Why: the phase after `relora` trains the base again at the schedule's LR. Adam's step is stable while the
 preconditioned sharpness lambda_max(P^-1 H), P = sqrt(v_hat) + eps, stays under about 38 / LR (beta1 0.9, a full
-batch; Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"; mini-batches lower the bound), and
-full training keeps itself there. So the number to read is a checkpoint's value against full training's at the same
-step and seed, not against the bound (docs/study.md, the base's LR after `relora`).
+batch; Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"; mini-batch noise lowers the bound).
+The number to read is a checkpoint's value against full training's at the same step and seed, not against the bound
+(docs/study.md, the base's LR after `relora`).
 
 The model: the checkpoint's fp32 values (DeepSpeed's universal conversion, written once to `<tag>_universal/` beside
 the checkpoint, as a resume on another world size does), every LoRA factor pair merged (W + (alpha/r) B A). Adam's
 v: in a `relora` checkpoint the base's kept moments (`dormant_moments.pt`, what `warmup` starts from), else each
-weight's own. It also prints the loaded model's val top-1 (the run logged the same at a validation step). The
-batch: the first `--images` training images with the run's seeded augmentation of epoch 0 (the same
-images for every run of a seed), the run's label smoothing, no mixup. One process, on the GPU when there is one;
-`--micro` images per forward bound its memory (lower it for a large model).
+weight's own. It also prints the loaded model's val top-1 (the run's own at a validation step, up to float
+rounding). The batch: `--images` training images evenly spaced over the set, with the run's seeded augmentation of
+epoch 0 (the same images for every run of a seed), the run's label smoothing, no mixup. One process, on the GPU
+when there is one; `--micro` images per forward bound its memory (lower it for a large model).
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def measure(run: Path, tag: str, images: int, micro: int, iters: int) -> dict:
                            == torch.tensor([int(b[1]) for b in val[i : i + micro]])).sum())
                       for i in range(0, len(val), micro))  # fmt: skip
     n_img = min(images, len(data.train))
-    batch = [data.train[i] for i in range(n_img)]
+    # evenly spaced over the training set: a sorted ImageFolder's first images are all of one class
+    batch = [data.train[i] for i in torch.linspace(0, len(data.train) - 1, n_img).round().long().tolist()]
     x = torch.stack([b[0] for b in batch])
     y = torch.tensor([int(b[1]) for b in batch])
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.data.label_smoothing)

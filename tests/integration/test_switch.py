@@ -150,7 +150,7 @@ def test_the_base_frozen_through_relora_takes_up_its_moments_at_warmup(switch_ou
 @pytest.mark.parametrize("name", ["zero2_fp32", "zero3_bf16"])
 def test_the_base_revived_after_relora_trains_at_its_lr_scale(switch_out, name):
     """In the warmup after relora the base (frozen through relora) steps at `relora.warmup_base_lr_scale` (0.1 here)
-    of the schedule: the same first step at 1.0 (the default; the control, from the same checkpoint) moves the base
+    of the schedule: the same first step at 1.0 (the paper's; the control, from the same checkpoint) moves the base
     1/scale as far and every other parameter (LoRA factors, head, norms) bit for bit the same; a resume keeps the
     groups. With `warmup_base_lr_ramp` the factor then rises by (1 - scale) / (warmup's steps) a step, across a
     resume too."""

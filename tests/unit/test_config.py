@@ -230,7 +230,6 @@ def test_override_without_field():
         ({"relora.reset": "zero"}, "relora.reset='zero': write 'magnitude' or 'full'."),
         ({"relora.warmup_base_lr_scale": "0"}, "relora.warmup_base_lr_scale must be in (0, 1], got 0.0"),
         ({"relora.warmup_base_lr_scale": "2"}, "relora.warmup_base_lr_scale must be in (0, 1], got 2.0"),
-        ({"relora.warmup_base_lr_ramp": "true"}, "warmup_base_lr_scale is 1.0 already: set it below 1 (e.g. 0.1)"),
         ({"model.kwargs.num_classes": "10"}, "model.kwargs.num_classes is set by the dataset; remove it"),
         ({"train.max_steps": "0"}, "train.max_steps must be >= 1 or null, got 0."),
     ],

@@ -129,7 +129,7 @@ def test_switch_optimizer_fields_are_validated(fields, message):
 
 
 def test_revived_lr_scale_is_constant_or_ramps_to_one_across_warmup():
-    flat = ReLoRAConfig(warmup_base_lr_scale=0.1)
+    flat = ReLoRAConfig(warmup_base_lr_scale=0.1, warmup_base_lr_ramp=False)
     assert [policy.revived_lr_scale(s, 10, flat, 4) for s in (10, 12, 20)] == [0.1, 0.1, 0.1]
     ramp = ReLoRAConfig(warmup_base_lr_scale=0.2, warmup_base_lr_ramp=True)
     # the switch after 10 steps, a 4-step warmup: 0.2 at its first step, +0.2 a step, 1.0 from its end on

@@ -9,7 +9,8 @@ synthetic images takes --full-steps optimizer steps in `full`, switches to `lora
 rank --rank on every target layer; the fp32 masters gathered and carried as in a run) and takes --lora-steps. Every
 cell has the same global batch (micro x accumulation x ranks), so images/s compare directly. Each rank reports its
 peak memory (peak RSS on CPU, max_memory_allocated on GPU) in full, in the rebuild and in lora, and the tensors alive
-after full's and lora's steps (bench_zero.live_bytes). Prints a markdown
+after full's and lora's steps (bench_zero.live_bytes) and right after the rebuild (without a garbage collection, which
+would free what a run keeps until Python's collector runs). Prints a markdown
 table with each cell's lora step against the first cell's, all from this one run.
 
 Cells (--micro M: full's micro batch; full accumulates --accum micro batches):
@@ -90,7 +91,8 @@ def worker(args: argparse.Namespace) -> None:
     trainer.phases.rebuild("lora", ranks, trainer.state.step)
     trainer._regroup()  # the lora engine's micro batch: a new loader, the same images per step
     rebuild_s, rebuild_peak = time.perf_counter() - t0, memory_bytes()
-    rebuild_live = live_bytes()
+    # no collection here: what the rebuild left uncollected counts, and stays for the lora peak as in a run
+    rebuild_live = live_bytes(collect=False)
     reset_peak_memory()
     lora_times = timed_steps(args.lora_steps)
     trainable, total = trainer.phases.count_params()

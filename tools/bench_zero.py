@@ -66,18 +66,20 @@ def worker(args: argparse.Namespace) -> None:
     trainer.close()
 
 
-def live_bytes() -> int:
+def live_bytes(collect: bool = True) -> int:
     """Bytes of the tensors alive between steps: weights (or their partitions), gradients, optimizer state and
     DeepSpeed's buffers. On GPU `memory_allocated`; on CPU the distinct storages of every tensor Python holds (the
     same count without allocator caching, freed pages still mapped or the libraries' own heap, which make peak
-    RSS blur what ZeRO partitions)."""
+    RSS blur what ZeRO partitions). `collect=False`: no garbage collection first, so tensors in unreachable cycles
+    that the collector has not freed yet count too (on GPU they always do)."""
     import gc
 
     import torch
 
     if torch.cuda.is_available():
         return int(torch.cuda.memory_allocated())
-    gc.collect()
+    if collect:
+        gc.collect()
     storages = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and not obj.is_meta:

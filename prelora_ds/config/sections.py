@@ -294,7 +294,7 @@ class ReLoRAConfig:
     warmup_base_lr_scale: float = 0.1
     """LR factor (on the schedule) of the base weights at the first step of the `warmup` that follows `relora`
     (frozen through it; LoRA factors, head and norms always train at the schedule's LR). `relora` leaves the base
-    about twice as sharp as full training's at the same step (`prelora sharpness`), so full-rank steps at the
+    at Adam's stability edge, where full training only touches it (`prelora sharpness`), so full-rank steps at the
     schedule's LR raise the loss through `warmup` (1.0, no ramp, the paper's: top-1 one epoch after the switch
     1.4 to 10.6 points under the validation before it, demo, 4 seeds); 0.1 throughout: no rise, 0.6 points lower at
     the end, the base learning less (docs/study.md)."""

@@ -61,12 +61,13 @@ def adam_scale(v: torch.Tensor, count: int, beta2: float, eps: float) -> torch.T
     return (torch.sqrt(v.float() / (1 - beta2**count)) + eps).rsqrt()
 
 
-def load_state(run: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Tensor]]]:
-    """(canonical name -> fp32 value, LoRA factors merged; canonical name -> (Adam count, exp_avg_sq)) of a
-    checkpoint: the universal conversion's values and moments, the frozen base's kept fp32 copy, the dormant
-    moments of a `relora` checkpoint (they win: the base's state for `warmup`)."""
+def load_state(run: Path, tag: str, alpha_ratio: float
+               ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.Tensor]]]:  # fmt: skip
+    """(canonical name -> fp32 value, LoRA factors merged at alpha / r = `alpha_ratio` (`prelora.alpha_ratio`, every
+    LoRA layer's, inject.py); canonical name -> (Adam count, exp_avg_sq)) of a checkpoint: the universal conversion's
+    values and moments, the frozen base's kept fp32 copy, the dormant moments of a `relora` checkpoint (they win: the
+    base's state for `warmup`)."""
     from prelora_ds.checkpoint import storage
-    from prelora_ds.config.recipe import load_recipe
     from prelora_ds.lora.inject import canonical_name
     from prelora_ds.lora.merge import LORA_A, merge_lora
 
@@ -84,12 +85,13 @@ def load_state(run: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, 
             second[name] = (count, v.reshape(values[name].shape))
     for name, (count, state) in storage.read_dormant(ckpt_dir / tag).items():
         second[name] = (count, state["exp_avg_sq"])
-    ratio = load_recipe(run / "config.yaml").prelora.alpha_ratio  # alpha / r of every LoRA layer (inject.py)
-    scales = {k[: -len(LORA_A)]: ratio for k in values if k.endswith(LORA_A)}
+    scales = {k[: -len(LORA_A)]: alpha_ratio for k in values if k.endswith(LORA_A)}
     return merge_lora(values, scales), second
 
 
 def measure(run: Path, tag: str, images: int, micro: int, iters: int) -> dict:
+    import dataclasses
+
     from torch.func import functional_call
 
     from prelora_ds.config.recipe import load_recipe
@@ -99,9 +101,10 @@ def measure(run: Path, tag: str, images: int, micro: int, iters: int) -> dict:
 
     cfg = load_recipe(run / "config.yaml")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    state, second = load_state(run, tag)
+    state, second = load_state(run, tag, cfg.prelora.alpha_ratio)
     img, chans, mean, std = input_spec(create_model(cfg.model, 10, init=False))
-    data = build_datasets(cfg.data, img, chans, cfg.train.seed, mean, std)
+    # decoded tensors here (`data.loader: device` hands the trainer encoded bytes to decode on the GPU)
+    data = build_datasets(dataclasses.replace(cfg.data, loader="torch"), img, chans, cfg.train.seed, mean, std)
     model = create_model(cfg.model, data.num_classes)
     model.load_state_dict(state)
     for m in model.modules():  # the double backward needs the math attention (no fused kernel has one)
@@ -115,11 +118,12 @@ def measure(run: Path, tag: str, images: int, micro: int, iters: int) -> dict:
     if missing:
         raise CommandError(f"{tag} holds no Adam state for {missing[:3]} (a checkpoint of `lora`, base frozen?)")
     params = {n: p.detach() for n, p in model.named_parameters()}
+    correct, n_val = 0, len(data.val)
     with torch.no_grad():  # the loaded model is the run's: its val top-1 is the one the run logged at this step
-        val = [data.val[i] for i in range(len(data.val))]
-        correct = sum(int((model(torch.stack([b[0] for b in val[i : i + micro]]).to(device)).argmax(1).cpu()
-                           == torch.tensor([int(b[1]) for b in val[i : i + micro]])).sum())
-                      for i in range(0, len(val), micro))  # fmt: skip
+        for i in range(0, n_val, micro):  # `micro` images at a time: ImageNet's val set does not fit in memory
+            chunk = [data.val[j] for j in range(i, min(i + micro, n_val))]
+            logits = model(torch.stack([b[0] for b in chunk]).to(device))
+            correct += int((logits.argmax(1).cpu() == torch.tensor([int(b[1]) for b in chunk])).sum())
     n_img = min(images, len(data.train))
     # evenly spaced over the training set: a sorted ImageFolder's first images are all of one class
     batch = [data.train[i] for i in torch.linspace(0, len(data.train) - 1, n_img).round().long().tolist()]
@@ -142,12 +146,12 @@ def measure(run: Path, tag: str, images: int, micro: int, iters: int) -> dict:
             total = [t + h.detach() * (len(ys) / n_img) for t, h in zip(total, hv, strict=True)]
         return total
 
-    loss_sum, grad_sq = 0.0, None
+    loss_sum, grad = 0.0, None  # the batch's mean loss and its gradient on the target layers
     for xs, ys in chunks:
         loss, g = grads({n: params[n].clone().requires_grad_(True) for n in names}, xs, ys, create_graph=False)
         loss_sum += float(loss.detach()) * len(ys)
         g = [gi * (len(ys) / n_img) for gi in g]
-        grad_sq = g if grad_sq is None else [a + b for a, b in zip(grad_sq, g, strict=True)]
+        grad = g if grad is None else [a + b for a, b in zip(grad, g, strict=True)]
     shapes = [params[n].shape for n in names]
     opt = json.loads((run / "ds_config.json").read_text()).get("optimizer", {}).get("params", {})
     beta2, eps = float(opt.get("betas", (0.9, 0.999))[1]), float(opt.get("eps", 1e-8))
@@ -155,8 +159,8 @@ def measure(run: Path, tag: str, images: int, micro: int, iters: int) -> dict:
     dormant = (run / "checkpoints" / tag / "dormant_moments.pt").exists()
     return {
         "checkpoint": str(run / "checkpoints" / tag), "images": n_img, "layers": len(names),
-        "val_top1": 100.0 * correct / len(val), "train_loss": loss_sum / n_img,
-        "grad_norm": float(torch.sqrt(sum((g.double() ** 2).sum() for g in grad_sq))),
+        "val_top1": 100.0 * correct / n_val, "train_loss": loss_sum / n_img,
+        "grad_norm": float(torch.sqrt(sum((g.double() ** 2).sum() for g in grad))),
         "lambda_max": top_eigenvalue(hvp, shapes, iters, device=device),
         "lambda_max_adam": top_eigenvalue(preconditioned(hvp, scale), shapes, iters, device=device),
         "adam_counts": sorted({second[n][0] for n in names}),

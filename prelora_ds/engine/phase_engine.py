@@ -401,8 +401,9 @@ class PhaseEngine:
         at this engine's rebuild ramp up over `prelora.switch_rewarmup_steps`; the revived base's groups take their
         factor for this step (`relora.warmup_base_lr_ramp`). Returns the schedule's value."""
         if self.revived:  # timm's scheduler multiplies each group's LR by its `lr_scale`
+            scale = self.revived_lr_scale(step)
             for group in moments.revived_groups(self.engine.optimizer):
-                group["lr_scale"] = self.revived_lr_scale(step)
+                group["lr_scale"] = scale
         lr = set_lr(self.scheduler, step, factor)
         ramp = policy.rewarmup_factor(step, self.rewarm_start, self.cfg.prelora.switch_rewarmup_steps)
         if ramp != 1.0:

@@ -214,12 +214,13 @@ def test_sharpness_loads_the_model_the_run_exported(runs):
 
     from prelora_ds.checkpoint import storage
     from prelora_ds.cli import sharpness
+    from prelora_ds.config.recipe import load_recipe
     from prelora_ds.engine.model import fuse_qkv
 
     run_dir = runs["prelora"]
     tag = storage.complete_tags(run_dir / "checkpoints")[-1]
     assert tag == storage.tag_for(summary(run_dir)["steps"])  # the checkpoint of the step the export was taken at
-    state, _ = sharpness.load_state(run_dir, tag)
+    state, _ = sharpness.load_state(run_dir, tag, load_recipe(run_dir / "config.yaml").prelora.alpha_ratio)
     exported = load_file(str(run_dir / "model_merged.safetensors"))
     ours = fuse_qkv(state)
     assert sorted(ours) == sorted(exported)

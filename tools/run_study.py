@@ -8,6 +8,7 @@
                                                                   # Adam's state across the switch: carry vs reset
   python tools/run_study.py --only full relaxed medium relora relora_base_lr10 relora_base_lr01 --seeds 0 1 2 3
                                                                   # the base's LR in the warmup after relora
+  python tools/run_study.py --only full relora relora_noswitch --seeds 0 1 2 3   # relora with no switch after it
 
 Each configuration is one command (printed before it runs): the demo recipe on 2 CPU ranks through the
 deepspeed launcher (all GPUs when CUDA is there), same epochs and seed, only the PreLoRA settings differ.
@@ -60,6 +61,9 @@ CONFIGS["relora_base_lr10"] = [*CONFIGS["relora"], "--relora.warmup_base_lr_scal
                                "--relora.warmup_base_lr_ramp", "false"]
 CONFIGS["relora_base_lr01"] = [*CONFIGS["relora"], "--relora.warmup_base_lr_scale", "0.1",
                                "--relora.warmup_base_lr_ramp", "false"]
+# the control for the switch after relora: relora to the end (thresholds no run passes), so top-1 after step 308 is
+# what the hybrid would have without `relora -> warmup`
+CONFIGS["relora_noswitch"] = [*CONFIGS["relora"], "--prelora.delta_w", "1e-9", "--prelora.delta_l", "1e-9"]
 
 
 def launcher() -> list[str]:

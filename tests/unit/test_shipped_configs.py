@@ -96,3 +96,23 @@ def test_vit_l_lora_parameters_match_the_papers_count(capsys):
 def test_hostfiles_parse_with_deepspeed(name, hosts, slots):
     pool = fetch_hostfile(str(REPO / "hostfiles" / name))
     assert len(pool) == hosts and set(pool.values()) == {slots}
+
+
+def test_every_study_arm_validates():
+    """`tools/run_study.py`'s arms parse and validate as the trainer's own flags (a typo would stop a study minutes
+    in); the no-switch control never passes the test, and keeps relora on."""
+    import importlib.util
+
+    from prelora_ds import train
+
+    spec = importlib.util.spec_from_file_location("run_study", REPO / "tools" / "run_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    cfgs = {}
+    for name, flags in study.CONFIGS.items():
+        args, overrides = train.parse_args(["--recipe", "recipes/demo.yaml", "--output_dir", "x", *flags])
+        cfgs[name] = load_recipe(REPO / args.recipe, overrides)
+    control, hybrid = cfgs["relora_noswitch"], cfgs["relora"]
+    assert control.relora.enabled and control.relora == hybrid.relora
+    assert control.prelora.delta_w < 1e-6 and control.prelora.delta_l < 1e-6
+    assert cfgs["relora_base_lr10"].relora.warmup_base_lr_scale == 1.0

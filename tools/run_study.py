@@ -6,9 +6,10 @@
   python tools/run_study.py --only full_vits relaxed_vits        # a compute-bound scale (ViT-S-sized, 32 px)
   python tools/run_study.py --only full relaxed relaxed_reset medium medium_reset relora relora_reset --seeds 0 1
                                                                   # Adam's state across the switch: carry vs reset
-  python tools/run_study.py --only full relaxed medium relora relora_base_lr10 relora_base_lr01 --seeds 0 1 2 3
-                                                                  # the base's LR in the warmup after relora
-  python tools/run_study.py --only full relora relora_noswitch --seeds 0 1 2 3   # relora with no switch after it
+  python tools/run_study.py --only full relaxed medium relora_r16 relora_base_lr10 relora_base_lr01 --seeds 0 1 2 3
+                                                                  # the base's LR in the warmup after relora (rank 16)
+  python tools/run_study.py --only full relora_r16 relora_noswitch relora relora_noswitch_r48 --seeds 0 1 2 3
+                                                                  # relora with no switch after it; the recipe
 
 Each configuration is one command (printed before it runs): the demo recipe on 2 CPU ranks through the
 deepspeed launcher (all GPUs when CUDA is there), same epochs and seed, only the PreLoRA settings differ.
@@ -51,19 +52,26 @@ VITS = ["--model.kwargs", "{img_size: 32, patch_size: 4, depth: 12, embed_dim: 3
         "--train.epochs", "10", "--train.lr_warmup_epochs", "1", "--prelora.window_epochs", "1",
         "--prelora.warmup_epochs", "1", "--prelora.max_epochs", "5"]
 CONFIGS |= {"full_vits": [*CONFIGS["full"], *VITS], "relaxed_vits": [*CONFIGS["relaxed"], *VITS]}
-# the ReLoRA hybrid (its own recipe, the same thresholds), and the paper's fresh optimizer at every rebuild
+# the ReLoRA hybrid (its own recipe: rank 48, the base at 0.01 in the warmup after relora; the same thresholds), and
+# the paper's fresh optimizer at every rebuild
 CONFIGS["relora"] = ["--recipe", "recipes/demo_relora.yaml"]  # the later --recipe wins
 RESET = ["--prelora.switch_optimizer", "reset"]
 CONFIGS |= {f"{name}_reset": [*CONFIGS[name], *RESET] for name in ("relaxed", "medium", "relora")}
-# the base's LR in the warmup after relora: the default ramps its factor from 0.1 at the switch to 1.0 at the end of
-# warmup (relora.warmup_base_lr_scale, warmup_base_lr_ramp); these hold it at 1.0 (the paper's) or at 0.1
-CONFIGS["relora_base_lr10"] = [*CONFIGS["relora"], "--relora.warmup_base_lr_scale", "1.0",
+# the recipe until 2026-12-05, which the sections of docs/study.md before its last ran: rank 16, the base's factor
+# ramped from 0.1 at relora -> warmup to 1.0 at the end of warmup (the fields' defaults)
+R16 = ["--relora.rank", "16"]
+CONFIGS["relora_r16"] = [*CONFIGS["relora"], *R16, "--relora.warmup_base_lr_scale", "0.1",
+                         "--relora.warmup_base_lr_ramp", "true"]
+# rank 16 with the base's factor held at 1.0 (the paper's) or at 0.1
+CONFIGS["relora_base_lr10"] = [*CONFIGS["relora"], *R16, "--relora.warmup_base_lr_scale", "1.0",
                                "--relora.warmup_base_lr_ramp", "false"]
-CONFIGS["relora_base_lr01"] = [*CONFIGS["relora"], "--relora.warmup_base_lr_scale", "0.1",
+CONFIGS["relora_base_lr01"] = [*CONFIGS["relora"], *R16, "--relora.warmup_base_lr_scale", "0.1",
                                "--relora.warmup_base_lr_ramp", "false"]
 # the control for the switch after relora: relora to the end (thresholds no run passes), so top-1 after step 308 is
-# what the hybrid would have without `relora -> warmup`
-CONFIGS["relora_noswitch"] = [*CONFIGS["relora"], "--prelora.delta_w", "1e-9", "--prelora.delta_l", "1e-9"]
+# what the hybrid would have without `relora -> warmup` (at rank 16, and at the recipe's rank)
+NO_SWITCH = ["--prelora.delta_w", "1e-9", "--prelora.delta_l", "1e-9"]
+CONFIGS["relora_noswitch"] = [*CONFIGS["relora"], *R16, *NO_SWITCH]
+CONFIGS["relora_noswitch_r48"] = [*CONFIGS["relora"], *NO_SWITCH]
 
 
 def launcher() -> list[str]:

@@ -80,9 +80,9 @@ def demo_relora_run(tmp_path_factory) -> Path:
 
 def check_stable_across_merges(run_dir: Path) -> None:
     """The mean training loss over the 2 x restart_warmup_steps steps after each merge stays within 0.1 of the
-    same number of steps before it (measured: -0.09 and +0.01; before the fix +0.62 at the first merge, and
-    the loss never came back), val top-1 after both merges is above its value before the first, and the LR
-    restarts from 0 after each merge."""
+    same number of steps before it (measured at rank 48: -0.08 and -0.01; at rank 16 -0.09 and +0.01; before the
+    fix +0.62 at the first merge, and the loss never came back), val top-1 after both merges is above its value
+    before the first, and the LR restarts from 0 after each merge."""
     s = scalars(run_dir)
     loss, lr = dict(s["train/loss"]), dict(s["train/lr"])
     w = 2 * DEMO_WARMUP
@@ -96,7 +96,7 @@ def check_stable_across_merges(run_dir: Path) -> None:
     last, first = DEMO_MERGES[-1], DEMO_MERGES[0]
     assert mean(last + 1, last + w) <= mean(first - w + 1, first) + 0.1  # no loss carried from merge to merge
     top1 = dict(s["val/top1"])
-    assert top1[154] > top1[88] + 5  # step 154 (after both merges) vs 88 (before the first): 63.6 vs 49.2
+    assert top1[154] > top1[88] + 5  # step 154 (after both merges) vs 88 (before the first): 69.2 vs 45.8
     for m in DEMO_MERGES:
         assert lr[m + 1] == 0.0 and 0 < lr[m + 2] < lr[m + 1 + DEMO_WARMUP]  # the restart ramps from 0
 

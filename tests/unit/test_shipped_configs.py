@@ -112,7 +112,13 @@ def test_every_study_arm_validates():
     for name, flags in study.CONFIGS.items():
         args, overrides = train.parse_args(["--recipe", "recipes/demo.yaml", "--output_dir", "x", *flags])
         cfgs[name] = load_recipe(REPO / args.recipe, overrides)
-    control, hybrid = cfgs["relora_noswitch"], cfgs["relora"]
-    assert control.relora.enabled and control.relora == hybrid.relora
-    assert control.prelora.delta_w < 1e-6 and control.prelora.delta_l < 1e-6
-    assert cfgs["relora_base_lr10"].relora.warmup_base_lr_scale == 1.0
+    for control, hybrid in (("relora_noswitch", "relora_r16"), ("relora_noswitch_r48", "relora")):
+        control, hybrid = cfgs[control], cfgs[hybrid]
+        assert control.relora.enabled and control.relora.rank == hybrid.relora.rank
+        assert control.prelora.delta_w < 1e-6 and control.prelora.delta_l < 1e-6
+    # the rank-16 arms are the recipe the earlier sections of docs/study.md ran, whatever the recipe says now
+    r16 = [cfgs[n].relora for n in ("relora_r16", "relora_base_lr10", "relora_base_lr01", "relora_noswitch")]
+    assert {r.rank for r in r16} == {16}
+    assert [(r.warmup_base_lr_scale, r.warmup_base_lr_ramp) for r in r16[:3]] == [(0.1, True), (1.0, False),
+                                                                                   (0.1, False)]
+    assert (cfgs["relora"].relora.rank, cfgs["relora"].relora.warmup_base_lr_scale) == (48, 0.01)

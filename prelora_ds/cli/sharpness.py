@@ -102,7 +102,8 @@ def measure(run: Path, tag: str, images: int, micro: int, iters: int) -> dict:
     cfg = load_recipe(run / "config.yaml")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, second = load_state(run, tag, cfg.prelora.alpha_ratio)
-    img, chans, mean, std = input_spec(create_model(cfg.model, 10, init=False))
+    with torch.device("meta"):  # the input geometry only, as train.py's probe: no second model in memory
+        img, chans, mean, std = input_spec(create_model(cfg.model, 10, init=False))
     # decoded tensors here (`data.loader: device` hands the trainer encoded bytes to decode on the GPU)
     data = build_datasets(dataclasses.replace(cfg.data, loader="torch"), img, chans, cfg.train.seed, mean, std)
     model = create_model(cfg.model, data.num_classes)

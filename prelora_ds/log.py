@@ -6,6 +6,10 @@
 - `extra=EVERY_RANK` shows an info line on every rank that logs it (one line per node, fault drills);
   `extra=RANK_ZERO` keeps a warning that every rank would repeat (a pre-flight check) to rank 0.
 While the progress bar is open, lines go through `tqdm.write` so they do not tear it.
+
+Libraries' deprecation notices about their own internals (DeepSpeed 0.19.8 calls collectives that torch 2.14
+renamed) are filtered here by message, not by category: the user can do nothing about them, and every other
+warning still shows.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 logger = logging.getLogger("prelora_ds")
 EVERY_RANK = {"every_rank": True}
@@ -20,6 +25,11 @@ RANK_ZERO = {"rank_zero": True}
 _PREFIX = {logging.WARNING: "prelora-train: warning: ", logging.ERROR: "prelora-train: error: ",
            logging.CRITICAL: "prelora-train: error: "}  # fmt: skip
 _bar = None  # the open tqdm bar, if any (the recorder's Display sets it)
+# torch 2.14 deprecates the collectives DeepSpeed 0.19.8 calls on every ZeRO step (one FutureWarning per rank)
+LIBRARY_NOISE = (
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|gather_into_tensor)` is deprecated",
+    r"`torch\.distributed\._(all_gather_base|reduce_scatter_base)` is a private function and will be deprecated",
+)
 
 
 def env_rank() -> int:
@@ -56,8 +66,15 @@ class _Handler(logging.Handler):
             self.handleError(record)
 
 
+def quiet_library_noise() -> None:
+    """Ignore the libraries' deprecation notices in LIBRARY_NOISE (by message: other warnings still show)."""
+    for message in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def setup_logging(rank: int | None = None) -> None:
     """(Re)configure the package logger for this rank; called at start-up and again once the rank is known."""
+    quiet_library_noise()
     logger.handlers.clear()
     handler = _Handler()
     handler.addFilter(_Filter(env_rank() if rank is None else rank))

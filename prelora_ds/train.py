@@ -251,12 +251,30 @@ def run(pre: Preflight, ds_config: dict, rank: int, world: int) -> int:
         return preempt.EXIT_CODE if trainer.preempted else 0
     logger.info(
         f"prelora-train: done in {summary['wall_time_s']:.1f} s, final val top-1 {summary['final_val_top1']:.2f}%\n"
-        f"  TensorBoard: tensorboard --logdir {out_dir / 'tb'}\n"
+        f"  TensorBoard: {tool_command('tensorboard')} --logdir {out_dir / 'tb'}\n"
+        f"  figures:     {tool_command('prelora')} plot {out_dir}\n"
         f"  summary:     {out_dir / 'summary.json'}\n"
         f"  model:       {out_dir / 'model_merged.safetensors'}\n"
         f"  checkpoints: {out_dir / 'checkpoints'}"
     )
     return 0
+
+
+def tool_command(name: str) -> str:
+    """How to run the installed program `name` from the user's shell: its bare name when PATH finds this
+    environment's copy, else its path (relative to the working folder when inside it: `.venv/bin/tensorboard`)."""
+    import shutil
+
+    path = Path(sys.executable).parent / name  # console scripts sit beside the interpreter (a venv's bin/)
+    if not path.is_file():
+        return name
+    found = shutil.which(name)
+    if found is not None and Path(found).resolve() == path.resolve():
+        return name
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _check_split_targets(cfg: RunConfig, layers: list[str]) -> None:

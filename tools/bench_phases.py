@@ -95,7 +95,7 @@ def ours_trainer(args, phase: str = "full", ranks: dict[str, int] | None = None)
     from prelora_ds.testing.harness import synthetic_trainer
 
     return synthetic_trainer(
-        Path(args.tmp), model=args.model, model_kwargs={}, img_size=args.img_size,
+        Path(args.tmp), model=args.model, model_kwargs={"img_size": args.img_size}, img_size=args.img_size,
         ds_config=ds_config(args.ds_config, args.batch_size), micro_batch=args.batch_size,
         train_size=args.batch_size * 4, val_size=args.batch_size, first_phase=phase, start_ranks=ranks,
         train={"lr_warmup_steps": 0, "epochs": 1000}, prelora={"target_modules": TARGETS, "trainable_extra": EXTRA},
@@ -163,7 +163,7 @@ def worker_bare(args) -> dict:
 
     start_distributed()
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=10)
+    model = timm.create_model(args.model, num_classes=10, img_size=args.img_size)
     if args.phase != "full":
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
         import re
@@ -280,7 +280,8 @@ def main() -> None:
     # fp32 on CPU: bf16 matmuls are emulated (~20x slower) on CPUs without AVX-512 BF16 / AMX
     p.add_argument("--ds-config", default=None, help="default: gpu_single_bf16.json on GPU, cpu_zero2_fp32.json on CPU")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank on every target layer (ours and bare)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=224,
+                   help="image side in px: sizes the model (its position embedding) and the synthetic inputs")
     p.add_argument("--phases", nargs="+", default=["full", "warmup", "lora"])
     p.add_argument("--out", default=None)
     p.add_argument("--tmp", default="/tmp/prelora_bench")

@@ -72,10 +72,11 @@ def run(cmd: list[str], log: Path, faults: str | None = None) -> tuple[int, floa
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """train/loss by step over every event file (a later file wins a step)."""
+    """The training loss by step over every event file (a later file wins a step)."""
     from prelora_ds.metrics.readers import scalars
+    from prelora_ds.metrics.tags import tag
 
-    return dict(scalars(run_dir, "train/loss").get("train/loss", []))
+    return dict(scalars(run_dir, tag("loss")).get(tag("loss"), []))
 
 
 def export_top1(run_dir: Path, data: Path, model_name: str, model_kwargs: dict) -> float:

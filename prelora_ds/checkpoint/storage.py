@@ -46,7 +46,10 @@ UNIVERSAL_SUFFIX = "_universal"
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG of this rank in types `torch.load(weights_only=True)` reads: numpy's key array as a tensor."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         # this rank's device only: get_rng_state_all() would create a CUDA context on every GPU of the node
         # in every rank (hundreds of MB each on GPU 0..n), and its list would not fit another node layout
@@ -56,7 +59,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]  # checkpoints before the tensor form hold numpy's own tuple
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -277,9 +281,19 @@ def read_trainer_state(tag_dir: Path) -> dict[str, Any]:
     return json.loads((tag_dir / STATE_FILE).read_text())
 
 
+# what numpy's RNG tuple in a rank file written before the tensor form needs to unpickle (arrays of uint32)
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed it (and pickles name the new one)
+_LEGACY_NUMPY_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
 def read_rank_state(tag_dir: Path, rank: int) -> dict[str, Any] | None:
+    """`rank<R>.pt` with weights_only=True: tensors and plain types only, so a crafted file cannot run code
+    (DeepSpeed's own files still load with pickle: docs/reliability.md, trust)."""
     path = tag_dir / f"rank{rank}.pt"
-    return torch.load(path, weights_only=False) if path.is_file() else None
+    if not path.is_file():
+        return None
+    with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+        return torch.load(path, weights_only=True)
 
 
 def read_frozen_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,6 +1,9 @@
 """Compare finished runs side by side: a markdown table on stdout and a PNG.
 
-  prelora compare runs/full runs/exp1 runs/exp2 --out compare.png
+  prelora compare runs/full runs/exp1 runs/exp2            # writes runs/compare_runs.png
+
+Reads each run's summary.json. The figure goes beside the runs unless --out says otherwise: into the run directory
+for one run, into the folder the runs share for several (the working folder when they share none).
 
 Reads each run's summary.json. Per run: wall time (`wall_time_s`), switch step, final val top-1, and per
 phase (full, relora, warmup, lora as present) the trainable parameters and the time per epoch.
@@ -21,13 +24,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prelora_ds.cli import CommandError, require_matplotlib
 from prelora_ds.metrics.readers import read_json, scalars
+from prelora_ds.metrics.tags import tag
 
+DEFAULT_PNG = "compare_runs.png"
 PHASE_ORDER = ["full", "relora", "warmup", "lora"]
 PHASE_COLORS = {"full": "tab:blue", "relora": "tab:purple", "warmup": "tab:orange", "lora": "tab:green"}
 
@@ -59,6 +65,15 @@ def steps_per_epoch(summary: dict[str, Any]) -> int | None:
         if v["epoch"] < completed:
             return round(v["step"] / (v["epoch"] + 1))
     return None
+
+
+def default_out(run_dirs: list[Path]) -> Path:
+    """DEFAULT_PNG beside the runs: in the run directory for one run, else in the deepest folder they share (the
+    working folder when that is the filesystem's root)."""
+    if len(run_dirs) == 1:
+        return run_dirs[0] / DEFAULT_PNG
+    shared = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
+    return (shared if shared != Path(shared.anchor) else Path.cwd()) / DEFAULT_PNG
 
 
 def labels_for(run_dirs: list[Path]) -> list[str]:
@@ -116,11 +131,13 @@ def markdown_table(rows: list[RunRow]) -> str:
 
 
 # ----------------------------------------------------------------------------- figure
-def _bars(ax, labels: list[str], values: list[float | None], color: str, fmt_spec: str, label: str) -> None:
+def _bars(ax, labels: list[str], values: list[float | None], color: str, fmt_spec: str, label: str,
+          missing: str = "n/a") -> None:
+    """One bar per run, its value written on it (`missing` where the run has none)."""
     shown = [v if v is not None else 0.0 for v in values]
     bars = ax.bar(labels, shown, color=color, label=label)
-    ax.bar_label(bars, labels=[format(v, fmt_spec) if v is not None else "n/a" for v in values], fontsize=8)
-    ax.set_ylim(0, 1.25 * max(shown + [1e-9]))
+    ax.bar_label(bars, labels=[format(v, fmt_spec) if v is not None else missing for v in values], fontsize=8)
+    ax.set_ylim(0, 1.3 * max(shown + [1e-9]))  # room for the labels and the legend
     ax.legend(fontsize=8, loc="upper left")
     ax.tick_params(axis="x", labelrotation=20)
 
@@ -173,9 +190,11 @@ def plot(rows: list[RunRow], out: Path) -> Path:
     c.set_title("Trainable parameters by phase")
     c.set_ylabel("parameters (log scale)")
     _bars(d, labels, [r.final_top1 for r in rows], "tab:red", ".2f", "final val top-1")
+    d.set_ylim(0, 115)  # a percentage: the axis ends at 100 (and the labels' room above it)
+    d.set_yticks(range(0, 101, 20))
     d.set_title("Final validation top-1")
     d.set_ylabel("top-1 accuracy (%)")
-    _bars(e, labels, [r.switch_step for r in rows], "tab:orange", "d", "switch step (n/a: no switch)")
+    _bars(e, labels, [r.switch_step for r in rows], "tab:orange", "d", "switch step", missing="no switch")
     e.set_title("PreLoRA switch step")
     e.set_ylabel("optimizer step")
     _grouped(f, rows, phases, lambda r, p: r.median_step_s.get(p), ".3f")
@@ -184,9 +203,9 @@ def plot(rows: list[RunRow], out: Path) -> Path:
     for ax in axes.flat:
         ax.set_xlabel("run")
         ax.grid(axis="y", alpha=0.3)
-        if ax is not c:
+        if ax not in (c, d, a, e):  # the grouped bars: room for their labels and legend
             ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
-    fig.suptitle(f"Comparison of {len(rows)} runs")
+    fig.suptitle(f"Run {rows[0].label}" if len(rows) == 1 else f"Comparison of {len(rows)} runs")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -297,7 +316,7 @@ def plot_switch_curves(run_dirs: list[Path], labels: list[str], out: Path) -> Pa
         s = read_json(run_dir / "summary.json")
         val = s.get("val") or []
         (line,) = top.plot([v["step"] for v in val], [v["top1"] for v in val], marker=".", label=label)
-        loss = scalars(run_dir, "train/loss").get("train/loss")
+        loss = scalars(run_dir, tag("loss")).get(tag("loss"))
         if loss:
             bottom.plot([step for step, _ in loss], [v for _, v in loss], color=line.get_color(), lw=0.8, alpha=0.8,
                         label=label)
@@ -324,18 +343,24 @@ def main(argv: list[str] | None = None) -> int:
         prog="prelora compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories (each holds summary.json)")
-    parser.add_argument("--out", type=Path, default=Path("compare_runs.png"), help="PNG to write")
-    parser.add_argument("--curve", type=Path, default=None, help="also a PNG of val top-1 against wall time")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"PNG to write (default: {DEFAULT_PNG} in the run directory for one run, else in the "
+                             "folder the runs share)")
+    parser.add_argument("--curve", type=Path, default=None,
+                        help="also a PNG of val top-1 against wall time, written here (default: none)")
     parser.add_argument("--switches", type=Path, default=None,
-                        help="also the table of top-1 around each switch and a PNG of top-1 and loss by step")
+                        help="also the table of top-1 around each switch and a PNG of top-1 and loss by step, "
+                             "written here (default: none)")
     parser.add_argument("--baseline", type=Path, nargs="*", default=[],
-                        help="full-training runs named <name>_s<seed>: their top-1 beside each switch of that seed")
+                        help="full-training runs named <name>_s<seed>: their top-1 beside each switch of that seed "
+                             "(default: none)")
     args = parser.parse_args(argv)
+    out = args.out or default_out(args.run_dirs)
     labels = labels_for(args.run_dirs)
     rows = [load_row(d, label) for d, label in zip(args.run_dirs, labels, strict=True)]
     require_matplotlib()  # the PNGs below: fail before the table when matplotlib is not installed
     print(markdown_table(rows))
-    print(f"wrote {plot(rows, args.out)}")
+    print(f"wrote {plot(rows, out)}")
     if args.switches:
         baseline = {d.name.rsplit("_s", 1)[-1]: d for d in args.baseline}
         print(switch_table(args.run_dirs, labels, baseline))

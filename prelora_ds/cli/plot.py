@@ -8,7 +8,7 @@ summary.json, windows.json and ranks.json (absent when the run never switched). 
 
 | file                | content                                                                            |
 |---------------------|------------------------------------------------------------------------------------|
-| `weight_norms.png`  | (a) mean weight norm per target module (`norm/<module>`), phase starts marked       |
+| `weight_norms.png`  | (a) mean weight norm per target module (`4_weight_norm/<module>`; W + s B A after the switch) |
 | `layer_changes.png` | (b) per-layer % change d_{m,l} between the last two windows (at the switch)        |
 | `ranks.png`         | (c) LoRA rank per module and layer (ranks.json)                                    |
 | `lora_norms.png`    | (d) base / LoRA / effective norms after the switch (`lora_norm/...`)               |
@@ -30,6 +30,7 @@ from typing import Any
 from prelora_ds.algorithm.convergence import layer_changes
 from prelora_ds.cli import require_matplotlib
 from prelora_ds.metrics.readers import RunData, Series, load_run
+from prelora_ds.metrics.tags import tag
 
 require_matplotlib()  # else `prelora plot: error: matplotlib is not installed; pip install 'prelora_ds[plot]'`
 import matplotlib.pyplot as plt  # noqa: E402
@@ -124,16 +125,18 @@ def need(run: RunData, prefix: str) -> dict[str, Series]:
 
 # ----------------------------------------------------------------------------- figures
 def plot_weight_norms(run: RunData, path: Path) -> Path:
-    """(a) norm/<module>: mean Frobenius norm of the module's layers, sampled while the run is in `full`."""
-    series = need(run, "norm/")
+    """(a) 4_weight_norm/<module>: mean Frobenius norm of the module's layers over the whole run: the weight in
+    `full`, the effective weight W + s B A once LoRA is injected (what the model computes with)."""
+    prefix = tag("norm", module="")
+    series = need(run, prefix)
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    for tag, s in series.items():
-        ax.plot(*xy(s), marker=".", label=tag.removeprefix("norm/"))
+    for name, s in series.items():
+        ax.plot(*xy(s), marker=".", label=name.removeprefix(prefix))
     mark_phases(ax, run)
     full_x_range(ax, run)
-    ax.set_title("Weight norm per target module (mean over layers), phase starts marked")
+    ax.set_title("Weight norm per target module (mean over layers; W + s B A after the switch), phase starts marked")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean Frobenius norm ||W||_F")
+    ax.set_ylabel("mean Frobenius norm ||W + s B A||_F")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return save(fig, path)
@@ -309,9 +312,9 @@ def plot_throughput(run: RunData, path: Path) -> Path:
 
 
 def plot_loss_top1(run: RunData, path: Path) -> Path:
-    """(f) train/loss (top) and val/top1 (bottom) over steps, phase starts marked."""
-    loss = need(run, "train/loss")["train/loss"]
-    top1 = run.scalars.get("val/top1") or [(v["step"], v["top1"]) for v in (run.summary or {}).get("val", [])]
+    """(f) the training loss (top) and val top-1 (bottom) over steps, phase starts marked."""
+    loss = need(run, tag("loss"))[tag("loss")]
+    top1 = run.scalars.get(tag("val_top1")) or [(v["step"], v["top1"]) for v in (run.summary or {}).get("val", [])]
     fig, (a, b) = plt.subplots(2, 1, figsize=(FIGSIZE[0], FIGSIZE[1] + 1.5), sharex=True)
     a.plot(*xy(loss), color="black", linewidth=0.9, label="train loss (mean over ranks)")
     a.set_title("Training loss and validation top-1")

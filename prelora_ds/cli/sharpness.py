@@ -170,13 +170,19 @@ def measure(run: Path, tag: str, images: int, micro: int, iters: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="prelora sharpness", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the latest)")
-    p.add_argument("--images", type=int, default=512, help="training images in the fixed batch")
-    p.add_argument("--micro", type=int, default=128, help="images per forward (memory)")
-    p.add_argument("--iters", type=int, default=60, help="power iterations at most")
-    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    p = argparse.ArgumentParser(prog="prelora sharpness", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path,
+                   help="a run directory with checkpoints/ (the run's config.yaml gives the model and the data)")
+    p.add_argument("--step", type=int, default=None,
+                   help="the checkpoint of this optimizer step (default: the run's latest complete checkpoint)")
+    p.add_argument("--images", type=int, default=512, help="training images in the fixed batch (default: 512)")
+    p.add_argument("--micro", type=int, default=128,
+                   help="images per forward: bounds the memory, not the result (default: 128)")
+    p.add_argument("--iters", type=int, default=60,
+                   help="power iterations at most; it stops earlier once the estimate settles (default: 60)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the result to this file (default: printed on stdout only)")
     args = p.parse_args(argv)
     from prelora_ds.checkpoint import storage
 

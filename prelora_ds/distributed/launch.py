@@ -118,6 +118,8 @@ def init_distributed(timeout_s: float, rendezvous_timeout_s: float = 600.0) -> t
             deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
             collectives.init_stats_group(timeout_s)  # the package's own collectives (CPU tensors) beside DeepSpeed's
     except (RuntimeError, ValueError) as exc:  # gloo/NCCL/store errors (DistNetworkError is a RuntimeError)
+        if netif.address_in_use(exc):  # a busy port on this host, not a network fault
+            raise RendezvousError(netif.port_in_use_help()) from exc
         raise RendezvousError(f"{netif.rendezvous_help()} ({str(exc).splitlines()[0][:300]})") from exc
     # destroyed when the process exits, not when a run ends: a process may run several (tests), and DeepSpeed keeps
     # its groups cached between them

@@ -84,6 +84,24 @@ def choose_gloo_interface(log: bool) -> str:
     return name
 
 
+def address_in_use(error: BaseException) -> bool:
+    """Whether a process-group start failed because MASTER_PORT is taken on this host (torch's TCPStore server
+    reports EADDRINUSE; another job's rendezvous is the usual holder)."""
+    text = str(error)
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
+
+
+def port_in_use_help() -> str:
+    """What rank 0 says when its MASTER_PORT is taken: the cause, and the flag that picks another port."""
+    port = os.environ.get("MASTER_PORT", "?")
+    return (
+        f"MASTER_PORT={port} is already in use on {socket.gethostname()} (another job's process group, or another "
+        f"program, listens there), so rank {os.environ.get('RANK', '?')} could not start the rendezvous. Pick a free "
+        "port: deepspeed --master_port N (torchrun --master_port N, or --rdzv_endpoint HOST:N; mpirun or a plain "
+        "process: MASTER_PORT=N). The deepspeed launcher's default 29500 collides with any other job on the host."
+    )
+
+
 def rendezvous_help() -> str:
     """What a rank that could not join the others should say: the address, the interface, what to set."""
     master, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -41,4 +42,11 @@ def save_merged(path: Path, state: dict[str, torch.Tensor], scales: dict[str, fl
     """The merged model as a plain fused timm state dict, whichever q/k/v layout trained (`model.qkv`)."""
     merged = {k: v.contiguous() for k, v in fuse_qkv(merge_lora(state, scales)).items()}
     save_file(merged, str(path), metadata={"format": "pt", "producer": "prelora_ds"})
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates its file 0600; the run's other files follow the umask
     return merged
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask

@@ -9,26 +9,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prelora_ds.metrics.tags import current_name
+
 Series = list[tuple[int, float]]
 
 
-def _accumulators(run_dir: Path, kind: str):
-    """An EventAccumulator per event file under run_dir/tb, oldest first (a resume adds a file)."""
+def event_files(run_dir: Path, phase: str | None = None) -> list[Path]:
+    """Every event file under run_dir/tb (tb/ itself and the phases' tb/<phase>/; only tb/<phase>/ when `phase` is
+    given), oldest first: by the time in the name TensorBoard gives it (`events.out.tfevents.<seconds>.<host>...`),
+    so a resume's files come last."""
+
+    def written(path: Path) -> tuple[float, str]:
+        try:
+            return float(path.name.split(".")[3]), str(path)
+        except (IndexError, ValueError):
+            return 0.0, str(path)
+
+    folder = run_dir / "tb" if phase is None else run_dir / "tb" / phase
+    return sorted(folder.rglob("events.*") if phase is None else folder.glob("events.*"), key=written)
+
+
+def _accumulators(run_dir: Path, kind: str, phase: str | None = None):
+    """An EventAccumulator per event file under run_dir/tb, oldest first (a resume adds files)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for path in sorted((run_dir / "tb").glob("events.*")):
+    for path in event_files(run_dir, phase):
         acc = EventAccumulator(str(path), size_guidance={kind: 0})
         acc.Reload()
         yield acc
 
 
-def scalars(run_dir: Path, prefix: str = "") -> dict[str, Series]:
-    """tag -> [(step, value)] sorted by step, merged over every event file (a later file wins a step)."""
+def scalars(run_dir: Path, prefix: str = "", phase: str | None = None) -> dict[str, Series]:
+    """tag -> [(step, value)] sorted by step, merged over every event file and phase (a later file wins a step);
+    one phase's TensorBoard run only when `phase` is given."""
     merged: dict[str, dict[int, float]] = {}
-    for acc in _accumulators(run_dir, "scalars"):
+    for acc in _accumulators(run_dir, "scalars", phase):
         for tag in acc.Tags()["scalars"]:
-            if tag.startswith(prefix):
-                series = merged.setdefault(tag, {})
+            if current_name(tag).startswith(prefix):
+                series = merged.setdefault(current_name(tag), {})  # an older run's tags under today's names
                 for event in acc.Scalars(tag):
                     series[event.step] = event.value
     return {tag: sorted(series.items()) for tag, series in merged.items()}

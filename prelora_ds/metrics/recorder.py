@@ -1,6 +1,16 @@
 """What a run shows: TensorBoard scalars (every tag name in `TAGS`), a custom-scalars layout that groups the
-per-layer series into one chart per module type, the progress bar, and the run files (summary.json, windows.json,
-ranks.json).
+per-layer series into one chart per module type, the progress display, and the run files (summary.json,
+windows.json, ranks.json).
+
+TensorBoard, laid out for a person (docs/usage.md, TensorBoard):
+- the headline groups sort first (TensorBoard orders groups by name, digits before letters): `1_train` (loss, LR,
+  phase, trainable parameters), `2_val`, `3_prelora_test` (the window changes against their thresholds),
+  `4_weight_norm` (per module, the effective weight W + s B A after the switch); per-layer and system detail below;
+- every scalar goes to the event files of the phase its step belongs to, `tb/<phase>/`: TensorBoard draws each
+  phase as a run of its own colour, so the switch shows in every chart, and its smoothing never blends two phases
+  (a quantity constant within a phase, such as the trainable parameters, reads exactly);
+- the window statistics have one point per window: the layout's titles say to read them with smoothing 0;
+- the custom-scalars layout and the switch texts are in `tb/` itself.
 
 Rank 0 writes; on other ranks every method is a no-op, so call sites need no rank checks.
 """
@@ -18,80 +28,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from prelora_ds.distributed import preempt
-from prelora_ds.log import logger, set_progress_bar
-from prelora_ds.lora.inject import PHASES
-
-# Every TensorBoard tag the package writes; `{...}` fields are filled per module type, layer or phase.
-TAGS = {
-    "loss": "train/loss",
-    "lr": "train/lr",
-    "images_per_s": "train/images_per_s",
-    "step_s": "train/step_s",
-    "memory": "train/memory_bytes",
-    "grad_norm": "train/grad_norm",
-    "skipped_steps": "train/skipped_steps",
-    "phase_loss": "phase_loss/{phase}",  # the loss again, one series per phase: the boundaries show as colours
-    "phase_lr": "phase_lr/{phase}",
-    "phase_index": "phase/index",
-    "switch_s": "phase/switch_s",
-    "trainable": "params/trainable",
-    "total": "params/total",
-    "norm": "norm/{module}",
-    "norm_layer": "norm_layer/{module}/{layer:02d}",
-    "dL": "window/dL",
-    "D": "window/D/{module}",
-    "delta_l": "window/delta_l",
-    "delta_w": "window/delta_w",
-    "lora_norm": "lora_norm/{kind}/{layer}",
-    "lora_norm_mean": "lora_norm/{kind}/mean",
-    "rank": "ranks/{layer}",
-    "rank_histogram": "ranks/histogram",
-    "val_top1": "val/top1",
-    "val_top5": "val/top5",
-    "val_loss": "val/loss",
-    "merges": "relora/merges",
-    "merged_delta_norm": "relora/merged_delta_norm",
-    "pruned_share": "relora/pruned_share",
-    "merge_s": "relora/merge_s",
-    "save_s": "checkpoint/save_s",
-    "signal_to_saved_s": "preempt/signal_to_saved_s",
-}
-LORA_KINDS = ("base", "lora", "effective")
-
-
-def tag(name: str, **fields: Any) -> str:
-    return TAGS[name].format(**fields)
-
-
-def _series(name: str, **fields: str) -> str:
-    """A regex over the tags of `TAGS[name]` with `fields` fixed (escaped) and every other field free."""
-    parts = re.split(r"(\{[^}]+\})", TAGS[name])
-    out = []
-    for part in parts:
-        key = part[1:-1].split(":")[0] if part.startswith("{") else None
-        out.append(re.escape(fields[key]) if key in fields else r"[^/]+" if key else re.escape(part))
-    return "".join(out)
+from prelora_ds.log import logger
+from prelora_ds.lora.inject import PHASES, layer_index, module_key
+from prelora_ds.metrics.progress import open_progress
+from prelora_ds.metrics.tags import LORA_KINDS, series, tag
 
 
 def custom_scalars_layout(modules: dict[str, list[str]]) -> dict[str, dict[str, list]]:
     """TensorBoard's custom-scalars layout: `modules` maps a module type (e.g. 'attn.qkv') to its layer names."""
     chart = lambda *regexes: ["Multiline", list(regexes)]  # noqa: E731
+    exact = "one point per window: read with Smoothing 0"
     layout: dict[str, dict[str, list]] = {
-        "PreLoRA test": {
-            "window change of the loss dL (%) and delta_l": chart(_series("dL"), _series("delta_l")),
-            "window change per module D (%) and delta_w": chart(_series("D"), _series("delta_w")),
+        "Training (a colour per phase: the switch is where it changes)": {
+            "train loss": chart(series("loss")),
+            "learning rate": chart(series("lr")),
+            "val top-1 (%), one point per epoch": chart(series("val_top1")),
+            "trainable parameters": chart(series("trainable")),
         },
-        "Training by phase": {
-            "train loss, one series per phase": chart(_series("phase_loss")),
-            "learning rate, one series per phase": chart(_series("phase_lr")),
-            "val top-1 (%)": chart(_series("val_top1")),
-            "trainable parameters": chart(_series("trainable")),
+        "PreLoRA test: the switch comes when every change stays under its threshold": {
+            f"window change of the loss dL (%) and delta_l ({exact})": chart(series("dL"), series("delta_l")),
+            f"window change per module D (%) and delta_w ({exact})": chart(series("D"), series("delta_w")),
+            "weight norm per module, mean over layers (W + s B A after the switch)": chart(series("norm")),
         },
-        "Weight norms per layer (before the switch)": {
-            f"{m}: mean norm per layer": chart(_series("norm_layer", module=m)) for m in modules
+        "Weight norms per layer (W + s B A after the switch)": {
+            f"{m}: norm per layer": chart(series("norm_layer", module=m)) for m in modules
         },
     }
     for kind in LORA_KINDS:
@@ -100,7 +62,7 @@ def custom_scalars_layout(modules: dict[str, list[str]]) -> dict[str, dict[str, 
                                                   for n in names))
             for m, names in modules.items()
         }
-    layout["Ranks"] = {"rank per layer": chart(_series("rank"))}
+    layout["Ranks"] = {"rank per layer (x axis: the layer index, not a step)": chart(series("rank"))}
     return layout
 
 
@@ -132,31 +94,44 @@ def reset_peak_memory() -> None:
 
 
 class Display:
-    """Writes on rank 0 only (`enabled`), so call sites need no rank checks; `Monitor.off()` writes nothing."""
+    """Writes on rank 0 only (`enabled`), so call sites need no rank checks; `Display.off()` writes nothing.
+
+    `writer` (tb/) holds the layout and the texts; scalars and histograms go to `tb/<phase>/`, one writer per phase
+    opened on first use."""
 
     def __init__(self, out_dir: Path | None, enabled: bool, total_steps: int = 0, start_step: int = 0) -> None:
         self.enabled = enabled
         self.writer = None
+        self.phase_writers: dict[str, Any] = {}
         self.bar = None
         if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            self.writer = self._open(out_dir / "tb")
+            self.bar = open_progress(total_steps, start_step)
 
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"))
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=2.0)
-            set_progress_bar(self.bar)
+    @staticmethod
+    def _open(log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(log_dir))
 
     @classmethod
     def off(cls) -> Display:
         return cls(None, False)
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
+    def _phase_writer(self, phase: str):
+        if phase not in self.phase_writers:
+            self.phase_writers[phase] = self._open(Path(self.writer.log_dir) / phase)
+        return self.phase_writers[phase]
 
-    def histogram(self, tag: str, values, step: int) -> None:
+    def scalars(self, phase: str, step: int, values: dict[str, float]) -> None:
         if self.writer:
-            self.writer.add_histogram(tag, torch.as_tensor(values, dtype=torch.float32), step)
+            writer = self._phase_writer(phase)
+            for key, value in values.items():
+                writer.add_scalar(key, value, step)
+
+    def histogram(self, phase: str, tag: str, values, step: int) -> None:
+        if self.writer:
+            self._phase_writer(phase).add_histogram(tag, torch.as_tensor(values, dtype=torch.float32), step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer:
@@ -164,18 +139,15 @@ class Display:
 
     def progress(self, step: int, **postfix: float | str) -> None:
         if self.bar:
-            self.bar.n = step
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(0)
+            self.bar.update(step, postfix)
 
     def close(self) -> None:
         if self.bar:
-            set_progress_bar(None)
             self.bar.close()
             self.bar = None
-        if self.writer:
-            self.writer.flush()
-            self.writer.close()
+        for writer in [self.writer, *self.phase_writers.values()] if self.writer else []:
+            writer.flush()
+            writer.close()
 
 
 class Recorder:
@@ -184,49 +156,56 @@ class Recorder:
     def __init__(self, out_dir: Path, rank: int) -> None:
         self.out_dir, self.rank = out_dir, rank
         self.display = Display.off()
+        self.phase = "full"  # whose TensorBoard run the scalars go to: the phase of the step they belong to
+        self.trainable: int | None = None  # the phase's count, logged with every step (a flat line per phase)
 
-    def start(self, total_steps: int, start_step: int, modules: dict[str, list[str]]) -> None:
-        """Open TensorBoard and the progress bar (rank 0) and write the custom-scalars layout."""
+    def start(self, total_steps: int, start_step: int, modules: dict[str, list[str]], phase: str) -> None:
+        """Open TensorBoard and the progress display (rank 0) and write the custom-scalars layout."""
         self.display = Display(self.out_dir, self.rank == 0, total_steps, start_step)
+        self.phase = phase
         if self.display.writer:
             self.display.writer.add_custom_scalars(custom_scalars_layout(modules))
 
     # ----------------------------------------------------------------- TensorBoard
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self.display.scalars(step, values)
+        self.display.scalars(self.phase, step, values)
 
     def train_step(self, step: int, phase: str, loss: float, lr: float, dt: float, images: int, grad_norm) -> None:
         values = {
             tag("loss"): loss, tag("lr"): lr, tag("images_per_s"): images / dt, tag("step_s"): dt,
-            tag("memory"): memory_bytes(), tag("phase_loss", phase=phase): loss, tag("phase_lr", phase=phase): lr,
-            tag("phase_index"): list(PHASES).index(phase),
+            tag("memory"): memory_bytes(), tag("phase_index"): list(PHASES).index(phase),
         }  # fmt: skip
+        if self.trainable is not None:
+            values[tag("trainable")] = self.trainable
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             values[tag("grad_norm")] = float(grad_norm)
-        self.display.scalars(step, values)
+        self.phase = phase
+        self.scalars(step, values)
         self.display.progress(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images / dt:.0f}", phase=phase)
 
     def progress(self, step: int) -> None:
         self.display.progress(step)
 
     def params(self, step: int, phase: str, trainable: int, total: int) -> None:
-        self.display.scalars(step, {tag("trainable"): trainable, tag("total"): total})
+        self.phase, self.trainable = phase, trainable
+        self.scalars(step, {tag("trainable"): trainable, tag("total"): total})
         share = 100 * trainable / total
         logger.info(f"[{phase}] step {step}: {trainable:,} of {total:,} parameters trainable ({share:.1f}%)")
 
     def phase_change(self, step: int, name: str, elapsed: float) -> None:
+        self.phase = name
         self.display.text("phase", f"step {step}: -> {name} ({elapsed:.2f} s)", step)
-        self.display.scalars(step, {tag("phase_index"): list(PHASES).index(name), tag("switch_s"): elapsed})
+        self.scalars(step, {tag("phase_index"): list(PHASES).index(name), tag("switch_s"): elapsed})
 
     def norms(self, step: int, sampled: dict[str, list[float]]) -> None:
         values = {}
         for m, vals in sampled.items():
             values[tag("norm", module=m)] = sum(vals) / len(vals)
             values.update({tag("norm_layer", module=m, layer=i): v for i, v in enumerate(vals)})
-        self.display.scalars(step, values)
+        self.scalars(step, values)
 
     def window(self, step: int, dL: float, D: dict[str, float], delta_l: float, delta_w: float) -> None:
-        self.display.scalars(
+        self.scalars(
             step,
             {tag("dL"): dL, tag("delta_l"): delta_l, tag("delta_w"): delta_w}
             | {tag("D", module=m): v for m, v in D.items()},
@@ -238,12 +217,14 @@ class Recorder:
             out.update({tag("lora_norm", kind=kind, layer=layer): x for kind, x in v.items()})
         for kind in LORA_KINDS:
             out[tag("lora_norm_mean", kind=kind)] = sum(v[kind] for v in values.values()) / len(values)
-        self.display.scalars(step, out)
+        self.scalars(step, out)
 
     def switch(self, step: int, epoch: int, ranks: dict[str, int], changes, reason: str, elapsed: float) -> None:
         self.write_json("ranks.json", ranks)
-        self.display.histogram(tag("rank_histogram"), list(ranks.values()), step)
-        self.display.scalars(step, {tag("rank", layer=name): r for name, r in ranks.items()})
+        self.display.histogram(self.phase, tag("rank_histogram"), list(ranks.values()), step)
+        for module, by_layer in ranks_by_module(ranks).items():  # a line over the layers: x is the layer index
+            for layer, r in by_layer.items():
+                self.display.scalars(self.phase, layer, {tag("rank", module=module): r})
         self.display.text(
             "switch", f"switch at step {step} (epoch {epoch}, {reason}), {elapsed:.2f} s; layer changes "
             f"{json.dumps(changes)}", step,
@@ -253,7 +234,8 @@ class Recorder:
         )
 
     def val(self, step: int, epoch: int, phase: str, result: dict[str, float]) -> None:
-        self.display.scalars(
+        self.phase = phase
+        self.scalars(
             step, {tag("val_top1"): result["top1"], tag("val_top5"): result["top5"], tag("val_loss"): result["loss"]}
         )
         logger.info(
@@ -262,13 +244,13 @@ class Recorder:
         )
 
     def merge(self, step: int, merges: int, deltas: dict[str, float], pruned: float, elapsed: float) -> None:
-        self.display.scalars(step, {
+        self.scalars(step, {
             tag("merges"): merges, tag("merged_delta_norm"): math.sqrt(sum(d * d for d in deltas.values())),
             tag("pruned_share"): pruned, tag("merge_s"): elapsed,
         })  # fmt: skip
 
     def skipped(self, step: int, skipped: int, streak: int, limit: int) -> None:
-        self.display.scalars(step, {tag("skipped_steps"): skipped})
+        self.scalars(step, {tag("skipped_steps"): skipped})
         logger.info(
             f"step {step}: non-finite loss or gradient, step skipped by DeepSpeed ({streak} in a row, {skipped} in "
             f"all; the limit is {limit} in a row)"
@@ -315,6 +297,14 @@ class Recorder:
     def write_json(self, name: str, obj: Any) -> None:
         if self.rank == 0:
             (self.out_dir / name).write_text(json.dumps(obj, indent=1))
+
+
+def ranks_by_module(ranks: dict[str, int]) -> dict[str, dict[int, int]]:
+    """ranks.json's {layer name: rank} as {module key: {layer index: rank}} (`blocks.3.attn.qkv` -> attn.qkv, 3)."""
+    out: dict[str, dict[int, int]] = {}
+    for name, r in ranks.items():
+        out.setdefault(module_key(name), {})[layer_index(name)] = r
+    return out
 
 
 def summary(state, meta: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prelora_ds.metrics.readers import read_json, scalars
+from prelora_ds.metrics.tags import tag
 
 PHASE_KEYS = ("name", "start_step", "end_step", "trainable_params", "total_params")
 
@@ -38,8 +39,8 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
     tb = scalars(run_dir)
     summary = read_json(run_dir / "summary.json")
     return {
-        "train/loss": [[step, float(v).hex()] for step, v in tb["train/loss"]],
-        "val/top1": [[step, float(v).hex()] for step, v in tb["val/top1"]],
+        "train/loss": [[step, float(v).hex()] for step, v in tb[tag("loss")]],  # keys: the names at the recording
+        "val/top1": [[step, float(v).hex()] for step, v in tb[tag("val_top1")]],
         "phases": [{k: p[k] for k in PHASE_KEYS} for p in summary["phases"]],
         "switch_step": summary["switch_step"],
         "ranks": read_json(run_dir / "ranks.json"),

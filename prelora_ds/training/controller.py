@@ -76,8 +76,9 @@ class PhaseController:
         return state.phase != phase_before
 
     def _sample(self, state: LoopState, clock: Clock) -> bool:
-        """Norm sample: into the windows in `full` (and `relora`, on the effective weights W + s B A); base /
-        LoRA / effective norms for monitoring after the switch. Returns whether a window closed."""
+        """Norm sample: into the windows in `full` (and `relora`, on the effective weights W + s B A); the module
+        norms of every phase (effective after the switch) and base / LoRA / effective per layer for monitoring.
+        Returns whether a window closed."""
         module, layout, frozen = self.phases.module, self.phases.layout, self.phases.frozen_fp32
         pending, self.pending_loss = self.pending_loss.tolist(), zero_loss()  # the one host read of the losses
         with self.collective(f"the all-reduce of the norm statistics at step {clock.step}"):
@@ -87,11 +88,11 @@ class PhaseController:
                 values, loss_sum, count = norms.lora_norms(module, layout, frozen, self.rank, self.world, *pending)
                 self.recorder.lora_norms(clock.step, values)
                 sampled = norms.effective_by_module(layout, values)
+        self.recorder.norms(clock.step, sampled)  # every phase: the effective weight W + s B A after the switch
         if not policy.tests_convergence(state.phase):
             return False
         if count > 0:
             self.acc.add_sample(loss_sum, count, sampled)
-        self.recorder.norms(clock.step, sampled)
         if policy.window_due(self.cfg.prelora, clock) and self.acc.num_pending:
             self.acc.close_window()
             return True

@@ -109,7 +109,7 @@ class Trainer:
     def _run(self) -> dict[str, Any] | None:
         if self.rank == 0:
             (self.out_dir / preempt.MARKER).unlink(missing_ok=True)  # this run continues it
-        self.recorder.start(self.total_steps, self.state.step, self.phases.layout.modules)
+        self.recorder.start(self.total_steps, self.state.step, self.phases.layout.modules, self.state.phase)
         if self.phases.built_elements is not None:
             held, whole = self.phases.built_elements
             logger.info(f"ZeRO-3: model built partitioned (deepspeed.zero.Init): rank {self.rank} allocated "

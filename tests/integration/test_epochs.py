@@ -82,7 +82,7 @@ def test_resume_with_another_micro_batch_continues_the_run(epoch_runs):
     assert "16 micro x 2 accumulation x 2 ranks = 64" in resumed.stdout
     assert timeline(cut) == timeline(ref)
     assert json.loads((cut / "ranks.json").read_text()) == json.loads((ref / "ranks.json").read_text())
-    a, b = dict(scalars(ref)["train/loss"]), dict(scalars(cut)["train/loss"])
+    a, b = dict(scalars(ref)["1_train/loss"]), dict(scalars(cut)["1_train/loss"])
     assert sorted(b) == list(range(1, 5 * SPE + 1))
     assert max(abs(a[s] - b[s]) for s in range(1, STOP + 1)) == 0.0  # the same run up to the stop
     worst = max(abs(a[s] - b[s]) for s in range(STOP + 1, 5 * SPE + 1))

@@ -46,7 +46,7 @@ def _cmd(data, dataset: str, ds_config: str) -> list[str]:
 
 
 def losses(out) -> dict[int, float]:
-    return dict(scalars(out)["train/loss"])
+    return dict(scalars(out)["1_train/loss"])
 
 
 def test_device_loader_resumes_exactly_on_imagefolder_and_on_shards(data, tmp_path_factory, tmp_path):

@@ -58,11 +58,16 @@ def test_ranks_json_powers_of_two_and_param_count(uninterrupted):
 
 def test_tensorboard_has_norms_losses_phases(uninterrupted):
     tb = scalars(uninterrupted)
-    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "train/memory_bytes", "val/top1",
-                "norm/attn.qkv", "norm/mlp.fc2", "norm_layer/attn.qkv/00", "window/dL", "window/D/mlp.fc1",
-                "lora_norm/lora/mean", "lora_norm/effective/mean", "phase/index", "params/trainable"):
+    for tag in ("1_train/loss", "1_train/lr", "train/images_per_s", "train/grad_norm", "train/memory_bytes",
+                "2_val/top1", "4_weight_norm/attn.qkv", "4_weight_norm/mlp.fc2", "norm_layer/attn.qkv/00",
+                "3_prelora_test/dL", "3_prelora_test/D/mlp.fc1", "lora_norm/lora/mean", "lora_norm/effective/mean",
+                "1_train/phase", "1_train/trainable_params", "ranks/attn.qkv"):
         assert tag in tb, tag
-    assert [s for s, _ in tb["train/loss"]] == list(range(1, 41))
+    assert [s for s, _ in tb["1_train/loss"]] == list(range(1, 41))
+    # the module norms go on through every phase: the effective weight W + s B A after the switch at 12
+    assert max(s for s, _ in tb["4_weight_norm/attn.qkv"]) > 20
+    ranks = json.loads((uninterrupted / "ranks.json").read_text())
+    assert tb["ranks/attn.qkv"] == [(i, ranks[f"blocks.{i}.attn.qkv"]) for i in range(6)]  # x: the layer index
     # B starts at zero: the LoRA delta is 0 right after the switch, then grows
     lora_norm = dict(tb["lora_norm/lora/mean"])
     assert max(lora_norm.values()) > 0
@@ -79,12 +84,17 @@ def test_custom_scalars_layout_charts_what_the_run_wrote(uninterrupted):
         assert matched, f"chart {title!r} ({regexes}) matches no tag the run wrote"
     layers = json.loads((uninterrupted / "windows.json").read_text())["layers"]
     for module, names in layers.items():
-        lines = [t for t in tb if any(re.fullmatch(r, t) for r in charts[f"{module}: mean norm per layer"])]
+        lines = [t for t in tb if any(re.fullmatch(r, t) for r in charts[f"{module}: norm per layer"])]
         assert len(lines) == len(names), (module, lines)
         effective = [t for t in tb if any(re.fullmatch(r, t) for r in charts[f"{module}: ||effective|| per layer"])]
         assert sorted(effective) == sorted(f"lora_norm/effective/{n}" for n in names)
-    assert len(charts["train loss, one series per phase"]) == 1
-    assert {t for t in tb if t.startswith("phase_loss/")} == {"phase_loss/full", "phase_loss/warmup", "phase_loss/lora"}
+    assert charts["train loss"] == ["1_train/loss"]
+    # each phase is a TensorBoard run of its own (its own colour, its own smoothing), holding that phase's steps
+    by_phase = {p: dict(scalars(uninterrupted, phase=p)["1_train/loss"]) for p in ("full", "warmup", "lora")}
+    assert [sorted(by_phase[p]) for p in ("full", "warmup", "lora")] == [list(range(1, 13)), list(range(13, 21)),
+                                                                         list(range(21, 41))]
+    trainable = {p: {v for _, v in scalars(uninterrupted, phase=p)["1_train/trainable_params"]} for p in by_phase}
+    assert all(len(v) == 1 for v in trainable.values()), trainable  # one flat line per phase: smoothing cannot bend it
 
 
 def test_merged_model_loads_into_timm_and_reproduces_val_accuracy(uninterrupted):

@@ -101,7 +101,7 @@ def two_node_job(hosts, hostfile, out: Path, *train: str, env=None, launcher=Non
 
 
 def losses(out: Path) -> dict[int, float]:
-    return dict(scalars(out)["train/loss"])
+    return dict(scalars(out)["1_train/loss"])
 
 
 def timeline(out: Path) -> list[tuple[str, int, int]]:

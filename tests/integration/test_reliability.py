@@ -111,7 +111,7 @@ def resumed_phase(proc, step: int) -> str:
 
 
 def losses(out) -> dict[int, float]:
-    return dict(scalars(out)["train/loss"])
+    return dict(scalars(out)["1_train/loss"])
 
 
 def worst_diff(a: dict[int, float], b: dict[int, float], steps) -> float:

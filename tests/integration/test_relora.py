@@ -84,7 +84,7 @@ def check_stable_across_merges(run_dir: Path) -> None:
     fix +0.62 at the first merge, and the loss never came back), val top-1 after both merges is above its value
     before the first, and the LR restarts from 0 after each merge."""
     s = scalars(run_dir)
-    loss, lr = dict(s["train/loss"]), dict(s["train/lr"])
+    loss, lr = dict(s["1_train/loss"]), dict(s["1_train/lr"])
     w = 2 * DEMO_WARMUP
 
     def mean(first: int, last: int) -> float:
@@ -95,7 +95,7 @@ def check_stable_across_merges(run_dir: Path) -> None:
         assert mean(m + 1, m + w) <= mean(m - w + 1, m) + 0.1, m
     last, first = DEMO_MERGES[-1], DEMO_MERGES[0]
     assert mean(last + 1, last + w) <= mean(first - w + 1, first) + 0.1  # no loss carried from merge to merge
-    top1 = dict(s["val/top1"])
+    top1 = dict(s["2_val/top1"])
     assert top1[154] > top1[88] + 5  # step 154 (after both merges) vs 88 (before the first): 69.2 vs 45.8
     for m in DEMO_MERGES:
         assert lr[m + 1] == 0.0 and 0 < lr[m + 2] < lr[m + 1 + DEMO_WARMUP]  # the restart ramps from 0

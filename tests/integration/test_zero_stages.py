@@ -73,24 +73,25 @@ def test_zero3_builds_the_model_partitioned_with_the_same_initial_weights(stages
     for held, whole in built:
         held, whole = int(held.replace(",", "")), int(whole.replace(",", ""))
         assert whole > 100_000 and held <= whole // 2 + 2 * 1024, (held, whole)  # its half (+ alignment padding)
-    ref = dict(scalars(stages / "stage2")["train/loss"])
-    first = dict(scalars(stages / "stage3")["train/loss"])[1]
+    ref = dict(scalars(stages / "stage2")["1_train/loss"])
+    first = dict(scalars(stages / "stage3")["1_train/loss"])[1]
     assert abs(first - ref[1]) < 1e-5, (first, ref[1])  # timm's init on placeholders moved it by 0.196
 
 
 def test_stages_compute_the_same_run(stages):
-    ref = dict(scalars(stages / "stage2")["train/loss"])
+    ref = dict(scalars(stages / "stage2")["1_train/loss"])
     for name in STAGES:
         tb = scalars(stages / name)
-        loss = dict(tb["train/loss"])
+        loss = dict(tb["1_train/loss"])
         assert sorted(loss) == list(range(1, 29)), name
         worst = max(abs(loss[s] - ref[s]) for s in loss)
         assert worst <= STAGE_TOL, (name, worst)
-        norms = dict(tb["norm/attn.qkv"])  # the convergence test's input, read from the partitions
-        assert max(abs(v - dict(scalars(stages / "stage2")["norm/attn.qkv"])[s]) for s, v in norms.items()) < 1e-3
+        norms = dict(tb["4_weight_norm/attn.qkv"])  # the convergence test's input, read from the partitions
+        ref_norms = dict(scalars(stages / "stage2")["4_weight_norm/attn.qkv"])
+        assert max(abs(v - ref_norms[s]) for s, v in norms.items()) < 1e-3
         assert dict(tb["lora_norm/base/mean"])  # base / LoRA norms after the switch, under every stage
         assert [v for _, v in tb["relora/pruned_share"]] == pytest.approx([0.9] * 3, abs=0.02)
-    bf16 = dict(scalars(stages / "stage3_bf16")["train/loss"])
+    bf16 = dict(scalars(stages / "stage3_bf16")["1_train/loss"])
     assert max(abs(bf16[s] - ref[s]) for s in ref) <= BF16_TOL
 
 
@@ -144,6 +145,6 @@ def test_phased_run_killed_in_relora_resumes_on_two_then_on_one_rank(tmp_path, s
     assert "resumed at step 18 (epoch 0, phase warmup)" in single.stdout
     assert "[lora] step 20: micro batch x accumulation 16 x 4 -> 32 x 2" in single.stdout
     assert timeline(out) == TIMELINE and summary(out)["relora_merges"] == 3
-    a, b = dict(scalars(stages / "phased")["train/loss"]), dict(scalars(out)["train/loss"])
+    a, b = dict(scalars(stages / "phased")["1_train/loss"]), dict(scalars(out)["1_train/loss"])
     assert max(abs(a[s] - b[s]) for s in range(1, 19)) <= STAGE_TOL
     assert max(abs(a[s] - b[s]) for s in range(19, 29)) <= STAGE_TOL  # 1 rank: another reduction order

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# What a person sees in TensorBoard's Custom Scalars tab for a run, as a PNG (headless Chromium, Debian's
-# `chromium` package: apt-get install chromium).
-#   tools/tb_screenshot.sh RUN_DIR OUT.png [PORT]
+# What a person sees in TensorBoard for a run, as PNGs (headless Chromium, Debian's `chromium` package:
+# apt-get install chromium): the tab TensorBoard opens on (Time Series) and the Custom Scalars tab.
+#   tools/tb_screenshot.sh RUN_DIR OUT_PREFIX [PORT]    # writes OUT_PREFIX_timeseries.png, OUT_PREFIX_custom_scalars.png
 set -euo pipefail
 run_dir=$1 out=$2 port=${3:-6123}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +21,10 @@ for _ in $(seq 60); do
 done
 curl -sf "http://127.0.0.1:$port/data/plugin/custom_scalars/layout" | grep -q '"category"' \
     || { echo "no custom-scalars layout in $run_dir/tb" >&2; exit 1; }
-timeout 120 chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,2400 \
-    --virtual-time-budget=20000 --screenshot="$out" "http://127.0.0.1:$port/#custom_scalars" 2>/dev/null
-echo "wrote $out"
+for view in timeseries custom_scalars; do
+    # the flags keep Chromium from reaching out (a closed network refuses it, many times over)
+    timeout 120 chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,2000 \
+        --disable-background-networking --disable-component-update --disable-sync --no-first-run \
+        --virtual-time-budget=60000 --screenshot="${out}_$view.png" "http://127.0.0.1:$port/#$view" 2>/dev/null
+    echo "wrote ${out}_$view.png"
+done

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prelora_ds.cli import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(500, 375), (500, 333), (375, 500), (500, 400), (640, 480), (400, 300), (333, 500), (500, 500)]
 
@@ -220,18 +222,21 @@ PATHS = [  # (name in the table, path, source, what the host does per image)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=240)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--images", type=int, default=240, help="ImageNet-like JPEGs to write (every fifth in val/)")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to measure")
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="images per timed batch")
     parser.add_argument("--device", default="cpu", help="where the device and dali paths run: cpu or cuda")
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "vit_l_exp2.yaml"))
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "vit_l_exp2.yaml"),
+                        help="recipe whose data section gives the train transform")
     parser.add_argument("--gpu-images-per-s", type=float, nargs="+", default=[700.0, 2100.0],
                         help="training images/s of one GPU (tools/gpu_check.sh measures them): full, lora, ...")
-    parser.add_argument("--paths", nargs="*", help="only these table rows (names as printed)")
-    parser.add_argument("--workdir", help="keep the images and shards here (default: a temporary folder)")
-    parser.add_argument("--out", help="JSON result")
+    parser.add_argument("--paths", nargs="*", help="only these table rows, names as printed (default: every row)")
+    parser.add_argument("--workdir", help="keep the images and shards here, and reuse them when they are there "
+                        "(default: a temporary folder, removed at the end)")
+    parser.add_argument("--out", help="also write the JSON result to this file (default: printed only, the "
+                        "markdown table on stdout)")
     args = parser.parse_args(argv)
 
     from prelora_ds.data.shards import write_shards
@@ -282,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result))
     if tmp:

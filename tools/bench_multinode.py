@@ -8,7 +8,8 @@ Two hosts (network namespaces joined by a veth pair, prelora_ds/testing/two_host
 LoRA rank --rank on every target layer, synthetic images) and records, over --steps steps after --warmup:
 DeepSpeed's comms_logger (ZeRO's collectives: op, message bytes, count) and the bytes that crossed node0's
 interface (its kernel counters: every collective, gloo's and TCP's overhead included), and the median step
-time. Prints a markdown table; writes the JSON to --out.
+time. Prints a markdown table; writes the JSON to --out (default: runs/bench_multinode.json in the checkout) and each
+job's launcher logs beside it (runs/bench_multinode.<rate>.node<N>.log), owned by the user who ran sudo.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from prelora_ds.cli import HelpFormatter
 from prelora_ds.testing.harness import BIN, deepspeed_cmd, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +94,17 @@ def worker(args) -> None:
         Path(args.result).write_text(json.dumps(results, indent=1))
 
 
-def launch(hosts, hostfile: Path, args, result: Path) -> None:
+def give_to_sudo_user(*paths: Path) -> None:
+    """Under sudo, what this run wrote in the checkout (runs/ included, when it made it) belongs to the user who ran
+    sudo, so that later runs without root can write there."""
+    uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
+    if os.geteuid() == 0 and uid and gid:
+        for path in paths:
+            os.chown(path, int(uid), int(gid))
+
+
+def launch(hosts, hostfile: Path, args, result: Path, logs: Path) -> None:
+    """One job on both hosts; each node's launcher output goes to `logs`.node<N>.log (kept: a failed job names it)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
     env.pop("GLOO_SOCKET_IFNAME", None)
     worker_args = ["--worker", "--result", str(result), "--model", args.model, "--img-size", str(args.img_size),
@@ -102,23 +114,25 @@ def launch(hosts, hostfile: Path, args, result: Path) -> None:
     for i, h in enumerate(hosts.node):
         flags = ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(i), "--master_addr", hosts.node[0].addr]
         cmd = deepspeed_cmd(*worker_args, ranks=None, port=port, script=__file__, launcher_args=flags)
-        log = open(result.with_suffix(f".node{i}.log"), "w")
+        log = open(f"{logs}.node{i}.log", "w")
         procs.append(subprocess.Popen(hosts.cmd(h, cmd), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=1800) for p in procs]
     if codes != [0, 0]:
-        raise SystemExit(f"the job failed ({codes}); see {result.with_suffix('.node0.log')}")
+        raise SystemExit(f"the job failed ({codes}); see {logs}.node0.log and {logs}.node1.log")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--img-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--rates", default="none,10gbit,1gbit", help="tc tbf rates; none: no limit")
-    parser.add_argument("--out", default="bench_multinode.json")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="vit_small_patch16_224", help="timm model name")
+    parser.add_argument("--img-size", type=int, default=64,
+                        help="image side in px: sizes the model (its position embedding) and the synthetic inputs")
+    parser.add_argument("--batch-size", type=int, default=8, help="micro batch per rank")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per phase")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per phase before the timed ones")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank on every target layer (warmup, lora)")
+    parser.add_argument("--rates", default="none,10gbit,1gbit", help="tc tbf rates, comma-separated; none: no limit")
+    parser.add_argument("--out", help="the JSON result; each job's launcher logs go beside it, named after it with "
+                        ".<rate>.node<N>.log (default: runs/bench_multinode.json in the checkout)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
@@ -127,18 +141,26 @@ def main() -> None:
         return worker(args)
     from prelora_ds.testing.two_hosts import TwoHosts
 
+    out_path = Path(args.out).resolve() if args.out else ROOT / "runs" / "bench_multinode.json"
+    made = [d for d in (out_path.parent, *out_path.parent.parents) if not d.exists()]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     out = {"command": " ".join(["python", "tools/bench_multinode.py", *sys.argv[1:]]), "rates": {}}
-    with tempfile.TemporaryDirectory() as tmp, TwoHosts("pl14b", subnet="10.78.0") as hosts:
-        hostfile = Path(tmp) / "hostfile"
-        hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-        for rate in args.rates.split(","):
-            hosts.limit(None if rate == "none" else rate)
-            result = Path(tmp) / f"{rate}.json"
-            t0 = time.perf_counter()
-            launch(hosts, hostfile, args, result)
-            out["rates"][rate] = json.loads(result.read_text())
-            print(f"{rate}: {time.perf_counter() - t0:.0f} s", flush=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    try:
+        with tempfile.TemporaryDirectory() as tmp, TwoHosts("pl14b", subnet="10.78.0") as hosts:
+            hostfile = Path(tmp) / "hostfile"
+            hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+            for rate in args.rates.split(","):
+                hosts.limit(None if rate == "none" else rate)
+                result = Path(tmp) / f"{rate}.json"
+                t0 = time.perf_counter()
+                launch(hosts, hostfile, args, result, out_path.with_suffix(f".{rate}"))
+                out["rates"][rate] = json.loads(result.read_text())
+                print(f"{rate}: {time.perf_counter() - t0:.0f} s", flush=True)
+        out_path.write_text(json.dumps(out, indent=1))
+    finally:  # a failed job's logs too
+        written = [out_path] if out_path.exists() else []
+        give_to_sudo_user(*made, *written, *out_path.parent.glob(f"{out_path.stem}.*.node*.log"))
+    print(f"wrote {out_path}")
     print(f"\n{args.model} img {args.img_size}, batch {args.batch_size} per rank, 2 nodes x 1 rank, "
           f"LoRA rank {args.rank}")
     print("| phase | trainable | ZeRO bytes/step (comms_logger) | link bytes/step | " +

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bench_zero import live_bytes  # tools/ is the script's own directory
 
+from prelora_ds.cli import HelpFormatter
 from prelora_ds.testing.harness import deepspeed_cmd, run_ranked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,26 +117,31 @@ def run_cell(args: argparse.Namespace, cell: str) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_huge_patch14_224")
-    p.add_argument("--img-size", type=int, default=224)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default="vit_huge_patch14_224", help="timm model name")
+    p.add_argument("--img-size", type=int, default=224,
+                   help="image side in px: sizes the model (its position embedding) and the synthetic inputs")
     p.add_argument("--micro", type=int, default=2, help="full's micro batch per rank")
     p.add_argument("--accum", type=int, default=4, help="full's accumulation (the x2/x4 cells need 2/4 or more)")
-    p.add_argument("--full-steps", type=int, default=2)
-    p.add_argument("--lora-steps", type=int, default=4)
+    p.add_argument("--full-steps", type=int, default=2, help="optimizer steps in full, before the switch")
+    p.add_argument("--lora-steps", type=int, default=4, help="optimizer steps in lora, after the switch")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank on every target layer")
     p.add_argument("--ranks", type=int, default=2, help="processes (GPUs) per job")
-    p.add_argument("--cells", nargs="+", default=["stage2", "stage3_kept", "stage3_to_2", "stage3_to_2_x2"],
-                   choices=list(CELLS))
-    p.add_argument("--gpu", action="store_true", help="the bf16 A100 configs instead of the CPU ones")
-    p.add_argument("--tmp", default="/tmp/prelora_bench_phases")
-    p.add_argument("--out", default=None)
+    default_cells = ["stage2", "stage3_kept", "stage3_to_2", "stage3_to_2_x2"]
+    p.add_argument("--cells", nargs="+", default=default_cells, choices=list(CELLS), metavar="CELL",
+                   help=f"cells to run, of: {', '.join(CELLS)} (default: {' '.join(default_cells)})")
+    p.add_argument("--gpu", action="store_true",
+                   help="the bf16 A100 configs instead of the CPU ones (default: the CPU ones)")
+    p.add_argument("--tmp", default="/tmp/prelora_bench_phases", help="each job's working folder and per-rank results")
+    p.add_argument("--out", help="also write the JSON result (args, every cell's per-rank results) to this file "
+                   "(default: printed only, the markdown table)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--cell", "--result"):  # what the driver passes to each job's worker
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args, _ = p.parse_known_args()  # the launcher appends --local_rank
     if args.worker:
         return worker(args)
+    args.tmp = str(Path(args.tmp).resolve())  # the jobs run in the checkout; the results are read from here
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     cells = {cell: run_cell(args, cell) for cell in args.cells}
     gib, first = 2**30, args.cells[0]
@@ -153,6 +159,7 @@ def main() -> None:
               f"{peaks[3]:.2f} | {peaks[4]:.2f} | "
               f"{max(r['rebuild_s'] for r in ranks):.1f} |")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))
 
 

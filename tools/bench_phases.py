@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from prelora_ds.cli import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 EXTRA = r"head|fc_norm|norm|blocks\.\d+\.norm[12]"
@@ -90,12 +92,32 @@ def timed_steps(step, n_warm: int, n: int, profile: dict | None = None) -> list[
     return times
 
 
+def model_kwargs(args) -> dict:
+    """timm kwargs of the model on both sides: --img-size sizes it (its position embedding) as it sizes the inputs."""
+    return {"img_size": args.img_size}
+
+
+def ours_model(args, init: bool = True):
+    """The model prelora_ds's Trainer builds for `ours` (the package's create_model on ours_trainer's kwargs)."""
+    from prelora_ds.config.sections import ModelConfig
+    from prelora_ds.engine.model import create_model
+
+    return create_model(ModelConfig(name=args.model, kwargs=model_kwargs(args)), 10, init=init)
+
+
+def bare_model(args):
+    """The model of `bare`: plain timm."""
+    import timm
+
+    return timm.create_model(args.model, num_classes=10, **model_kwargs(args))
+
+
 def ours_trainer(args, phase: str = "full", ranks: dict[str, int] | None = None):
     """prelora_ds's Trainer on synthetic images, world size 1 (a plain process), starting in `phase`."""
-    from prelora_ds.testing.harness import synthetic_trainer
+    from prelora_ds.testing import harness
 
-    return synthetic_trainer(
-        Path(args.tmp), model=args.model, model_kwargs={"img_size": args.img_size}, img_size=args.img_size,
+    return harness.synthetic_trainer(
+        Path(args.tmp), model=args.model, model_kwargs=model_kwargs(args), img_size=args.img_size,
         ds_config=ds_config(args.ds_config, args.batch_size), micro_batch=args.batch_size,
         train_size=args.batch_size * 4, val_size=args.batch_size, first_phase=phase, start_ranks=ranks,
         train={"lr_warmup_steps": 0, "epochs": 1000}, prelora={"target_modules": TARGETS, "trainable_extra": EXTRA},
@@ -106,13 +128,12 @@ def worker_ours(args) -> dict:
     import torch
 
     from prelora_ds.algorithm.convergence import partial_convergence
-    from prelora_ds.config.sections import ModelConfig
     from prelora_ds.engine import norms
-    from prelora_ds.engine.model import count_params, create_model
+    from prelora_ds.engine.model import count_params
     from prelora_ds.lora.inject import target_layers
 
     with torch.device("meta"):
-        layers = target_layers(create_model(ModelConfig(name=args.model), 10, init=False), TARGETS)
+        layers = target_layers(ours_model(args, init=False), TARGETS)
     ranks = {n: args.rank for n in layers} if args.phase != "full" else None
     trainer = ours_trainer(args, args.phase, ranks)
     img = args.img_size
@@ -154,7 +175,6 @@ def worker_ours(args) -> dict:
 def worker_bare(args) -> dict:
     """Plain DeepSpeed + PEFT: the same model, ranks, config and batch, no prelora_ds code."""
     import deepspeed
-    import timm
     import torch
     from peft import LoraConfig, get_peft_model
     from timm.optim import param_groups_weight_decay
@@ -163,7 +183,7 @@ def worker_bare(args) -> dict:
 
     start_distributed()
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=10, img_size=args.img_size)
+    model = bare_model(args)
     if args.phase != "full":
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
         import re
@@ -271,33 +291,44 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_base_patch16_224")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
+    p.add_argument("--batch-size", type=int, default=2, help="micro batch (world size 1, no accumulation)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per worker")
     p.add_argument("--warmup", type=int, default=2, help="steps run before timing")
     # fp32 on CPU: bf16 matmuls are emulated (~20x slower) on CPUs without AVX-512 BF16 / AMX
-    p.add_argument("--ds-config", default=None, help="default: gpu_single_bf16.json on GPU, cpu_zero2_fp32.json on CPU")
+    p.add_argument("--ds-config", default=None, help="DeepSpeed config, for both sides (default: "
+                   "ds_configs/gpu_single_bf16.json on GPU, ds_configs/cpu_zero2_fp32.json on CPU)")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank on every target layer (ours and bare)")
     p.add_argument("--img-size", type=int, default=224,
                    help="image side in px: sizes the model (its position embedding) and the synthetic inputs")
-    p.add_argument("--phases", nargs="+", default=["full", "warmup", "lora"])
-    p.add_argument("--out", default=None)
-    p.add_argument("--tmp", default="/tmp/prelora_bench")
+    p.add_argument("--phases", nargs="+", default=["full", "warmup", "lora"],
+                   help="phases to measure, of: full, warmup, lora, relora (default: full warmup lora)")
+    p.add_argument("--out", help="also write the JSON result to this file (default: printed only, the markdown "
+                   "table; with --only-switch the switch times)")
+    p.add_argument("--tmp", default="/tmp/prelora_bench", help="the Trainer's output folder (ours, switch)")
     p.add_argument("--repeats", type=int, default=1,
                    help="ours/bare process pairs per phase, interleaved (ABAB); ratios are per pair, then the median")
     p.add_argument("--rebuilds", type=int, default=5, help="engine rebuilds after the two switches (memory trend)")
-    p.add_argument("--only-switch", action="store_true", help="only the switch worker (switch times, memory trend)")
-    p.add_argument("--profile", action="store_true", help="cProfile the timed steps of every worker (slower steps)")
+    p.add_argument("--only-switch", action="store_true",
+                   help="only the switch worker: switch times, memory trend (default: every worker)")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile the timed steps of every worker, slower steps (default: off)")
     p.add_argument("--worker", choices=["ours", "bare", "switch"], help=argparse.SUPPRESS)
     p.add_argument("--phase", default="full", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.ds_config is None:
         import torch
 
         name = "gpu_single_bf16.json" if torch.cuda.is_available() else "cpu_zero2_fp32.json"
         args.ds_config = str(ROOT / "ds_configs" / name)
+    # the workers run in the checkout: paths given relative to where this was started are made absolute
+    args.ds_config, args.tmp = str(Path(args.ds_config).resolve()), str(Path(args.tmp).resolve())
     if args.worker:
         fn = {"ours": worker_ours, "bare": worker_bare, "switch": worker_switch}[args.worker]
         print("RESULT " + json.dumps(fn(args)), flush=True)
@@ -324,12 +355,14 @@ def main() -> None:
     result["switch_s"] = run_worker(args, "switch", "full")
     if args.only_switch:
         if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1))
         print(json.dumps(result["switch_s"]))
         return
     md = table(result)
     result["table_md"] = md
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(md)
 

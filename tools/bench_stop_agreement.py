@@ -18,8 +18,7 @@ import os
 import statistics
 import time
 
-import torch.multiprocessing as mp
-
+from prelora_ds.cli import HelpFormatter
 from prelora_ds.testing.harness import free_port
 
 
@@ -71,12 +70,14 @@ def worker(rank: int, world: int, calls: int, port: int, launchers: int, out: di
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--calls", type=int, default=2000)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--world", type=int, default=2, help="local processes (gloo ranks)")
+    p.add_argument("--calls", type=int, default=2000, help="timed calls per rank, of each kind")
     p.add_argument("--launchers", type=int, default=2, help="ancestors the launcher check watches")
     p.add_argument("--port", type=int, default=None, help="rendezvous port (default: a free one)")
     args = p.parse_args()
+    import torch.multiprocessing as mp  # after the arguments: --help does not wait for torch
+
     if args.port is None:
         args.port = free_port()
     with mp.Manager() as manager:

@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+from prelora_ds.cli import HelpFormatter
 from prelora_ds.testing.harness import deepspeed_cmd, run_ranked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,18 +99,22 @@ def run_cell(args: argparse.Namespace, name: str, config: str, phase: str) -> li
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_huge_patch14_224")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default="vit_huge_patch14_224", help="timm model name")
+    p.add_argument("--img-size", type=int, default=224,
+                   help="image side in px: sizes the model (its position embedding) and the synthetic inputs")
+    p.add_argument("--batch-size", type=int, default=1, help="micro batch per rank")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per cell (the first is not timed)")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank on every target layer")
     p.add_argument("--ranks", type=int, default=2, help="processes (GPUs) per job")
-    p.add_argument("--phases", nargs="+", default=["full", "lora"])
-    p.add_argument("--gpu", action="store_true", help="the bf16 A100 configs instead of the CPU ones")
+    p.add_argument("--phases", nargs="+", default=["full", "lora"],
+                   help="phases to measure, of: full, warmup, lora (default: full lora)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the bf16 A100 configs instead of the CPU ones (default: the CPU ones)")
     p.add_argument("--port", type=int, default=None, help="the launcher's master port (default: a free one per job)")
-    p.add_argument("--tmp", default="/tmp/prelora_bench_zero")
-    p.add_argument("--out", default=None)
+    p.add_argument("--tmp", default="/tmp/prelora_bench_zero", help="each job's working folder and per-rank results")
+    p.add_argument("--out", help="also write the JSON result (args, every cell's per-rank results) to this file "
+                   "(default: printed only, the markdown table)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--config-name", help=argparse.SUPPRESS)
@@ -118,6 +123,7 @@ def main() -> None:
     args, _ = p.parse_known_args()  # the launcher appends --local_rank
     if args.worker:
         return worker(args)
+    args.tmp = str(Path(args.tmp).resolve())  # the jobs run in the checkout; the results are read from here
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     cells = {}
     for name, config in (GPU_CONFIGS if args.gpu else CONFIGS).items():
@@ -139,6 +145,7 @@ def main() -> None:
                 row += [f"{a / gib:.2f} / {b / gib:.2f}", f"{b / a:.2f}"]
         print("| " + " | ".join(row) + " |")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))
 
 

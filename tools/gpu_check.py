@@ -1,16 +1,17 @@
 """The product on one machine, end to end, through the real `deepspeed` launcher (the first part of gpu_check.sh).
 
-  python tools/gpu_check.py --out runs/gpu_check                                   # one GPU: ViT-S/16, 224 px, bf16
+  python tools/gpu_check.py                                 # one GPU: ViT-S/16, 224 px, bf16; writes runs/gpu_check/
   python tools/gpu_check.py --out /tmp/gc --model vit_tiny_patch16_224 \\
-      --model-kwargs '{img_size: 32, patch_size: 4, depth: 4, embed_dim: 64, num_heads: 2}' --img-size 32 \\
+      --model-kwargs '{patch_size: 4, depth: 4, embed_dim: 64, num_heads: 2}' --img-size 32 \\
       --ds-config ds_configs/cpu_zero2_fp32.json --num-gpus 2 --loss-tol 1e-4        # the same on 2 CPU ranks
 
-Writes an ImageFolder on the spot (scikit-learn's embedded digits as JPEGs at --img-size: real images, no
-download), then runs `prelora-train` on it twice with short windows through full -> warmup -> lora: once
+Writes an ImageFolder on the spot (scikit-learn's embedded digits as JPEGs at --img-size, the model's input size:
+real images, no download), then runs `prelora-train` on it twice with short windows through full -> warmup -> lora: once
 uninterrupted, once SIGKILLed in `warmup` (PRELORA_FAULTS) and continued with --resume. Checks: the phases,
 the resumed losses against the uninterrupted ones (--loss-tol), and the merged export loaded by
 `timm.create_model(...).load_state_dict` scoring the val set like the run's last validation. Writes
-OUT/product.json and OUT/product.md; exits 1 when a check fails.
+OUT/product.json and OUT/product.md beside the runs (OUT/ref, OUT/cut; --out, default runs/gpu_check in the
+checkout); exits 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from prelora_ds.cli import HelpFormatter
 from prelora_ds.testing.harness import deepspeed_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,28 +106,63 @@ def export_top1(run_dir: Path, data: Path, model_name: str, model_kwargs: dict) 
     return 100 * hit / n
 
 
+def sized_kwargs(text: str, img_size: int) -> dict:
+    """The model's timm kwargs: the --model-kwargs mapping with img_size set to --img-size (the JPEGs' size)."""
+    try:
+        kwargs = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--model-kwargs is not YAML: {exc}") from exc
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a YAML mapping, got {text!r}")
+    if kwargs.setdefault("img_size", img_size) != img_size:
+        raise ValueError(f"--model-kwargs img_size {kwargs['img_size']} differs from --img-size {img_size}: "
+                         "--img-size sizes both the model and the images; leave img_size out of --model-kwargs")
+    return kwargs
+
+
+def jpeg_size(data: Path) -> int | None:
+    """The side in px of the JPEGs an earlier check wrote under `data` (None: none there)."""
+    from PIL import Image
+
+    first = next((data / "val").rglob("*.jpg"), None) if (data / "val").is_dir() else None
+    if first is None:
+        return None
+    with Image.open(first) as img:
+        return img.size[0]
+
+
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--model", default="vit_small_patch16_224")
-    p.add_argument("--model-kwargs", default="{}", help="YAML mapping for timm.create_model")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--ds-config", default="ds_configs/gpu_single_bf16.json")
-    p.add_argument("--num-gpus", type=int, default=1)
-    p.add_argument("--workers", type=int, default=4)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--out", type=Path, help="folder of the data, the two runs (ref/, cut/) and their logs, "
+                   "product.json and product.md (default: runs/gpu_check in the checkout)")
+    p.add_argument("--model", default="vit_small_patch16_224", help="timm model name (model.name)")
+    p.add_argument("--model-kwargs", default="{}",
+                   help="YAML mapping for timm.create_model (model.kwargs); img_size comes from --img-size")
+    p.add_argument("--img-size", type=int, default=224,
+                   help="image side in px: sizes the model (model.kwargs img_size) and the JPEGs written")
+    p.add_argument("--ds-config", default="ds_configs/gpu_single_bf16.json",
+                   help="DeepSpeed config; a relative path is in the checkout")
+    p.add_argument("--num-gpus", type=int, default=1, help="ranks the deepspeed launcher starts (GPUs, or CPU ranks)")
+    p.add_argument("--workers", type=int, default=4, help="data.num_workers: DataLoader workers per rank")
     p.add_argument("--loader", default="torch", choices=["torch", "device"],
                    help="data.loader: device decodes (nvJPEG) and augments on the GPU (docs/data.md)")
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--steps", type=int, default=80, help="train.max_steps of each run")
     p.add_argument("--window", type=int, default=8, help="prelora.window_steps: switch after 3 windows")
     p.add_argument("--loss-tol", type=float, default=2e-2, help="resumed vs uninterrupted loss (bf16: 2**-7 x ~2.3)")
     p.add_argument("--top1-tol", type=float, default=2.0, help="export (fp32) vs the run's last validation, points")
     args = p.parse_args()
-    out = args.out.resolve()
+    try:
+        kwargs = sized_kwargs(args.model_kwargs, args.img_size)
+    except ValueError as exc:
+        p.error(str(exc))
+    args.model_kwargs = json.dumps(kwargs)  # JSON is YAML: --model.kwargs reads it as the mapping
+    out = (args.out or ROOT / "runs" / "gpu_check").resolve()
     shutil.rmtree(out / "ref", ignore_errors=True)
     shutil.rmtree(out / "cut", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    if not (data / "val").is_dir():
+    if jpeg_size(data) != args.img_size:  # none there yet, or written at another --img-size
+        shutil.rmtree(data, ignore_errors=True)
         n_train, n_val = write_imagefolder(data, args.img_size)
         print(f"wrote {n_train} train / {n_val} val JPEGs at {args.img_size} px under {data}", flush=True)
 
@@ -153,7 +190,6 @@ def main() -> int:
         common = sorted(set(a) & set(b))
         res["loss_worst_diff"] = max(abs(a[s] - b[s]) for s in common) if common else None
         res["final_val_top1"] = cut["final_val_top1"]
-        kwargs = yaml.safe_load(args.model_kwargs) or {}
         res["export_top1"] = export_top1(out / "cut", data, args.model, kwargs)
         checks["phases full -> warmup -> lora"] = [n for n, _, _ in res["phases"]] == ["full", "warmup", "lora"] and (
             res["phases"][1][1] == switch and res["phases"][2][1] == switch + warm

@@ -28,7 +28,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from prelora_ds.cli import compare
+from prelora_ds.cli import HelpFormatter, compare
 from prelora_ds.config.sections import SPLIT_TARGETS
 from prelora_ds.testing.harness import deepspeed_cmd
 
@@ -81,12 +81,14 @@ def launcher() -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    p.add_argument("--out", default="runs/study")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values: each configuration per seed")
+    p.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="CONFIG",
+                   help=f"configurations to run, of: {', '.join(CONFIGS)} (default: all of them, in this order)")
+    p.add_argument("--out", help="folder of the runs (<config>_s<seed>/; one with a summary.json is not run again), "
+                   "table.md, compare.png and study.json (default: runs/study in the checkout)")
     args = p.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve() if args.out else ROOT / "runs" / "study"  # the runs start in the checkout
     dirs = []
     for seed in args.seeds:
         for name in args.only:

@@ -30,6 +30,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help states every option's default: argparse's value, or the help's own words where it says "default"
+    (the commands and the benchmarks in tools/)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 class CommandError(Exception):
     """A command cannot run: `main` prints `prelora <command>: error: <message>` on one line and returns 2."""
 

@@ -1,4 +1,5 @@
-"""Public contract (SPEC §8): Algorithm 1 under its historical import path; the code is `algorithm.convergence`."""
+"""Public contract (docs/design.md §7): Algorithm 1 under its historical import path; the code is
+`algorithm.convergence`."""
 
 from prelora_ds.algorithm.convergence import partial_convergence, percent_change
 

@@ -1,4 +1,4 @@
-"""Public contract (SPEC §8): the package's collectives under their historical import path; the code is
+"""Public contract (docs/design.md §7): the package's collectives under their historical import path; the code is
 `distributed.collectives`."""
 
 from prelora_ds.distributed.collectives import agree, all_reduce_sum

@@ -27,12 +27,12 @@ Runbook (from the repo root; every flag of the recipe can be overridden as --sec
 
   # torchrun on 15 or 16 nodes (the same command on every node; the agents need
   # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): a dead node shrinks the world, a node that comes back grows it again.
-  # Every node count in the range must keep the global batch (docs/multinode.md, torchrun): 3840 images with the
-  # micro batch derived does (64 a GPU on 15 nodes x 4, 60 on 16)
+  # Every node count in the range must keep the global batch (docs/multinode.md, torchrun): the elastic config's
+  # 3840 images with the micro batch derived does (64 a GPU on 15 nodes x 4, 60 on 16); the recipe's 4096 does not
   TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 15:16 --nproc_per_node 4 --max-restarts 10 \
       --rdzv_backend c10d --rdzv_endpoint <node 0's address>:29400 --rdzv_id exp2 \
-      -m prelora_ds.train --recipe recipes/vit_l_exp2.yaml --deepspeed_config <a config with train_batch_size 3840 \
-      and gradient_accumulation_steps 1, no micro batch> --output_dir /shared/runs/exp2 --resume
+      -m prelora_ds.train --recipe recipes/vit_l_exp2.yaml --deepspeed_config ds_configs/vit_large_zero2_elastic.json \
+      --data.root /datasets/imagenet --output_dir /shared/runs/exp2 --resume
 
   # MPI (pip install '.[mpi]')
   mpirun -np 2 prelora-train --recipe recipes/demo.yaml --output_dir runs/demo

@@ -4,8 +4,8 @@
   python tools/run_study.py --only full relaxed --seeds 0         # a subset
   python tools/run_study.py --only full relaxed_split medium_split strict_split   # split q/k/v, six targets
   python tools/run_study.py --only full_vits relaxed_vits        # a compute-bound scale (ViT-S-sized, 32 px)
-  python tools/run_study.py --only full relaxed relaxed_reset medium medium_reset relora relora_reset --seeds 0 1
-                                                                  # Adam's state across the switch: carry vs reset
+  python tools/run_study.py --only full relaxed relaxed_reset medium medium_reset relora_base_lr10 \
+      relora_base_lr10_reset --seeds 0 1                          # Adam's state across the switch: carry vs reset
   python tools/run_study.py --only full relaxed medium relora_r16 relora_base_lr10 relora_base_lr01 --seeds 0 1 2 3
                                                                   # the base's LR in the warmup after relora (rank 16)
   python tools/run_study.py --only full relora_r16 relora_noswitch relora relora_noswitch_r48 --seeds 0 1 2 3
@@ -67,6 +67,8 @@ CONFIGS["relora_base_lr10"] = [*CONFIGS["relora"], *R16, "--relora.warmup_base_l
                                "--relora.warmup_base_lr_ramp", "false"]
 CONFIGS["relora_base_lr01"] = [*CONFIGS["relora"], *R16, "--relora.warmup_base_lr_scale", "0.1",
                                "--relora.warmup_base_lr_ramp", "false"]
+# the hybrid as docs/study.md's carry-against-reset section ran it (rank 16, the base at 1.0), with a fresh optimizer
+CONFIGS["relora_base_lr10_reset"] = [*CONFIGS["relora_base_lr10"], *RESET]
 # the control for the switch after relora: relora to the end (thresholds no run passes), so top-1 after step 308 is
 # what the hybrid would have without `relora -> warmup` (at rank 16, and at the recipe's rank)
 NO_SWITCH = ["--prelora.delta_w", "1e-9", "--prelora.delta_l", "1e-9"]

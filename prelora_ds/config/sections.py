@@ -2,8 +2,8 @@
 ``recipe.py``).
 
 Everything PreLoRA- and training-specific lives here; DeepSpeed's own settings stay in DeepSpeed's
-JSON (see ``dsconfig``). Each ``__post_init__`` raises ``ConfigError`` saying what is wrong and
-what to write instead, so a typo fails in the first second, before any process group starts.
+JSON (read and checked by ``prelora_ds/config/deepspeed.py``). Each ``__post_init__`` raises ``ConfigError`` saying
+what is wrong and what to write instead, so a typo fails in the first second, before any process group starts.
 """
 
 from __future__ import annotations

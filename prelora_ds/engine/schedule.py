@@ -26,7 +26,7 @@ def build_scheduler(optimizer: Optimizer, total_steps: int, warmup_steps: int, m
 def set_lr(scheduler: CosineLRScheduler, global_step: int, factor: float = 1.0) -> float:
     """Set the optimizer's LR for optimizer step `global_step` (0-based) and return it.
 
-    `factor` scales the cosine value (ReLoRA's jagged re-warmup after a merge, `relora.restart_factor`). A group
+    `factor` scales the cosine value (ReLoRA's jagged re-warmup after a merge, `policy.restart_factor`). A group
     with an `lr_scale` key (timm's: the revived base, `moments.param_groups`) gets that multiple of it.
     """
     scheduler.step_update(global_step)

@@ -194,8 +194,11 @@ def test_torchrun_restarts_a_killed_worker_group_which_resumes_at_once(chain):
     assert "could not join the process group" not in agent.stdout
     killed = stamp(agent, f"SIGKILL after step {kills['lora']}")
     resumed = stamp(agent, f"resumed at step {lora_resume}")
-    print(f"torchrun: the kill after step {kills['lora']} to the resumed step {lora_resume}: {resumed - killed:.1f} s")
-    assert resumed - killed < 60, (resumed - killed, SEED)  # the rendezvous timeout is 600 s
+    started = stamp(agent, "resumed at step 15")  # the first attempt: start-up, a 1 -> 2 rank conversion, the load
+    print(f"torchrun: the kill after step {kills['lora']} to the resumed step {lora_resume}: {resumed - killed:.1f} s; "
+          f"the first attempt's start to its resumed step 15: {started:.1f} s")
+    # the restart is a start like the first one, not a rendezvous timeout (600 s) waited: measured 0.6x the first
+    assert resumed - killed < 2 * started, (resumed - killed, started, SEED)
     assert "stopped at step 38" in agent.stdout
 
 
@@ -318,7 +321,11 @@ def stopped_at(out, proc, phase: str) -> int:
     assert (tag / "rank0.pt").exists() and (tag / "rank1.pt").exists()  # both ranks saved that step
     assert saved_loop(out, step)["step"] == step and marker["phase"] == phase == saved_loop(out, step)["phase"]
     assert f"pre-empted by {marker['signal']}: every rank stopped after step {step} ({phase})" in proc.stdout
-    assert marker["signal_to_saved_s"] < 30
+    # from the first rank's signal to the saved checkpoint: the step under way, the agreement (one more step when the
+    # ranks saw the signal on either side of it), the save; measured against this run's own slowest step and save
+    tb = scalars(out)
+    step_s = max(v for s, v in tb["train/step_s"] if s <= step)
+    assert marker["signal_to_saved_s"] < 3 * (step_s + dict(tb["checkpoint/save_s"])[step]), (marker, step_s)
     return step
 
 
@@ -385,8 +392,8 @@ def test_preempted_ranks_stop_after_one_agreed_step_with_a_checkpoint(preempted)
     assert runs[0].returncode == 1  # the deepspeed launcher exits 1 when it was signalled itself: see preempted.json
     assert runs[1].returncode == preempt.EXIT_CODE  # the ranks' own exit code when they stop first
     assert runs[2].returncode == preempt.EXIT_CODE  # mpiexec passes it on
-    for run_, step in zip(runs[1:], steps, strict=True):
-        assert resumed_phase(run_, step)
+    for run_, step, phase in zip(runs[1:], steps, ("full", "warmup", "lora", "lora"), strict=True):
+        assert resumed_phase(run_, step) == phase  # each resume takes up the phase its pre-emption saved
     assert not (out / "preempted.json").exists()  # the last run went on to the end
 
 
@@ -504,16 +511,20 @@ def test_non_finite_norms_stop_with_the_message_and_exit_1(tmp_path):
 
 def test_hung_rank_times_out_naming_the_collective(tmp_path):
     out = tmp_path / "run"
-    t0 = time.perf_counter()
-    proc = launch(out, *TINY, "--prelora.enabled", "false", "--train.max_steps", "20",
-                  "--train.collective_timeout_s", "10", faults="hang@4:1", check=False)
+    t0 = time.monotonic()
+    proc = stamped(deepspeed_cmd("--output_dir", str(out), *TINY, "--prelora.enabled", "false", "--train.max_steps",
+                                 "20", "--train.collective_timeout_s", "10"), {"PRELORA_FAULTS": "hang@4:1"})
+    took = time.monotonic() - t0
     assert proc.returncode != 0
-    assert "rank 1: hanging after step 4" in proc.stdout
     assert (
         "rank 0: the all-reduce of the logged loss at step 4 timed out after train.collective_timeout_s=10 s "
-        "waiting for another rank (dead, hung or cut off)" in proc.stderr
+        "waiting for another rank (dead, hung or cut off)" in proc.stdout
     )
-    assert time.perf_counter() - t0 < 120
+    # the job ends the timeout after the hang, and its teardown takes less than its start-up and 4 steps did (not
+    # the process group's own 30-min timeout)
+    hung = stamp(proc, "rank 1: hanging after step 4")
+    print(f"hung rank: hanging {hung:.1f} s after the launch, the job ended {took - hung:.1f} s later")
+    assert took - hung < 10 + hung, (hung, took)
 
 
 # ------------------------------------------------------------------ a checkpoint damaged after it was complete

@@ -101,7 +101,12 @@ def main(out: Path) -> None:
     facts["live_engines"] = sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
     # a fresh model loads the gathered state exactly (the export path)
     fresh = create_model(trainer.cfg.model, 10)
-    facts["fresh_missing"] = load_fp32_state(fresh, {k: v for k, v in after_step.items() if ".lora_" not in k})
+    base = {k: v for k, v in after_step.items() if ".lora_" not in k}
+    facts["fresh_missing"] = load_fp32_state(fresh, base)
+    fresh_state = dict(fresh.named_parameters())
+    facts["fresh_unused"] = sorted(set(base) - set(fresh_state))
+    facts["fresh_compared"] = len([k for k in base if k in fresh_state])
+    facts["fresh_mismatch"] = [k for k, p in fresh_state.items() if k in base and not torch.equal(p.detach(), base[k])]
     trainer.close()
     (out / f"rank{rank}.json").write_text(json.dumps(facts))
     moments_check.main(out)

@@ -49,18 +49,21 @@ def test_a_rank_is_not_a_launcher_whatever_its_arguments():
     assert prog == "prelora_ds.train" and prog not in supervisor.PROGRAMS
 
 
-# A rank-like leaf: prints its launchers as JSON, then checks them every 10 ms and prints the first that went.
+# A rank-like leaf: prints its launchers as JSON, then checks them every 10 ms and prints the first that went, with
+# when (time.monotonic(), the same clock in every process) its last check that found them all began.
 LEAF = textwrap.dedent("""
     import json, sys, time
     from prelora_ds.distributed.supervisor import LauncherWatch
     watch = LauncherWatch.of_this_process()
     print(json.dumps([[l.kind, l.program, l.pid] for l in watch.launchers]), flush=True)
-    t0 = time.monotonic()
+    t0 = last_alive = time.monotonic()
     while time.monotonic() - t0 < 60:
+        began = time.monotonic()
         gone = watch.gone()
         if gone is not None:
-            print(f"GONE {gone.kind} {gone.pid} | {gone}", flush=True)
+            print(f"GONE {gone.kind} {gone.pid} {last_alive!r} | {gone}", flush=True)
             break
+        last_alive = began
         time.sleep(0.01)
 """)
 # A launcher-like parent: starts its command line's rest as a child and waits for it (as the real ones do).
@@ -98,26 +101,33 @@ def test_ancestry_names_the_launchers_nearest_first(chain):
 
 
 def test_the_runner_killed_alone_is_seen_gone_while_the_launcher_below_lives(chain):
-    """SIGTERM to the runner only (its child, like deepspeed.launcher.launch, stays): the leaf notices within its
-    10 ms check interval, though the runner is a zombie until its parent (this test) waits for it."""
+    """SIGTERM to the runner only (its child, like deepspeed.launcher.launch, stays): the leaf notices at its first
+    check after the runner died (no check begun after the death found it alive; checks are 10 ms apart), though the
+    runner is a zombie until its parent (this test) waits for it."""
     top, _ = chain
     middle = psutil.Process(top.pid).children()[0]
-    t0 = time.monotonic()
     top.send_signal(signal.SIGTERM)
+    runner = psutil.Process(top.pid)
+    while runner.status() != psutil.STATUS_ZOMBIE:  # the signal is delivered, the runner dies
+        time.sleep(0.001)
+    dead = time.monotonic()  # the runner was dead by then
     line = top.stdout.readline()  # the leaf still writes to the pipe
-    took = time.monotonic() - t0
-    assert line.startswith(f"GONE runner {top.pid} | the deepspeed runner (deepspeed, pid {top.pid})"), line
+    head, _, rest = line.partition(" | ")
+    assert head.startswith(f"GONE runner {top.pid} ") and rest.startswith(
+        f"the deepspeed runner (deepspeed, pid {top.pid})"), line
+    last_alive = float(head.split()[-1])
+    assert last_alive < dead, (last_alive, dead)
     assert psutil.Process(top.pid).status() == psutil.STATUS_ZOMBIE  # not waited for yet: still counted gone
     assert middle.is_running() and middle.status() != psutil.STATUS_ZOMBIE
-    assert took < 5, took
 
 
 def test_the_direct_parent_killed_is_seen_gone(chain):
     top, _ = chain
     middle = psutil.Process(top.pid).children()[0]
     middle.kill()  # the leaf is re-parented; the runner above lives on
-    assert top.stdout.readline().startswith(f"GONE torchrun {middle.pid} | torchrun's agent (torchrun, pid "), \
-        "the leaf did not see its parent go"
+    line = top.stdout.readline()
+    assert line.startswith(f"GONE torchrun {middle.pid} ") and f" | torchrun's agent (torchrun, pid {middle.pid}" \
+        in line, "the leaf did not see its parent go"
 
 
 def test_a_plain_process_has_no_launcher_to_watch():

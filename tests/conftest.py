@@ -30,9 +30,11 @@ def global64(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def switch_reference(tmp_path_factory) -> Path:
-    """Phases full 0-12, warmup 12-20, lora 20-40 on 2 ranks, uninterrupted."""
+    """Phases full 0-12, warmup 12-20, lora 20-40 on 2 ranks, uninterrupted. What the launch printed (stdout, then
+    stderr, as a log file would hold it) is kept beside the run: `launch.log`."""
     out = tmp_path_factory.mktemp("switch_reference") / "run"
-    run(deepspeed_cmd("--output_dir", out, *SWITCH_RUN))
+    proc = run(deepspeed_cmd("--output_dir", out, *SWITCH_RUN))
+    (out.parent / "launch.log").write_text(proc.stdout + proc.stderr)
     return out
 
 

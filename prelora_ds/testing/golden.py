@@ -77,10 +77,10 @@ def differences(got: dict[str, Any], want: dict[str, Any], bitwise: bool) -> lis
     value, bit for bit (`bitwise=True`: on the recording's platform only)."""
     out = [f"{key}: now {got[key]}, recorded {want[key]}" for key in ("phases", "switch_step", "ranks")
            if got[key] != want[key]]  # fmt: skip
-    for tag, tol in (("train/loss", LOSS_TOL), ("val/top1", TOP1_TOL)):
-        now, then = dict(got[tag]), dict(want[tag])
+    for key, tol in (("train/loss", LOSS_TOL), ("val/top1", TOP1_TOL)):
+        now, then = dict(got[key]), dict(want[key])
         if sorted(now) != sorted(then):
-            out.append(f"{tag}: steps now {sorted(now)}, recorded {sorted(then)}")
+            out.append(f"{key}: steps now {sorted(now)}, recorded {sorted(then)}")
             continue
         if bitwise:
             far = [(s, float.fromhex(now[s]), float.fromhex(then[s])) for s in then if now[s] != then[s]]
@@ -88,7 +88,7 @@ def differences(got: dict[str, Any], want: dict[str, Any], bitwise: bool) -> lis
             far = [(s, a, b) for s in then for a, b in [(float.fromhex(now[s]), float.fromhex(then[s]))]
                    if abs(a - b) > tol]  # fmt: skip
         if far:
-            out.append(f"{tag} differs{'' if bitwise else f' by more than {tol:.3g}'} at (step, now, recorded): "
+            out.append(f"{key} differs{'' if bitwise else f' by more than {tol:.3g}'} at (step, now, recorded): "
                        f"{far[:5]}")  # fmt: skip
     if bitwise and got["model_sha256"] != want["model_sha256"]:
         out.append("the merged export's tensors differ")

@@ -44,6 +44,17 @@ def test_acceptance_run_switches_full_warmup_lora(uninterrupted):
     assert s["world_size"] == 2 and s["train_batch_size"] == 64
 
 
+def test_launch_output_reads_cleanly_in_a_log_file(uninterrupted):
+    """Captured to a pipe, as a log file holds it: no library deprecation notice, no progress bar redrawn with
+    carriage returns, the plain progress line at the last step, and the closing commands."""
+    log = (uninterrupted.parent / "launch.log").read_text()
+    assert "FutureWarning" not in log and "Warning: `torch.distributed" not in log
+    assert "\r" not in log
+    assert max(len(line) for line in log.splitlines()) < 1000
+    assert re.search(r"^step 40/40 \(100%\) \[lora\] loss \d+\.\d{4} lr ", log, re.MULTILINE), log[-2000:]
+    assert f"--logdir {uninterrupted / 'tb'}" in log and "prelora plot" in log
+
+
 def test_ranks_json_powers_of_two_and_param_count(uninterrupted):
     ranks = json.loads((uninterrupted / "ranks.json").read_text())
     assert len(ranks) == 4 * 6  # qkv, proj, fc1, fc2 in 6 blocks

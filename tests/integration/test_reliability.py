@@ -197,7 +197,7 @@ def test_torchrun_restarts_a_killed_worker_group_which_resumes_at_once(chain):
     started = stamp(agent, "resumed at step 15")  # the first attempt: start-up, a 1 -> 2 rank conversion, the load
     print(f"torchrun: the kill after step {kills['lora']} to the resumed step {lora_resume}: {resumed - killed:.1f} s; "
           f"the first attempt's start to its resumed step 15: {started:.1f} s")
-    # the restart is a start like the first one, not a rendezvous timeout (600 s) waited: measured 0.6x the first
+    # the restart is a start like the first one, not a rendezvous timeout (600 s) waited (measured: 22.7 s, 22.9 s)
     assert resumed - killed < 2 * started, (resumed - killed, started, SEED)
     assert "stopped at step 38" in agent.stdout
 

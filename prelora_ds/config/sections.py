@@ -216,6 +216,9 @@ class PreLoRAConfig:
     alpha_ratio: float = 2.0
     """lora_alpha = alpha_ratio * rank, so the LoRA scale alpha/r is the same for every layer."""
     lora_dropout: float = 0.0
+    lora_layer: str = "merged"
+    """How a LoRA layer is computed: 'merged' (one product with W + s B A, the factors' gradients from skinny
+    products; prelora_ds/lora/merged.py) or 'peft' (PEFT's x W^T + s (x A^T) B^T). The same function and adapters."""
     trainable_extra: str = r"head|fc_norm|norm|blocks\.\d+\.norm[12]"
     """Regex (full match on module names) of the non-LoRA modules that stay trainable in `lora`."""
 
@@ -271,6 +274,11 @@ class PreLoRAConfig:
         )
         _require(self.alpha_ratio > 0, f"prelora.alpha_ratio must be > 0, got {self.alpha_ratio}.")
         _require(0 <= self.lora_dropout < 1, "prelora.lora_dropout must be in [0, 1).")
+        _require(
+            self.lora_layer in ("merged", "peft"),
+            f"prelora.lora_layer={self.lora_layer!r} is unknown; write merged (one product with the merged weight) "
+            "or peft (PEFT's own LoRA layer).",
+        )
         if self.min_epochs is not None and self.max_epochs is not None:
             _require(
                 self.min_epochs <= self.max_epochs,

@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from prelora_ds.algorithm.ranks import rank_pattern
 from prelora_ds.config.sections import PreLoRAConfig
 from prelora_ds.errors import ConfigError
+from prelora_ds.lora import merged
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def inject_lora(
     """Wrap `model` with PEFT LoRA, one rank per layer (keyed by exact module name), and verify it.
 
     PEFT silently ignores `rank_pattern` keys that match nothing, so every layer's rank is read back.
+    `prelora.lora_layer: merged` injects `merged.MergedLinear` (the same function, one product), `peft` PEFT's own.
     """
     ratio = cfg.alpha_ratio if alpha_ratio is None else alpha_ratio
     default_r = max(set(ranks.values()), key=list(ranks.values()).count)
@@ -98,7 +100,10 @@ def inject_lora(
         lora_dropout=cfg.lora_dropout,
         bias="none",
     )
+    if cfg.lora_layer == "merged":
+        merged.register(lora_cfg)
     peft_model = get_peft_model(model, lora_cfg)
+    merged.mark_zero3_leaves(peft_model)
     inner = peft_model.base_model.model
     for name, rank in ranks.items():
         layer = inner.get_submodule(name)

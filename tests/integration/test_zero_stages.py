@@ -63,6 +63,16 @@ def test_every_stage_runs_through_the_switch(stages):
             assert ranks == json.loads((reference / "ranks.json").read_text()), name
 
 
+def test_merged_lora_layer_equals_peft_under_zero2_and_zero3(stages):
+    """prelora.lora_layer merged against PEFT's layer inside ZeRO-2, ZeRO-3 and ZeRO-3 bf16 engines, base frozen and
+    trainable: outputs, every reduced gradient and every updated fp32 master bit for bit (exact integer arithmetic;
+    tests/scripts/zero_stages.py lora_layer_check)."""
+    want = {"outputs": True, "grads": True, "base_grads": True, "masters": True}
+    for rank in (0, 1):
+        got = json.loads((stages / f"lora_layer.rank{rank}.json").read_text())
+        assert got == {f"{s}/{p}": want for s in ("stage2", "stage3", "stage3_bf16") for p in ("lora", "warmup")}
+
+
 def test_zero3_builds_the_model_partitioned_with_the_same_initial_weights(stages):
     """Under ZeRO-3 no rank allocates the whole model (deepspeed.zero.Init), yet the initial weights are timm's
     init drawn exactly as under ZeRO-2 (rank 0 draws them, the partitions are written from them), and the random

@@ -55,6 +55,72 @@ def alive() -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
+def lora_layer_check(out: Path, paths: dict[str, Path]) -> dict[str, dict[str, bool]]:
+    """The merged LoRA layer against PEFT's inside ZeRO-2 and ZeRO-3 engines (fp32 and bf16), for the base frozen
+    (`lora`) and trainable (`warmup`): each rank's own integer batch through two LoRA'd Linears with integer weights,
+    so every product and the 2-rank average are exact; then per parameter the full reduced gradient
+    (`safe_get_full_grad`) and the updated fp32 master after one optimizer step, compared bit for bit."""
+    import copy
+
+    import deepspeed
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from peft import LoraConfig, get_peft_model
+
+    from prelora_ds.lora import merged
+
+    rank = int(os.environ.get("RANK", "0"))
+    gen = torch.Generator().manual_seed(0)  # the same weights on every rank
+    base = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 6))
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.randint(-1, 2, p.shape, generator=gen))
+    lora_init = {}
+    results: dict[str, dict[str, bool]] = {}
+    for name in ("stage2", "stage3", "stage3_bf16"):
+        cfg = json.loads(paths[name].read_text())
+        cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=8)
+        dtype = torch.bfloat16 if cfg.get("bf16", {}).get("enabled") else torch.float32
+        for phase in ("lora", "warmup"):
+            got = {}
+            for kind in ("peft", "merged"):
+                lcfg = LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"])
+                if kind == "merged":
+                    merged.register(lcfg)
+                model = get_peft_model(copy.deepcopy(base), lcfg)
+                merged.mark_zero3_leaves(model)
+                with torch.no_grad():
+                    for pname, p in model.named_parameters():
+                        if ".lora_" in pname:
+                            lora_init.setdefault(pname, torch.randint(-1, 2, p.shape, generator=gen).float())
+                            p.copy_(lora_init[pname])
+                        p.requires_grad_(".lora_" in pname or phase == "warmup")
+                engine, *_ = deepspeed.initialize(
+                    model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=cfg)
+                xg = torch.Generator().manual_seed(10 + rank)
+                x = torch.randint(-1, 2, (4, 5, 8), generator=xg).to(dtype).requires_grad_(True)  # as after a norm
+                gout = torch.randint(-1, 2, (4, 5, 6), generator=xg).to(dtype)
+                y = engine(x)
+                engine.backward((y.float() * gout.float()).sum())
+                named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+                grads = {n: safe_get_full_grad(p).clone() for n, p in named}
+                engine.step()
+                masters = {n: safe_get_full_fp32_param(p).clone() for n, p in named}
+                got[kind] = (y.detach().float(), grads, masters)
+                engine.destroy()
+                del engine, model
+            (y0, g0, m0), (y1, g1, m1) = got["peft"], got["merged"]
+            results[f"{name}/{phase}"] = {
+                "outputs": torch.equal(y0, y1) and bool(y0.abs().max() > 0),
+                "grads": g0.keys() == g1.keys()
+                and all(torch.equal(g0[k], g1[k]) and g0[k].abs().max() > 0 for k in g0),
+                "base_grads": any(".base_layer." in k for k in g0) == (phase == "warmup"),
+                "masters": all(torch.equal(m0[k], m1[k]) for k in m0),
+            }
+    (out / f"lora_layer.rank{rank}.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
 def main(out: Path, args: list[str]) -> None:
     from prelora_ds.train import main as train
 
@@ -65,6 +131,7 @@ def main(out: Path, args: list[str]) -> None:
         leaks[name] = alive()  # each run's engines (three to five rebuilds) are gone once it returns
     (out / "codes.json").write_text(json.dumps(codes))
     (out / f"leaks.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(leaks))
+    lora_layer_check(out, variants(out))  # the process group the runs started is still up
 
 
 if __name__ == "__main__":

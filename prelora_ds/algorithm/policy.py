@@ -100,15 +100,16 @@ def switch_decision(
 
 
 def switch_ranks(norm_windows: Mapping[str, Sequence[Sequence[float]]], layers: Mapping[str, Sequence[str]],
-                 r_min: int, r_max: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+                 r_min: int, r_max: int, bounds: Mapping[str, tuple[int, int]] | None = None,
+                 ) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Algorithm 2 at a switch: (d_{m,l} per module, full layer name -> rank). With fewer than two closed windows
     (a switch forced by max_epochs) there is no evidence: every layer gets the middle rank. The trainer and the
-    replay tool both call this."""
+    replay tool both call this. ``bounds``: each module's own (r_min, r_max) (prelora.rank_reference_width)."""
     if norm_windows and num_norm_windows(norm_windows) >= 2:
         changes = layer_changes(norm_windows)
     else:
         changes = {m: [0.0] * len(names) for m, names in layers.items()}
-    return changes, ranks_by_module_name(layers, assign_ranks(changes, r_min, r_max))
+    return changes, ranks_by_module_name(layers, assign_ranks(changes, r_min, r_max, bounds))
 
 
 def phase_after_switch(p: PreLoRAConfig) -> str:

@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-__all__ = ["assign_ranks", "candidate_ranks", "rank_pattern", "ranks_by_module_name"]
+__all__ = ["assign_ranks", "candidate_ranks", "module_bounds", "rank_pattern", "ranks_by_module_name", "scaled_rank"]
 
 
 def _is_pow2(n: object) -> bool:
@@ -41,6 +41,26 @@ def candidate_ranks(r_min: int = 8, r_max: int = 64) -> list[int]:
     return out
 
 
+def scaled_rank(rank: int, width: int, reference_width: int) -> int:
+    """``rank`` stated for a layer ``reference_width`` wide, for a layer ``width`` wide: the power of two nearest
+    (in log2, halves up) to ``rank * width / reference_width``, at least 1. 8 and 64 at 1024 (the paper's ViT-L)
+    are 2 and 16 at 192 (ViT-Tiny), 4 and 32 at 384, 6 and 48 would not be powers of two at 768: 8 and 64."""
+    if width <= 0 or reference_width <= 0:
+        raise ValueError(f"widths must be positive, got width={width}, reference_width={reference_width}.")
+    return 2 ** max(0, math.floor(math.log2(rank * width / reference_width) + 0.5))
+
+
+def module_bounds(
+    r_min: int, r_max: int, widths: Mapping[str, int], reference_width: int | None
+) -> dict[str, tuple[int, int]]:
+    """Each module's candidate-rank bounds: ``(r_min, r_max)`` as written when ``reference_width`` is None, else
+    both scaled to the module's width (``scaled_rank``). ``widths[module]``: min(in, out features) of its layers."""
+    if reference_width is None:
+        return {m: (r_min, r_max) for m in widths}
+    return {m: (scaled_rank(r_min, w, reference_width), scaled_rank(r_max, w, reference_width))
+            for m, w in widths.items()}  # fmt: skip
+
+
 def _scaled(values: Sequence[float]) -> list[float] | None:
     """Min-max scale to [0, 1]; None when max == min (the caller gives the middle rank)."""
     lo, hi = min(values), max(values)
@@ -51,12 +71,16 @@ def _scaled(values: Sequence[float]) -> list[float] | None:
     return [(v - lo) / (hi - lo) for v in values]
 
 
-def assign_ranks(changes: Mapping[str, Sequence[float]], r_min: int = 8, r_max: int = 64) -> dict[str, list[int]]:
-    """Algorithm 2. changes[module][l] = percent change of layer l between the last two windows."""
-    ranks = candidate_ranks(r_min, r_max)
-    n = len(ranks)
+def assign_ranks(
+    changes: Mapping[str, Sequence[float]], r_min: int = 8, r_max: int = 64,
+    bounds: Mapping[str, tuple[int, int]] | None = None,
+) -> dict[str, list[int]]:
+    """Algorithm 2. changes[module][l] = percent change of layer l between the last two windows. ``bounds``: a
+    module's own (r_min, r_max) (``module_bounds``), in place of the shared pair."""
     out: dict[str, list[int]] = {}
     for m, raw in changes.items():
+        ranks = candidate_ranks(*(bounds[m] if bounds is not None else (r_min, r_max)))
+        n = len(ranks)
         values = [float(v) for v in raw]
         if not values:
             raise ValueError(f"module {m!r} has no layers to assign ranks to.")

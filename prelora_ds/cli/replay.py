@@ -109,9 +109,12 @@ def first_passing_window(windows: dict[str, Any], p: PreLoRAConfig) -> tuple[int
 
 
 def ranks_at(windows: dict[str, Any], k: int, r_min: int, r_max: int) -> dict[str, int]:
-    """Full layer name -> rank, as the trainer assigns them when it switches at window k."""
+    """Full layer name -> rank, as the trainer assigns them when it switches at window k (each module's own bounds
+    when the run recorded them: prelora.rank_reference_width; r_min..r_max otherwise)."""
     norm_windows = {m: w[: k + 1] for m, w in windows["norm_windows"].items()}
-    return switch_ranks(norm_windows, windows["layers"], r_min, r_max)[1]
+    recorded = windows.get("thresholds", {}).get("rank_bounds")
+    bounds = {m: (int(lo), int(hi)) for m, (lo, hi) in recorded.items()} if recorded else None
+    return switch_ranks(norm_windows, windows["layers"], r_min, r_max, bounds)[1]
 
 
 def rank_counts(ranks: dict[str, int]) -> dict[int, int]:
@@ -319,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     grid = [(w, lo, n) for w in grid_w for lo in grid_l for n in grid_n]
     rows = replay_grid(windows, grid, cfg.prelora, r_min, r_max, counter)
     print(run_header(args.run_dir, windows, min_epochs) + f"; window value: {value}")
+    bounds = t.get("rank_bounds") or {}
+    if any(tuple(b) != (r_min, r_max) for b in bounds.values()):  # prelora.rank_reference_width scaled them
+        per = ", ".join(sorted({f"{lo}..{hi}" for lo, hi in bounds.values()}))
+        r_min, r_max = f"{r_min}", f"{r_max} at width {t.get('rank_reference_width')} ({per} on this model)"
     print(f"num_classes={num_classes} ({source}); ranks {r_min}..{r_max}; max_epochs={cfg.prelora.max_epochs} "
           "(forcing replayed at window closes only)")
     print(format_table(rows))

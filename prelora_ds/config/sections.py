@@ -204,6 +204,10 @@ class PreLoRAConfig:
     """The same in optimizer steps; replaces `warmup_epochs` when set."""
     r_min: int = 8
     r_max: int = 64
+    rank_reference_width: int | None = None
+    """When set, r_min and r_max are the ranks of a layer this wide (min of its in and out features), and each
+    module's bounds scale with its own width to the nearest power of two (at least 1): with 1024, the paper's 8..64
+    stay 8..64 on ViT-L and become 2..16 on a 192-wide ViT-Tiny. null: r_min..r_max as written, at every width."""
     switch_optimizer: str = "carry"
     """At every engine rebuild (the switch, the freeze, relora's start and end): 'carry' Adam's moments of each
     parameter that trains on, with its own step count; 'reset' gives the new engine a fresh optimizer (the paper's
@@ -271,6 +275,11 @@ class PreLoRAConfig:
         _require(
             self.r_min <= self.r_max,
             f"prelora.r_min={self.r_min} is larger than prelora.r_max={self.r_max}; swap them.",
+        )
+        _require(
+            self.rank_reference_width is None or self.rank_reference_width >= 1,
+            f"prelora.rank_reference_width must be a layer width >= 1 (e.g. 1024, the paper's ViT-L) or null, got "
+            f"{self.rank_reference_width}.",
         )
         _require(self.alpha_ratio > 0, f"prelora.alpha_ratio must be > 0, got {self.alpha_ratio}.")
         _require(0 <= self.lora_dropout < 1, "prelora.lora_dropout must be in [0, 1).")

@@ -172,6 +172,7 @@ class PhaseEngine:
         self.scheduler = None
         self.frozen_fp32: FP32State = {}
         self.layout: norms.NormLayout | None = None
+        self.module_widths: dict[str, int] = {}  # module key -> min(in, out) of its layers (relative ranks)
         self.built_elements: tuple[int, int] | None = None  # ZeRO-3: (elements this rank allocated, whole model)
         self.counts: dict[str, int] = {}  # name -> the Adam step count its moments carried into this engine
         self.dormant: moments.Moments = {}  # in relora: the frozen base's Adam state from `full`, for `warmup`
@@ -238,6 +239,8 @@ class PhaseEngine:
     def _structure(self, model: torch.nn.Module, phase: str, ranks: dict[str, int] | None) -> torch.nn.Module:
         if self.layout is None:
             self.layout = norms.NormLayout.from_layers(target_layers(model, self.cfg.prelora.target_modules))
+            self.module_widths = {m: min(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features)
+                                         for n in names) for m, names in self.layout.modules.items()}  # fmt: skip
         # recompute block activations in the backward where the phase needs the memory (timm's own switch)
         model.set_grad_checkpointing(self.cfg.engine.settings(phase)["activation_checkpointing"])
         return build_structure(model, PHASES[phase], ranks or None, self.cfg.prelora)

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from prelora_ds.algorithm import ranks
 from prelora_ds.algorithm.convergence import layer_changes
 from prelora_ds.algorithm.ranks import assign_ranks, candidate_ranks, rank_pattern, ranks_by_module_name
 
@@ -205,3 +206,31 @@ def test_end_to_end_names_with_regex_characters():
     assert r_pat == {r"^model\.layers\[0\]\.w$": 8, r"^model\.layers\[0\]\+w$": 64}
     for key in r_pat:
         assert sum(bool(re.fullmatch(key, n)) for n in names["w"]) == 1
+
+
+# ------------------------------------------------------------------ ranks relative to the layer's width
+@pytest.mark.parametrize(
+    ("rank", "width", "expected"),
+    [(8, 1024, 8), (64, 1024, 64), (8, 192, 2), (64, 192, 16), (8, 384, 4), (64, 384, 32), (8, 768, 8),
+     (64, 768, 64), (8, 1280, 8), (64, 1280, 64), (8, 64, 1), (8, 2048, 16)],
+)  # fmt: skip
+def test_scaled_rank_is_the_nearest_power_of_two(rank, width, expected):
+    # 6 and 48 at 768 lie nearer 8 and 64 than 4 and 32 in log2 (0.415 of an octave up)
+    assert ranks.scaled_rank(rank, width, 1024) == expected
+
+
+def test_module_bounds_keep_the_paper_at_vit_l_width_and_scale_narrow_models():
+    widths = {"attn.qkv": 1024, "mlp.fc2": 1024}
+    assert ranks.module_bounds(8, 64, widths, None) == {"attn.qkv": (8, 64), "mlp.fc2": (8, 64)}
+    assert ranks.module_bounds(8, 64, widths, 1024) == {"attn.qkv": (8, 64), "mlp.fc2": (8, 64)}
+    assert ranks.module_bounds(8, 64, {"attn.qkv": 192}, 1024) == {"attn.qkv": (2, 16)}
+    assert ranks.module_bounds(8, 64, {"attn.qkv": 192}, None) == {"attn.qkv": (8, 64)}
+    with pytest.raises(ValueError, match="widths must be positive"):
+        ranks.scaled_rank(8, 0, 1024)
+
+
+def test_assign_ranks_uses_each_modules_own_bounds():
+    changes = {"attn.qkv": [0.0, 1.0, 2.0, 3.0], "mlp.fc1": [3.0, 2.0, 1.0, 0.0]}
+    got = ranks.assign_ranks(changes, 8, 64, bounds={"attn.qkv": (2, 16), "mlp.fc1": (8, 64)})
+    assert got == {"attn.qkv": [2, 4, 8, 16], "mlp.fc1": [64, 32, 16, 8]}
+    assert ranks.assign_ranks(changes, 2, 16) == ranks.assign_ranks(changes, 8, 64, {m: (2, 16) for m in changes})

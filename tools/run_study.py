@@ -15,7 +15,9 @@ Each configuration is one command (printed before it runs): the demo recipe on 2
 deepspeed launcher (all GPUs when CUDA is there), same epochs and seed, only the PreLoRA settings differ.
 Afterwards `prelora compare` (prelora_ds.cli.compare) tabulates all runs into OUT/table.md and OUT/compare.png, and
 OUT/study.json holds per-configuration means over seeds (wall time, share of time saved against `full`,
-final val top-1). Runs must not share the machine with other jobs: wall time is what is compared.
+final val top-1). When `full` ran, `prelora time-to-accuracy` (prelora_ds.cli.time_to_accuracy) sets each other
+configuration against it seed by seed into OUT/time_to_accuracy_<config>.md, .json and .png (wall time to `full`'s
+final top-1 - 1, step times). Runs must not share the machine with other jobs: wall time is what is compared.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from prelora_ds.cli import HelpFormatter, compare
+from prelora_ds.cli import HelpFormatter, compare, time_to_accuracy
 from prelora_ds.config.sections import SPLIT_TARGETS
 from prelora_ds.testing.harness import deepspeed_cmd
 
@@ -88,7 +90,8 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="CONFIG",
                    help=f"configurations to run, of: {', '.join(CONFIGS)} (default: all of them, in this order)")
     p.add_argument("--out", help="folder of the runs (<config>_s<seed>/; one with a summary.json is not run again), "
-                   "table.md, compare.png and study.json (default: runs/study in the checkout)")
+                   "table.md, compare.png, study.json, time_to_accuracy_<config>.* "
+                   "(default: runs/study in the checkout)")
     args = p.parse_args()
     out = Path(args.out).resolve() if args.out else ROOT / "runs" / "study"  # the runs start in the checkout
     dirs = []
@@ -102,16 +105,17 @@ def main() -> None:
             cmd = [*launcher(), "--output_dir", str(run_dir), "--train.seed", str(seed), *CONFIGS[name]]
             print("$ " + " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    full = [str(d) for d in dirs if d.name.rsplit("_s", 1)[0] == "full"]
+    arm = {d: d.name.rsplit("_s", 1)[0] for d in dirs}
+    full = [d for d in dirs if arm[d] == "full"]
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # the tables (and the files written)
         compare.main([*map(str, dirs), "--out", str(out / "compare.png"), "--curve", str(out / "time_to_accuracy.png"),
-                      "--switches", str(out / "switches.png"), "--baseline", *full])
+                      "--switches", str(out / "switches.png"), "--baseline", *map(str, full)])
     table = printed.getvalue()
     (out / "table.md").write_text(table)
     summaries = {d: json.loads((d / "summary.json").read_text()) for d in dirs}
     study = {}
     for name in args.only:
-        runs = [s for d, s in summaries.items() if d.name.rsplit("_s", 1)[0] == name]
+        runs = [s for d, s in summaries.items() if arm[d] == name]
         study[name] = {
             "seeds": len(runs),
             "wall_time_s": statistics.mean(s["wall_time_s"] for s in runs),
@@ -124,6 +128,9 @@ def main() -> None:
     (out / "study.json").write_text(json.dumps(study, indent=1))
     print(table)
     print(json.dumps(study, indent=1))
+    for name in [n for n in args.only if n != "full"] if full else []:  # each other arm against full, by seed
+        stem = out / f"time_to_accuracy_{name}"
+        print(time_to_accuracy.write_report(full, [d for d in dirs if arm[d] == name], stem))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
   prelora replay RUN_DIR --delta_w 1 5 --delta_l 1 5 --num_windows 2 3
   prelora plot RUN_DIR
   prelora compare RUN_DIR... --out compare.png
+  prelora time-to-accuracy PRELORA_RUN... --baseline FULL_RUN...
   prelora pack-shards SRC OUT --workers 16
   prelora check-hostfile HOSTFILE --node_rank N
   prelora sharpness RUN_DIR --step 300
@@ -24,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("replay", "replay a run's PreLoRA switch decision at other thresholds (from windows.json)"),
     "plot": ("plot", "PNG figures of one run: norms, layer changes, ranks, LoRA norms, throughput, loss/top-1"),
     "compare": ("compare", "compare finished runs: a markdown table and a PNG"),
+    "time-to-accuracy": ("time_to_accuracy", "PreLoRA runs against full training by seed: wall time to full's "
+                         "final top-1 - 1, step times (table, JSON, PNG)"),
     "pack-shards": ("pack_shards", "pack an ImageFolder into tar shards for data.dataset: shards"),
     "check-hostfile": ("check_hostfile", "check a deepspeed hostfile on the node about to start"),
     "sharpness": ("sharpness", "a checkpoint's Hessian top eigenvalue on the target layers, raw and Adam-scaled"),

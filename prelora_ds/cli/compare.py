@@ -67,13 +67,13 @@ def steps_per_epoch(summary: dict[str, Any]) -> int | None:
     return None
 
 
-def default_out(run_dirs: list[Path]) -> Path:
-    """DEFAULT_PNG beside the runs: in the run directory for one run, else in the deepest folder they share (the
+def default_out(run_dirs: list[Path], name: str = DEFAULT_PNG) -> Path:
+    """`name` beside the runs: in the run directory for one run, else in the deepest folder they share (the
     working folder when that is the filesystem's root)."""
     if len(run_dirs) == 1:
-        return run_dirs[0] / DEFAULT_PNG
+        return run_dirs[0] / name
     shared = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
-    return (shared if shared != Path(shared.anchor) else Path.cwd()) / DEFAULT_PNG
+    return (shared if shared != Path(shared.anchor) else Path.cwd()) / name
 
 
 def labels_for(run_dirs: list[Path]) -> list[str]:

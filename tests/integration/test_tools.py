@@ -21,7 +21,7 @@ from prelora_ds.algorithm.ranks import assign_ranks, ranks_by_module_name
 from prelora_ds.testing.harness import deepspeed_cmd, run, summary
 
 PRELORA = [sys.executable, "-m", "prelora_ds.cli"]
-COMMANDS = ["replay", "plot", "compare", "pack-shards", "check-hostfile", "sharpness"]
+COMMANDS = ["replay", "plot", "compare", "time-to-accuracy", "pack-shards", "check-hostfile", "sharpness"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["weight_norms.png", "layer_changes.png", "ranks.png", "lora_norms.png", "throughput.png", "loss_top1.png"]
 
@@ -33,7 +33,7 @@ def run_prelora(command: str, *args: str) -> str:
 
 
 def test_prelora_help_lists_every_command():
-    """`prelora --help` lists the six commands; `prelora COMMAND --help` shows the command's own options under its
+    """`prelora --help` lists the commands; `prelora COMMAND --help` shows the command's own options under its
     own name. No run needed."""
     out = run([*PRELORA, "--help"]).stdout
     assert out.startswith("usage: prelora [-h] COMMAND ...")

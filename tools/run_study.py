@@ -42,6 +42,8 @@ CONFIGS: dict[str, list[str]] = {
     "relaxed": ["--prelora.delta_w", "5", "--prelora.delta_l", "25"],
     "medium": ["--prelora.delta_w", "2.5", "--prelora.delta_l", "15"],
     "strict": ["--prelora.delta_w", "1", "--prelora.delta_l", "10", "--prelora.max_epochs", "30"],
+    # the demo's ranks stated for its own 192-wide layers as the paper's 8..64 at width 512 (4..32), not 1024 (2..16)
+    "relaxed_w512": ["--prelora.delta_w", "5", "--prelora.delta_l", "25", "--prelora.rank_reference_width", "512"],
     "medium_warmup1": ["--prelora.delta_w", "2.5", "--prelora.delta_l", "15", "--prelora.warmup_epochs", "1"],
     "medium_warmup6": ["--prelora.delta_w", "2.5", "--prelora.delta_l", "15", "--prelora.warmup_epochs", "6"],
 }

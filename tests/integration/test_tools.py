@@ -127,7 +127,9 @@ def test_replay_with_either_window_value(runs, tmp_path):
     assert mean["rows"][0]["ranks"] == json.loads((runs["prelora"] / "ranks.json").read_text())
     k = last["rows"][0]["window"]  # the last samples' changes decide the ranks of the `last` replay
     changes = layer_changes({m: w[: k + 1] for m, w in windows["norm_windows_last"].items()})
-    assert last["rows"][0]["ranks"] == ranks_by_module_name(windows["layers"], assign_ranks(changes))
+    bounds = {m: tuple(b) for m, b in windows["thresholds"]["rank_bounds"].items()}
+    assert set(bounds.values()) == {(2, 16)}  # the demo's rank_reference_width 1024 at its 192-wide layers
+    assert last["rows"][0]["ranks"] == ranks_by_module_name(windows["layers"], assign_ranks(changes, bounds=bounds))
 
 
 def test_replay_at_a_threshold_between_the_recorded_window_changes(runs, tmp_path):

@@ -10,7 +10,7 @@ phases pay (issue 35, docs/benchmarks.md#lora-layer). `MergedLinear` computes th
               base trainable (`warmup`): dW = g^T x,  dB = s dW A^T,  dA = s B^T dW   (no extra token pass)
 
 It saves only `x` for backward (PEFT also keeps `x A^T`), and a call that PEFT's own path must serve (dropout in
-training, several or disabled adapters, a merged layer, DoRA and other variants) goes to `lora.Linear.forward`
+training, several or disabled adapters, a merged layer, autocast, DoRA and other variants) goes to `lora.Linear.forward`
 unchanged. It is a subclass of PEFT's LoRA `Linear`, registered through `LoraConfig._register_custom_module`, so PEFT
 still injects, names, saves, merges and unloads the adapters.
 
@@ -76,6 +76,8 @@ class MergedLinear(LoraLinear):
     def _merged_path(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> str | None:
         """The adapter to compute merged, or None when PEFT's own forward must run."""
         if args or kwargs or self.disable_adapters or self.merged or self.fan_in_fan_out:
+            return None
+        if torch.is_autocast_enabled(x.device.type):  # the Function's backward would not run under autocast
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1 or active[0] in self.lora_variant:

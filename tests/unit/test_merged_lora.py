@@ -134,6 +134,8 @@ def test_merged_layer_falls_back_to_peft_where_it_is_not_the_same_function():
     assert torch.equal(outs[0], outs[1])
     models["merged"].eval()
     assert layer._merged_path(x, (), {}) == "default"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._merged_path(x, (), {}) is None
     with models["merged"].disable_adapter():
         assert torch.equal(models["merged"](x), models["merged"].get_base_model()(x))
 

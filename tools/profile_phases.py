@@ -783,7 +783,7 @@ def table(result: dict) -> str:
     phases = result["phases"]
     full = phases.get("full", {}).get("median_ms", {}).get("step")
     rows = ["| phase | step ms | vs full | forward | backward | optimizer | comm | loop | GEMM ms | GEMM GFLOP | "
-            "pred. GEMM ms | non-GEMM ms | accounted ms | % of step | between ops ms | % with it | saved MB |",
+            "pred. GEMM ms | non-GEMM ms | accounted ms | % of step | between ops ms | % with it | saved MiB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, p in phases.items():
         m, a = p["median_ms"], p["accounting_ms"]

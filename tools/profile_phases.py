@@ -497,8 +497,9 @@ def account(m: dict[str, float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- microbenchmark
-def time_per_call(fn: Callable[[], object], sync: Callable[[], None], min_s: float = 0.02) -> float:
-    """Seconds per call: the median of 3-5 batches of calls, each batch at least `min_s` long."""
+def time_per_call(fn: Callable[[], object], sync: Callable[[], None], min_s: float = 0.05) -> float:
+    """Seconds per call: the median of 5 batches of calls, each batch at least `min_s` long (batches of 20 ms let
+    one burst of another process's work on a 2-core machine move a product's rate by half)."""
     fn()
     sync()
     t0 = time.perf_counter()
@@ -507,7 +508,7 @@ def time_per_call(fn: Callable[[], object], sync: Callable[[], None], min_s: flo
     one = time.perf_counter() - t0
     reps = max(1, min(2000, int(min_s / max(one, 1e-7))))
     samples = []
-    for _ in range(5 if one < 0.05 else 3):
+    for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()

@@ -6,6 +6,7 @@
 #      loaded by timm.create_model(...).load_state_dict and scored;
 #   2. the ViT-L/16 bench: every phase in its own process at a large micro batch, against the bare
 #      DeepSpeed+PEFT loop;
+#   2b. the ViT-L/16 step per phase (tools/profile_phases.py), the merged LoRA layer against PEFT's, rank 64;
 #   3. the input paths (tools/bench_data.py --device cuda): images/s of the torch loader per CPU worker and of
 #      the device loader (nvJPEG + v2 augmentations on this GPU), with the cores per GPU each needs at the
 #      full and lora images/s that step 2 measured: where the loader becomes the limit. DALI rows too when
@@ -44,6 +45,13 @@ python3 tools/bench_phases.py --model vit_large_patch16_224 --batch-size "$BATCH
   --ds-config ds_configs/gpu_single_bf16.json --rank 32 --out "$OUT/gpu_bench.json" > "$OUT/gpu_bench.md"
 bench_rc=$?
 cat "$OUT/gpu_bench.md"
+# 2b. where the ViT-L step goes per phase, PEFT's LoRA layer against the merged one (issue 35; docs/benchmarks.md)
+for LAYER in merged peft; do
+  python3 tools/profile_phases.py --model vit_large_patch16_224 --batch-size 64 --rank 64 --lora-layer "$LAYER" \
+    --steps 10 --warmup 3 --ds-config ds_configs/gpu_single_bf16.json --out "$OUT/profile_vit_l_$LAYER.json" \
+    > "$OUT/profile_vit_l_$LAYER.md"
+  cat "$OUT/profile_vit_l_$LAYER.md"
+done
 # the full and lora images/s just measured (the issue's A100 estimates when the bench failed)
 RATES=$(python3 -c "import json, sys; p = json.load(open(sys.argv[1]))['phases']; \
 print(' '.join(str(round(p[k]['images_per_s'])) for k in ('full', 'lora')))" "$OUT/gpu_bench.json" 2>/dev/null || echo "700 2100")

@@ -60,16 +60,17 @@ RELORA_RUN = [
     "--prelora.window_steps", "4", "--prelora.num_windows", "2", "--prelora.delta_w", str(RELORA_DELTA_W),
     "--prelora.delta_l", str(RELORA_DELTA_L), "--prelora.warmup_steps", "8", "--train.log_every_steps", "1",
     # one candidate rank: the switch's ranks cannot depend on the reduction order of a world size (per-layer norm
-    # changes of ~1e-4 % in this short run put layers on bucket edges), so resumed runs compare exactly; rank 16 as
-    # written, not scaled to the demo's width
-    "--prelora.r_min", "16", "--prelora.r_max", "16", "--prelora.rank_reference_width", "null",
+    # changes of ~1e-4 % in this short run put layers on bucket edges), so resumed runs compare exactly
+    "--prelora.r_min", "16", "--prelora.r_max", "16",
 ]  # fmt: skip
 # Engines per phase (on a ZeRO-3 config with micro batch 16): relora and lora rebuild onto ZeRO-2 with micro batch 32,
 # warmup back onto the run's own ZeRO-3 with 16 (tests/scripts/zero_stages.py `phased`)
 PHASE_ENGINES = ["--engine.relora", "{zero_stage: 2, micro_batch: 32}",
                  "--engine.lora", "{zero_stage: 2, micro_batch: 32}"]
 # The paper's structure: separate q, k, v projections and the six targets (model.qkv: split).
-SPLIT_RUN = [*SWITCH_RUN, "--model.qkv", "split", "--prelora.target_modules", SPLIT_TARGETS]
+# ... with the ranks stated for 384-wide layers (prelora.rank_reference_width): 4..32 on the demo's 192-wide ones
+SPLIT_RUN = [*SWITCH_RUN, "--model.qkv", "split", "--prelora.target_modules", SPLIT_TARGETS,
+             "--prelora.rank_reference_width", "384"]
 
 
 # ---------------------------------------------------------------------------------------------- launches and runs

@@ -59,7 +59,7 @@ def test_epoch_mode_phases_relora_and_forced_switch(epoch_runs):
     ]
     assert "max_epochs=2" in checks[-1]["reason"] and (s["switch_step"], s["switch_epoch"]) == (2 * SPE, 1)
     ranks = json.loads((ref / "ranks.json").read_text())
-    assert len(ranks) == 4 * 4 and set(ranks.values()) == {4}  # the middle of [2, 4, 8, 16] (8..64 at 192 wide)
+    assert len(ranks) == 4 * 4 and set(ranks.values()) == {16}  # the middle of [8, 16, 32, 64], every layer
     tb = scalars(ref)
     assert [step for step, _ in tb["relora/merges"]] == [SPE + 10, SPE + 20]
     assert [v for _, v in tb["relora/pruned_share"]] == [1.0, 1.0]  # reset: full zeroes every first moment

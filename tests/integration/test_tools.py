@@ -128,7 +128,8 @@ def test_replay_with_either_window_value(runs, tmp_path):
     k = last["rows"][0]["window"]  # the last samples' changes decide the ranks of the `last` replay
     changes = layer_changes({m: w[: k + 1] for m, w in windows["norm_windows_last"].items()})
     bounds = {m: tuple(b) for m, b in windows["thresholds"]["rank_bounds"].items()}
-    assert set(bounds.values()) == {(2, 16)}  # the demo's rank_reference_width 1024 at its 192-wide layers
+    assert set(bounds.values()) == {(4, 32)}  # SPLIT_RUN's 8..64 at width 384, on the demo's 192-wide layers
+    assert set(json.loads((runs["prelora"] / "ranks.json").read_text()).values()) <= {4, 8, 16, 32}
     assert last["rows"][0]["ranks"] == ranks_by_module_name(windows["layers"], assign_ranks(changes, bounds=bounds))
 
 

@@ -17,9 +17,10 @@ still injects, names, saves, merges and unloads the adapters.
 By count, per layer and step (T tokens, base frozen): PEFT's six token-sized factor products (x A^T, its B product,
 and four in backward) cost 3 T r (in + out); here four remain, 2 T r (in + out), and building M twice (forward and
 backward) costs 2 out in r. At ViT-L (T = 64 x 197, r <= 64) M is under 1 % of the layer's product, so the saving
-is a third of the adapters' FLOPs plus PEFT's three elementwise passes over the T x out output (the B product, the
-scale, the add), which on a GPU move about as many bytes as the layer's GEMM reads. With the base trainable the
-factors' gradients come from dW: 4 out in r in place of 3 T r (in + out).
+is a third of the adapters' FLOPs plus PEFT's three elementwise passes over the T x out output (writing the B
+product, scaling it, adding it: six T x out reads and writes, 0.46 GB in bf16 for ViT-L's qkv, ~0.14 ms at an
+H100's 3.35 TB/s against ~0.11 ms for that layer's 79 GFLOP forward product; by count, not measured on a GPU). With
+the base trainable the factors' gradients come from dW: 4 out in r in place of 3 T r (in + out).
 """
 
 from __future__ import annotations

@@ -744,7 +744,9 @@ def profile_phase(args, phase: str, bench_cache: dict | None = None) -> dict:
     trainer.close()
 
     if world > 1:  # the ranks time their products together, as they ran the step
-        torch.distributed.barrier()
+        from prelora_ds.distributed import collectives
+
+        collectives.barrier()
     per_call = bench_products(gemms, dtype, engine.device, bench_cache)
     predicted = predict(gemms, per_call)
     flops = flops_by_category(gemms)
@@ -915,16 +917,14 @@ def main() -> None:
         Path(args.result).with_suffix(f".rank{out['rank']}.json").write_text(json.dumps(out))
         return
     if "LOCAL_RANK" in os.environ:  # launched: every rank runs the phases here, one after the other
-        import torch.distributed as tdist
-
+        from prelora_ds.distributed import collectives
         from prelora_ds.testing.harness import start_distributed
 
         rank, _, world = start_distributed()
         result, cache = header(args, world), {}
         for phase in args.phases:
             mine = profile_phase(args, phase, cache)
-            gathered = [None] * world
-            tdist.all_gather_object(gathered, mine)
+            gathered = collectives.all_gather_object(mine)
             result["phases"][phase] = gathered[0]
             result["per_rank"][phase] = [{"rank": r["rank"], "median_ms": r["median_ms"]} for r in gathered]
             if rank == 0:

@@ -322,11 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     grid = [(w, lo, n) for w in grid_w for lo in grid_l for n in grid_n]
     rows = replay_grid(windows, grid, cfg.prelora, r_min, r_max, counter)
     print(run_header(args.run_dir, windows, min_epochs) + f"; window value: {value}")
-    bounds = t.get("rank_bounds") or {}
-    if any(tuple(b) != (r_min, r_max) for b in bounds.values()):  # prelora.rank_reference_width scaled them
-        per = ", ".join(sorted({f"{lo}..{hi}" for lo, hi in bounds.values()}))
-        r_min, r_max = f"{r_min}", f"{r_max} at width {t.get('rank_reference_width')} ({per} on this model)"
-    print(f"num_classes={num_classes} ({source}); ranks {r_min}..{r_max}; max_epochs={cfg.prelora.max_epochs} "
+    ranks_text = f"{r_min}..{r_max}"
+    bounds = {f"{lo}..{hi}" for lo, hi in (t.get("rank_bounds") or {}).values()}
+    if bounds - {ranks_text}:  # prelora.rank_reference_width scaled them to this model's widths
+        ranks_text += f" at width {t.get('rank_reference_width')} ({', '.join(sorted(bounds))} on this model)"
+    print(f"num_classes={num_classes} ({source}); ranks {ranks_text}; max_epochs={cfg.prelora.max_epochs} "
           "(forcing replayed at window closes only)")
     print(format_table(rows))
     if args.json:

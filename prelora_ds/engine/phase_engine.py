@@ -28,6 +28,7 @@ import deepspeed
 import torch
 
 from prelora_ds.algorithm import policy
+from prelora_ds.algorithm.ranks import module_bounds
 from prelora_ds.config.deepspeed import compute_dtype, weight_decay, zero_stage
 from prelora_ds.config.sections import RunConfig
 from prelora_ds.distributed import collectives
@@ -172,7 +173,7 @@ class PhaseEngine:
         self.scheduler = None
         self.frozen_fp32: FP32State = {}
         self.layout: norms.NormLayout | None = None
-        self.module_widths: dict[str, int] = {}  # module key -> min(in, out) of its layers (relative ranks)
+        self.rank_bounds: dict[str, tuple[int, int]] = {}  # module key -> Algorithm 2's (r_min, r_max) for it
         self.built_elements: tuple[int, int] | None = None  # ZeRO-3: (elements this rank allocated, whole model)
         self.counts: dict[str, int] = {}  # name -> the Adam step count its moments carried into this engine
         self.dormant: moments.Moments = {}  # in relora: the frozen base's Adam state from `full`, for `warmup`
@@ -239,8 +240,10 @@ class PhaseEngine:
     def _structure(self, model: torch.nn.Module, phase: str, ranks: dict[str, int] | None) -> torch.nn.Module:
         if self.layout is None:
             self.layout = norms.NormLayout.from_layers(target_layers(model, self.cfg.prelora.target_modules))
-            self.module_widths = {m: min(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features)
-                                         for n in names) for m, names in self.layout.modules.items()}  # fmt: skip
+            widths = {m: min(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features)
+                             for n in names) for m, names in self.layout.modules.items()}  # fmt: skip
+            p = self.cfg.prelora
+            self.rank_bounds = module_bounds(p.r_min, p.r_max, widths, p.rank_reference_width)
         # recompute block activations in the backward where the phase needs the memory (timm's own switch)
         model.set_grad_checkpointing(self.cfg.engine.settings(phase)["activation_checkpointing"])
         return build_structure(model, PHASES[phase], ranks or None, self.cfg.prelora)

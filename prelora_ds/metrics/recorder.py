@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from prelora_ds.algorithm.ranks import module_bounds
 from prelora_ds.distributed import preempt
 from prelora_ds.log import logger
 from prelora_ds.lora.inject import PHASES, layer_index, module_key
@@ -337,11 +336,11 @@ def summary(state, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def windows_file(checks: list[dict], layers: dict[str, list[str]], widths: dict[str, int], p,
+def windows_file(checks: list[dict], layers: dict[str, list[str]], rank_bounds: dict[str, tuple[int, int]], p,
                  accumulator_state: dict) -> dict[str, Any]:
     """windows.json: what `prelora replay` needs to replay the test at other thresholds (`rank_bounds`: each
     module's candidate ranks, after prelora.rank_reference_width)."""
     thresholds = {k: getattr(p, k) for k in ("delta_w", "delta_l", "num_windows", "window_steps", "window_epochs",
                                              "r_min", "r_max", "rank_reference_width", "min_epochs", "max_epochs")}
-    thresholds["rank_bounds"] = module_bounds(p.r_min, p.r_max, widths, p.rank_reference_width)
+    thresholds["rank_bounds"] = rank_bounds
     return {"checks": checks, "layers": layers, "thresholds": thresholds, **accumulator_state}

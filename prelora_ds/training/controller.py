@@ -13,7 +13,6 @@ import torch
 from prelora_ds.algorithm import policy
 from prelora_ds.algorithm.convergence import WindowAccumulator, loss_change, module_changes
 from prelora_ds.algorithm.policy import Clock
-from prelora_ds.algorithm.ranks import module_bounds
 from prelora_ds.config.sections import RunConfig
 from prelora_ds.distributed import collectives
 from prelora_ds.engine import norms
@@ -117,8 +116,8 @@ class PhaseController:
             agreed = collectives.agree(decision.switch, "the PreLoRA switch")
         if not agreed:
             return
-        bounds = module_bounds(p.r_min, p.r_max, self.phases.module_widths, p.rank_reference_width)
-        changes, ranks = policy.switch_ranks(norm_w, self.phases.layout.modules, p.r_min, p.r_max, bounds)
+        changes, ranks = policy.switch_ranks(norm_w, self.phases.layout.modules, p.r_min, p.r_max,
+                                             self.phases.rank_bounds)
         state.switch_step, state.switch_epoch = clock.step, clock.epoch
         elapsed = self.switch_to(state, policy.phase_after_switch(p), ranks, clock.epochs_done,
                                  merge_lora=state.phase == "relora")
@@ -154,6 +153,6 @@ class PhaseController:
 
     def write_windows(self, state: LoopState) -> None:
         self.recorder.write_json("windows.json", windows_file(state.checks, self.phases.layout.modules,
-                                                              self.phases.module_widths,
+                                                              self.phases.rank_bounds,
                                                               self.cfg.prelora, self.acc.state_dict()))
 

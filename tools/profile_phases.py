@@ -6,36 +6,39 @@ the matrix products in them (issue 35), measured on the package's Trainer.
   deepspeed --num_gpus 2 tools/profile_phases.py --ranks-json runs/demo/ranks.json    # 2 ranks: + communication
   python tools/profile_phases.py --model vit_base_patch16_224 --batch-size 8          # ViT-B/16 at 224 px
 
-Per phase (full, warmup, lora; relora on request) the package's Trainer is built in that phase on synthetic images
-(`harness.synthetic_trainer`, the ZeRO config --ds-config, LoRA ranks --rank on every target layer or a ranks.json)
-and `Trainer.train_step` is run on one fixed micro batch: --warmup steps untimed, then three passes.
+Every phase asked for (full, warmup, lora; relora on request) gets its own Trainer, all built in this one process
+on synthetic images (`harness.synthetic_trainer`, the ZeRO config --ds-config, LoRA ranks --rank on every target
+layer or a ranks.json). Each runs `Trainer.train_step` on one fixed micro batch: --warmup steps untimed, one step
+with shapes and hooks (each layer's input shape and which gradients it computes: the analytic FLOP count below,
+checked against the profiler's own count of aten::mm/addmm/bmm, `flops_check`) and one with `saved_tensors_hooks`
+(the bytes saved for backward: the distinct storages packed; `activation_bytes` without the parameters' own
+storages, which are held anyway).
 
-1. --steps timed steps. The engine's `forward`, `backward` and `step` are wrapped (perf_counter, and on a GPU a
-   synchronize at each boundary); `loop` is the rest of `train_step` (learning rate, loss, bookkeeping).
-2. --steps steps under torch.profiler (CPU activity; on a GPU also the device's). Each op's self time, split by
-   where it starts: GEMM ops (the set `GEMM_OPS`: mm, addmm, bmm, baddbmm, the fused attention kernels of
-   scaled_dot_product_attention, whose softmax is inside them, and the convolution kernels) and the rest
-   (non-GEMM: elementwise, norms, copies, the autograd engine's own events, DeepSpeed's hooks' ops).
-   Communication is the union of the intervals of the collectives' events (gloo:*, nccl:*, c10d::*), whatever
-   thread runs them (gloo runs them on its own threads while the caller waits). Ops on gloo's threads and inside
-   a collective are not counted as compute. `between ops`: these steps' forward + backward walls less the ops and
-   collectives in them (Python, module hooks, dispatch outside any op). Medians over the steps.
-3. One profiled step with shapes and hooks: each layer's input shape and which gradients it computes (the
-   analytic FLOP count below), the profiler's own FLOP count of aten::mm/addmm/bmm (`with_flops`) as a check of
-   the analytic count (`flops_check`; fused attention and the convolution are ops it does not count as those),
-   and each GEMM op's time matched by its shapes to a category (`gemm_measured_ms_one_step`). Then one step
-   with `saved_tensors_hooks`: the bytes saved for backward (the distinct storages packed; `activation_bytes`
-   without the parameters' own storages, which are held anyway).
+Then --steps rounds. In each, every phase in turn (the order rotated each round) runs an untimed step (its
+engine's state back in the caches after the other phases' work), then
 
-A standalone microbenchmark then times each distinct product of the count (shape, transposition, op; the same
-threads, dtype and device as the run) and predicts the GEMM time as the sum of count x time per call. The step
-is accounted as
+1. a timed step: the engine's `forward`, `backward` and `step` wrapped (perf_counter, and on a GPU a synchronize
+   at each boundary); `loop` is the rest of `train_step` (learning rate, loss, bookkeeping);
+2. the same step under torch.profiler (CPU activity; on a GPU also the device's, with shapes). Each op's self
+   time, split by where it starts: GEMM ops (the set `GEMM_OPS`: mm, addmm, bmm, baddbmm, the fused attention
+   kernels of scaled_dot_product_attention, whose softmax is inside them, and the convolution kernels), each
+   matched by its shapes to a category of the count, and the rest (non-GEMM: elementwise, norms, copies, the
+   autograd engine's own events, DeepSpeed's hooks' ops). Communication is the union of the intervals of the
+   collectives' events (gloo:*, nccl:*, c10d::*), whatever thread runs them (gloo runs them on its own threads
+   while the caller waits); ops on gloo's threads and inside a collective are not compute. `between ops`: the
+   forward + backward walls less the ops and collectives in them (Python, module hooks, dispatch);
+
+and then a microbenchmark times each distinct product of every phase's count (shape, transposition, op; the
+same threads, dtype and device as the run), which predicts each phase's GEMM time as count x time per call. Each
+round accounts for each phase's step as
 
     predicted GEMM + non-GEMM ops (forward, backward) + communication + optimizer + loop
 
-(optimizer and loop less the communication inside them) against the measured step (pass 1). What it leaves is
-named next to it: the time between ops (pass 2), the GEMM prediction's error (`gemm_prediction_error_pct`) and
-the profiler's overhead inside the op times (`profiled_step_ms` against the step).
+(optimizer and loop less the communication inside them) against that round's timed step; the parts come from
+within the same minute, so a machine whose rate drifts between minutes (a 2-core VM) still accounts. Reported:
+the medians over the rounds. What the accounting leaves is named next to it: the time between ops, the GEMM
+prediction's error (`gemm_prediction_error_pct`) and the profiler's overhead inside the op times
+(`profiled_step_ms` against the step).
 
 GEMM FLOPs, counted from the shapes one forward sees (2 FLOPs per multiply-add; T: rows a layer sees, micro batch
 x tokens; i, o: in and out features; r: LoRA rank; "x needs grad": its input requires grad, "W trains": its weight
@@ -62,14 +65,15 @@ does):
   patch embedding (the conv, kernel = stride = p; C channels, D = embed dim, Np patches per image)
     forward 2 B Np D C p^2; weight gradient the same when it trains; no input gradient (the images).
 
-Run by a plain `python`, each phase runs in its own process (world size 1; --procs N launches N ranks per phase
-through deepspeed); launched by `deepspeed --num_gpus N tools/profile_phases.py ...` the phases run one after the
-other in the launched ranks. Rank 0 prints its markdown tables and writes the JSON (--out) with every rank's.
+Run by a plain `python` the world is one process (--procs N: this tool launched again as N ranks through
+deepspeed); under a launcher, the launcher's ranks run the rounds together. Rank 0 prints its markdown tables and
+writes the JSON (--out) with every rank's medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -78,7 +82,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prelora_ds.cli import HelpFormatter
@@ -469,10 +473,6 @@ def profiler_flops(events: list[Ev]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- accounting
-def median_of(rows: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in rows)
-
-
 def account(m: dict[str, float]) -> dict[str, float]:
     """The step accounted from its parts (ms). `m`: step, optimizer, loop (walls of the timed pass; loop: each step
     less its forward, backward and optimizer), gemm_measured, gemm_predicted, non_gemm (forward + backward ops),
@@ -497,9 +497,9 @@ def account(m: dict[str, float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- microbenchmark
-def time_per_call(fn: Callable[[], object], sync: Callable[[], None], min_s: float = 0.05) -> float:
-    """Seconds per call: the median of 5 batches of calls, each batch at least `min_s` long (batches of 20 ms let
-    one burst of another process's work on a 2-core machine move a product's rate by half)."""
+def time_per_call(fn: Callable[[], object], sync: Callable[[], None], min_s: float = 0.03, batches: int = 3) -> float:
+    """Seconds per call: the median of `batches` batches of calls, each at least `min_s` long, after an untimed
+    call."""
     fn()
     sync()
     t0 = time.perf_counter()
@@ -508,7 +508,7 @@ def time_per_call(fn: Callable[[], object], sync: Callable[[], None], min_s: flo
     one = time.perf_counter() - t0
     reps = max(1, min(2000, int(min_s / max(one, 1e-7))))
     samples = []
-    for _ in range(5):
+    for _ in range(batches):
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
@@ -557,21 +557,17 @@ def product_fn(key: tuple, dtype, device) -> Callable[[], object]:
     raise ValueError(f"unknown product {op}")
 
 
-def bench_products(gemms: list[Gemm], dtype, device, cache: dict | None = None) -> dict[tuple, float]:
-    """Seconds per call of each distinct product of `gemms` (this process's threads, `dtype`, `device`)."""
+
+def bench_products(keys: Iterable[tuple], dtype, device) -> dict[tuple, float]:
+    """Seconds per call of each product `key` (Gemm.key()) with this process's threads, `dtype` and `device`."""
     import torch
 
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    cache = {} if cache is None else cache
-    for g in gemms:
-        key = (*g.key(), str(dtype), str(device), torch.get_num_threads())
-        if key not in cache:
-            cache[key] = time_per_call(product_fn(g.key(), dtype, device), sync)
-    return {g.key(): cache[(*g.key(), str(dtype), str(device), torch.get_num_threads())] for g in gemms}
+    return {key: time_per_call(product_fn(key, dtype, device), sync) for key in keys}
 
 
 def predict(gemms: list[Gemm], per_call: dict[tuple, float]) -> dict[str, float]:
-    """Predicted ms per category and in all (count x seconds per call of each product)."""
+    """Predicted ms per category (count x seconds per call of each product)."""
     out = dict.fromkeys(CATEGORIES, 0.0)
     for g in gemms:
         out[g.category] += 1e3 * g.count * per_call[g.key()]
@@ -687,28 +683,41 @@ def local_ranks(world: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
 
 
-def profile_phase(args, phase: str, bench_cache: dict | None = None) -> dict:
-    """Build the Trainer in `phase`, measure its step (the three passes of the module's docstring), close it."""
+
+@dataclass
+class PhaseRun:
+    """One phase's Trainer on its fixed micro batch, the products of its step (the count) and its rounds."""
+
+    name: str
+    trainer: object
+    timer: PartTimer
+    step: Callable[[], object]
+    ranks: dict[str, int] | None
+    gemms: list[Gemm]
+    flops_check: dict
+    saved: dict
+    rounds: list[dict] = field(default_factory=list)
+
+
+def build_phase(args, phase: str, threads: int | None) -> PhaseRun:
+    """The Trainer built in `phase` on synthetic images, --warmup steps run, then one step with shapes (the count,
+    checked against the profiler's FLOPs) and one with saved tensors."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
     from prelora_ds.testing import harness
 
-    cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     kwargs = model_kwargs(args)
     ranks = phase_ranks(args, phase, kwargs)
     rank, _, world = harness.start_distributed()
-    threads = args.threads or max(1, (os.cpu_count() or 1) // local_ranks(world))
     img = kwargs["img_size"]
     trainer = harness.synthetic_trainer(
         Path(args.tmp) / f"{phase}_rank{rank}", model=args.model, model_kwargs=kwargs, img_size=img,
         ds_config=Path(args.ds_config), ds_changes={"gradient_accumulation_steps": 1, "train_batch_size": None},
         micro_batch=args.batch_size, train_size=args.batch_size * world * 4, val_size=world,
-        num_classes=args.num_classes, first_phase=phase, start_ranks=ranks, num_threads=None if cuda else threads,
+        num_classes=args.num_classes, first_phase=phase, start_ranks=ranks, num_threads=threads,
         train={"lr_warmup_steps": 0, "epochs": 1000}, prelora={"lora_layer": args.lora_layer},
     )  # fmt: skip
-    engine = trainer.engine
     gen = torch.Generator().manual_seed(0)
     batch = [(torch.randn(args.batch_size, 3, img, img, generator=gen),
               torch.randint(0, args.num_classes, (args.batch_size,), generator=gen))]  # fmt: skip
@@ -716,68 +725,135 @@ def profile_phase(args, phase: str, bench_cache: dict | None = None) -> dict:
     def step():
         trainer.train_step(batch)
 
-    timer = PartTimer(engine, sync)
+    timer = PartTimer(trainer.engine, torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None))
     for _ in range(args.warmup):
         timer.run(step)
-    timed = [timer.run(step) for _ in range(args.steps)]  # pass 1: walls
-    for t in timed:
-        t["loop"] = t["step"] - sum(t[p] for p in PARTS)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:  # pass 2: ops
-        profiled = [timer.run(step) for _ in range(args.steps)]
-    per_step = analyse_steps(events_of(prof, cuda))
-    for r, walls in zip(per_step, profiled, strict=True):  # forward + backward outside every op and collective
-        r["between_ops_ms"] = (walls["forward"] + walls["backward"] - r["gemm_ms"] - r["non_gemm_ms"]
-                               - r["comm_forward_ms"] - r["comm_backward_ms"])  # fmt: skip
-    # pass 3: one step with shapes (each layer's and each op's) and the profiler's FLOPs; one with saved tensors
-    recorder = ShapeRecorder(engine.module)
-    with profile(activities=activities, record_shapes=True, with_flops=True) as prof:
+    recorder = ShapeRecorder(trainer.engine.module)
+    with profile(activities=activities(), record_shapes=True, with_flops=True) as prof:
         timer.run(step)
     recorder.remove()
-    saved = saved_for_backward(lambda: timer.run(step), list(engine.module.parameters()))
-    timer.restore()
-    shaped = events_of(prof, cuda)
     gemms = merge_counts(recorder.gemms)
-    counted_by_profiler, by_category = profiler_flops(shaped), measured_by_category(shaped, gemms)
-    dtype = trainer.phases.dtype
-    trainable, total = trainer.phases.count_params()
-    trainer.close()
+    counted = profiler_flops(events_of(prof, torch.cuda.is_available()))
+    check = {"profiler_mm_addmm_bmm": counted, "analytic_mm_addmm_bmm": profiler_comparable_flops(gemms),
+             "equal": counted == profiler_comparable_flops(gemms)}  # fmt: skip
+    saved = saved_for_backward(lambda: timer.run(step), list(trainer.engine.module.parameters()))
+    return PhaseRun(phase, trainer, timer, step, ranks, gemms, check, saved)
 
-    if world > 1:  # the ranks time their products together, as they ran the step
-        from prelora_ds.distributed import collectives
 
-        collectives.barrier()
-    per_call = bench_products(gemms, dtype, engine.device, bench_cache)
-    predicted = predict(gemms, per_call)
-    flops = flops_by_category(gemms)
-    m = {k: median_of(timed, k) for k in ("step", *PARTS, "loop")}  # loop: the median of each step's remainder
-    m.update(gemm_measured=median_of(per_step, "gemm_ms"), gemm_predicted=sum(predicted.values()),
-             non_gemm=median_of(per_step, "non_gemm_ms"), between_ops=median_of(per_step, "between_ops_ms"),
-             **{f"comm_{n}": median_of(per_step, f"comm_{n}_ms") for n in (*PARTS, "loop")})  # fmt: skip
-    acc = account(m)
-    ops = defaultdict(float)
-    for r in per_step:
+def activities() -> list:
+    """What the profiler records: the host, and on a GPU the device."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+
+def measure_step(run: PhaseRun, align: Callable[[], None]) -> dict:
+    """An untimed step (the phase's engine back in the caches after the other phases' and the microbenchmark's
+    work, as in training, where a phase's steps follow each other), one timed step, then the same step under the
+    profiler (its ops, their shapes matched to the count's categories, the collectives, the time between ops).
+    `align` before each measured step: the ranks start it together, so no rank's step waits in a collective for
+    another's bookkeeping or microbenchmark."""
+    import torch
+    from torch.profiler import profile
+
+    gc.collect()  # the profiler's events of the last step are garbage: no collection of them inside a step
+    run.timer.run(run.step)
+    align()
+    timed = run.timer.run(run.step)
+    timed["loop"] = timed["step"] - sum(timed[p] for p in PARTS)
+    align()
+    with profile(activities=activities(), record_shapes=True) as prof:
+        walls = run.timer.run(run.step)
+    events = events_of(prof, torch.cuda.is_available())
+    (ops,) = analyse_steps(events)
+    ops["between_ops_ms"] = (walls["forward"] + walls["backward"] - ops["gemm_ms"] - ops["non_gemm_ms"]
+                             - ops["comm_forward_ms"] - ops["comm_backward_ms"])  # fmt: skip
+    return {"timed": timed, "profiled_step": walls["step"], "ops": ops,
+            "gemm_measured": measured_by_category(events, run.gemms)}  # fmt: skip
+
+
+def round_row(measured: dict, gemms: list[Gemm], per_call: dict[tuple, float]) -> dict:
+    """One round of one phase: its parts (ms), their accounting and its products' seconds per call."""
+    t, ops, predicted = measured["timed"], measured["ops"], predict(gemms, per_call)
+    m = {k: t[k] for k in ("step", *PARTS, "loop")}
+    m.update(gemm_measured=ops["gemm_ms"], gemm_predicted=sum(predicted.values()), non_gemm=ops["non_gemm_ms"],
+             between_ops=ops["between_ops_ms"])  # fmt: skip
+    m.update({f"comm_{n}": ops[f"comm_{n}_ms"] for n in (*PARTS, "loop")})
+    return {"m": m, "acc": account(m), "predicted": predicted, "measured": measured["gemm_measured"],
+            "profiled_step": measured["profiled_step"], "non_gemm_ops": dict(ops["non_gemm_ops"]),
+            "per_call": {g.key(): per_call[g.key()] for g in gemms}}  # fmt: skip
+
+
+def medians(dicts: list[dict]) -> dict[str, float]:
+    return {k: statistics.median(d[k] for d in dicts) for k in dicts[0]}
+
+
+def summary(run: PhaseRun, rank: int, world: int) -> dict:
+    """A phase's result: the median over rounds of every part, of its accounting and of each category's products."""
+    import torch
+
+    rows = run.rounds
+    trainable, total = run.trainer.phases.count_params()
+    flops = flops_by_category(run.gemms)
+    predicted, ops = medians([r["predicted"] for r in rows]), defaultdict(float)
+    for r in rows:
         for name, v in r["non_gemm_ops"].items():
-            ops[name] += v / len(per_step)
-    comparable = profiler_comparable_flops(gemms)
+            ops[name] += v / len(rows)
     return {
-        "phase": phase, "rank": rank, "world": world, "threads": torch.get_num_threads() if not cuda else None,
-        "dtype": str(dtype), "trainable_params": trainable, "total_params": total,
-        "lora_ranks": sorted(set(ranks.values())) if ranks else None,
-        "median_ms": m, "accounting_ms": acc, "steps_ms": timed,
-        "profiled_step_ms": statistics.median(w["step"] for w in profiled), "profiled_steps_ms": profiled,
-        "per_profiled_step_ms": [{k: v for k, v in r.items() if k != "non_gemm_ops"} for r in per_step],
+        "phase": run.name, "rank": rank, "world": world,
+        "threads": None if torch.cuda.is_available() else torch.get_num_threads(),
+        "dtype": str(run.trainer.phases.dtype), "trainable_params": trainable, "total_params": total,
+        "lora_ranks": sorted(set(run.ranks.values())) if run.ranks else None,
+        "median_ms": medians([r["m"] for r in rows]), "accounting_ms": medians([r["acc"] for r in rows]),
+        "rounds": [{"m": r["m"], "acc": r["acc"]} for r in rows],
+        "profiled_step_ms": statistics.median(r["profiled_step"] for r in rows),
         "top_non_gemm_ms": sorted(([k, round(v, 4)] for k, v in ops.items()), key=lambda kv: -kv[1])[:15],
         "gemm_gflop": {k: v / 1e9 for k, v in flops.items()}, "gemm_gflop_total": sum(flops.values()) / 1e9,
-        "gemm_predicted_ms": predicted,
-        "gemm_measured_ms_one_step": by_category,  # the profiled step with shapes (pass 3), by matching shapes
+        "gemm_predicted_ms": predicted, "gemm_measured_ms": medians([r["measured"] for r in rows]),
         "gemm_rate_gflops": {k: flops[k] / 1e6 / predicted[k] for k in CATEGORIES if predicted[k]}
         | {"all": sum(flops.values()) / 1e6 / sum(predicted.values())},
-        "products": [{**asdict(g), "flops": g.flops, "ms_per_call": 1e3 * per_call[g.key()]} for g in gemms],
-        "flops_check": {"profiler_mm_addmm_bmm": counted_by_profiler, "analytic_mm_addmm_bmm": comparable,
-                        "equal": counted_by_profiler == comparable},
-        "saved_for_backward": saved,
+        "products": [{**asdict(g), "flops": g.flops,
+                      "ms_per_call": 1e3 * statistics.median(r["per_call"][g.key()] for r in rows)} for g in run.gemms],
+        "flops_check": run.flops_check, "saved_for_backward": run.saved,
     }  # fmt: skip
+
+
+def profile_phases(args) -> dict:
+    """Every phase's Trainer built in this process, then --steps rounds: in each, every phase's timed and profiled
+    step (the phases in an order rotated each round), then the microbenchmark of every phase's products. Each
+    round accounts for each phase's step from parts measured within it; the result is their medians."""
+    import torch
+
+    from prelora_ds.distributed import collectives
+    from prelora_ds.testing import harness
+
+    rank, _, world = harness.start_distributed()
+    threads = None if torch.cuda.is_available() else args.threads or max(1, (os.cpu_count() or 1) // local_ranks(world))
+    runs = [build_phase(args, phase, threads) for phase in args.phases]
+    dtype, device = runs[0].trainer.phases.dtype, runs[0].trainer.engine.device
+    keys = sorted({g.key() for r in runs for g in r.gemms}, key=repr)  # the same product once for every phase
+    align = collectives.barrier if world > 1 else (lambda: None)
+    for i in range(args.steps):
+        order = runs[i % len(runs):] + runs[:i % len(runs)]  # no phase always runs right after the microbenchmark
+        measured = {r.name: measure_step(r, align) for r in order}
+        align()  # the ranks time their products together, as they ran the steps
+        per_call = bench_products(keys, dtype, device)
+        for r in runs:
+            r.rounds.append(round_row(measured[r.name], r.gemms, per_call))
+        if rank == 0:
+            print(f"round {i + 1}/{args.steps}: " + ", ".join(f"{r.name} {r.rounds[-1]['m']['step']:.1f} ms"
+                                                              for r in runs), file=sys.stderr, flush=True)  # fmt: skip
+    result = header(args, world)
+    result["rank"] = rank
+    for r in runs:
+        mine = summary(r, rank, world)
+        r.timer.restore()
+        r.trainer.close()
+        gathered = collectives.all_gather_object(mine) if world > 1 else [mine]
+        result["phases"][r.name] = gathered[0]
+        result["per_rank"][r.name] = [{"rank": g["rank"], "median_ms": g["median_ms"]} for g in gathered]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- runs and tables
@@ -800,7 +876,7 @@ def table(result: dict) -> str:
         )
     overhead = ", ".join(f"{100 * (p['profiled_step_ms'] / p['median_ms']['step'] - 1):+.0f} %"
                          for p in phases.values())
-    rows += ["", "Medians over the steps, ms. optimizer and loop: less the communication inside them; comm: every "
+    rows += ["", "Medians over the rounds, ms. optimizer and loop: less the communication inside them; comm: every "
              "collective of the step; accounted: pred. GEMM + non-GEMM + comm + optimizer + loop; between ops: forward "
              "+ backward outside every profiled op and collective (Python, hooks; in the profiled steps); saved: "
              "activations saved for backward (MiB). Under the profiler the steps took "
@@ -834,35 +910,6 @@ def header(args, world: int) -> dict:
             "torch": torch.__version__, "phases": {}, "per_rank": {}}  # fmt: skip
 
 
-def worker_args(args) -> list[str]:
-    out = ["--model", args.model, "--batch-size", str(args.batch_size), "--num-classes", str(args.num_classes),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--ds-config", args.ds_config,
-           "--rank", str(args.rank), "--lora-layer", args.lora_layer, "--tmp", args.tmp]  # fmt: skip
-    for flag, value in (("--model-kwargs", args.model_kwargs), ("--img-size", args.img_size),
-                        ("--ranks-json", args.ranks_json), ("--threads", args.threads)):  # fmt: skip
-        if value is not None:
-            out += [flag, str(value)]
-    return out
-
-
-def run_phase_processes(args, phase: str) -> list[dict]:
-    """One phase in fresh processes: `python` (world size 1) or the deepspeed launcher (--procs N); each rank
-    writes its result next to `result_<phase>`."""
-    from prelora_ds.testing.harness import deepspeed_cmd, job_env
-
-    result = Path(args.tmp) / f"result_{phase}"
-    extra = ["--worker", "--phase", phase, "--result", str(result), *worker_args(args)]
-    if args.procs > 1:
-        cmd = deepspeed_cmd(*extra, ranks=args.procs, script=__file__)
-    else:
-        cmd = [sys.executable, __file__, *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{phase}: {' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                         f"{proc.stderr[-3000:]}")
-    return [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(args.procs)]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default=DEMO_MODEL, help="timm model name")
@@ -873,36 +920,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="micro batch per rank (no accumulation)")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the head")
     p.add_argument("--phases", nargs="+", default=["full", "warmup", "lora"],
-                   help="phases to measure, of: full, warmup, lora, relora (default: full warmup lora)")
+                   choices=["full", "warmup", "lora", "relora"], help="phases to measure (default: full warmup lora)")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank on every target layer (relora always; warmup and "
                    "lora unless --ranks-json)")
     p.add_argument("--ranks-json", default=None, help="a run's ranks.json ({layer: rank}) for warmup and lora "
                    "(default: none, --rank everywhere)")
     p.add_argument("--lora-layer", choices=["merged", "peft"], default="merged", help="prelora.lora_layer")
-    p.add_argument("--steps", type=int, default=10, help="timed steps, and as many profiled steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=10, help="rounds: in each, every phase's timed step, its profiled "
+                   "step and the microbenchmark of the products")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each phase first")
     p.add_argument("--ds-config", default=None, help="DeepSpeed config (default: ds_configs/cpu_zero2_fp32.json, the "
                    "demo's, on CPU; ds_configs/gpu_single_bf16.json on GPU); micro batch and accumulation replaced")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank on CPU (default: the cores divided by the ranks on this node)")
-    p.add_argument("--procs", type=int, default=1, help="ranks per phase when run by python: more than 1 launches "
-                   "each phase through deepspeed (gloo on CPU); under a launcher the launcher's world is used")
+    p.add_argument("--procs", type=int, default=1, help="ranks, when run by python: more than 1 launches this tool "
+                   "through deepspeed (gloo on CPU); under a launcher the launcher's world is used")
     p.add_argument("--out", default=None, help="also write the JSON result here (default: only the tables printed)")
-    p.add_argument("--tmp", default="/tmp/prelora_profile", help="the Trainers' output folders and per-rank results")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--phase", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default="/tmp/prelora_profile", help="the Trainers' output folders")
     return p
 
 
 def main() -> None:
-    args, _ = build_parser().parse_known_args()  # the deepspeed launcher appends --local_rank
-    unknown = [a for a in _ if not a.startswith("--local_rank")]
+    parser = build_parser()
+    args, rest = parser.parse_known_args()  # the deepspeed launcher appends --local_rank
+    unknown = [a for a in rest if not a.startswith("--local_rank")]
     if unknown:
-        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
-    for phase in args.phases:
-        if phase not in ("full", "warmup", "lora", "relora"):
-            build_parser().error(f"--phases: unknown phase {phase!r}")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if len(set(args.phases)) != len(args.phases):
+        parser.error(f"--phases: each phase once, not {' '.join(args.phases)}")
+    if args.procs > 1 and "LOCAL_RANK" not in os.environ:  # the whole tool again, as N launched ranks
+        from prelora_ds.testing.harness import deepspeed_cmd, job_env
+
+        cmd = deepspeed_cmd(*sys.argv[1:], "--procs", "1", ranks=args.procs, script=__file__)
+        raise SystemExit(subprocess.run(cmd, cwd=ROOT, env=job_env()).returncode)
     if args.ds_config is None:
         import torch
 
@@ -912,33 +962,9 @@ def main() -> None:
     if args.ranks_json:
         args.ranks_json = str(Path(args.ranks_json).resolve())
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    if args.worker:
-        out = profile_phase(args, args.phase)
-        Path(args.result).with_suffix(f".rank{out['rank']}.json").write_text(json.dumps(out))
-        return
-    if "LOCAL_RANK" in os.environ:  # launched: every rank runs the phases here, one after the other
-        from prelora_ds.distributed import collectives
-        from prelora_ds.testing.harness import start_distributed
-
-        rank, _, world = start_distributed()
-        result, cache = header(args, world), {}
-        for phase in args.phases:
-            mine = profile_phase(args, phase, cache)
-            gathered = collectives.all_gather_object(mine)
-            result["phases"][phase] = gathered[0]
-            result["per_rank"][phase] = [{"rank": r["rank"], "median_ms": r["median_ms"]} for r in gathered]
-            if rank == 0:
-                print(f"{phase}: step {mine['median_ms']['step']:.1f} ms", file=sys.stderr, flush=True)
-        if rank == 0:
-            write_result(args, result)
-        return
-    result = header(args, args.procs)
-    for phase in args.phases:
-        per_rank = run_phase_processes(args, phase)
-        result["phases"][phase] = per_rank[0]
-        result["per_rank"][phase] = [{"rank": r["rank"], "median_ms": r["median_ms"]} for r in per_rank]
-        print(f"{phase}: step {per_rank[0]['median_ms']['step']:.1f} ms", file=sys.stderr, flush=True)
-    write_result(args, result)
+    result = profile_phases(args)
+    if result.pop("rank") == 0:
+        write_result(args, result)
 
 
 if __name__ == "__main__":

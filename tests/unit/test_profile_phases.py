@@ -136,3 +136,40 @@ def test_the_accounting_arithmetic():
     # the predicted GEMM time: count x seconds per call, per category
     gemms = [pp.Gemm("base_fwd", "mm", (2, 3, 4), count=3), pp.Gemm("head", "mm", (2, 3, 4))]
     assert pp.predict(gemms, {("mm", (2, 3, 4), "nn"): 0.002})["base_fwd"] == pytest.approx(6.0)
+
+
+def test_the_rounds_account_for_every_phase(tmp_path):
+    """The tool itself, world size 1, on a 2-block ViT: two phases' Trainers in one process (a trainable base and a
+    frozen one; `warmup`'s count is checked above), two rounds. What is exact whatever the machine: every round of
+    every phase is there, each round's accounting is the sum of its parts, the count equals the profiler's FLOPs,
+    every GEMM op the profiled steps ran matched a counted product, and only `full` has weight gradients."""
+    import json
+    import subprocess
+    import sys
+
+    from prelora_ds.testing.harness import REPO, job_env
+
+    out = tmp_path / "profile.json"
+    kwargs = "{img_size: 32, patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "profile_phases.py"), "--model-kwargs", kwargs,
+                           "--batch-size", "4", "--rank", "4", "--phases", "full", "lora", "--steps", "2",
+                           "--warmup", "0", "--threads", "1", "--tmp", str(tmp_path / "tmp"), "--out", str(out)],
+                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["phases"]) == ["full", "lora"] and result["world"] == 1
+    assert "| lora |" in proc.stdout  # the table printed
+    for name, p in result["phases"].items():
+        assert len(p["rounds"]) == 2
+        for r in p["rounds"]:
+            m, acc = r["m"], r["acc"]
+            comm = m["comm_forward"] + m["comm_backward"] + m["comm_optimizer"] + m["comm_loop"]
+            optimizer, loop = m["optimizer"] - m["comm_optimizer"], m["loop"] - m["comm_loop"]
+            assert acc["accounted"] == m["gemm_predicted"] + m["non_gemm"] + comm + optimizer + loop
+            assert m["step"] == pytest.approx(m["forward"] + m["backward"] + m["optimizer"] + m["loop"])
+        assert p["flops_check"]["equal"]
+        assert p["gemm_measured_ms"]["unmatched"] == 0 and p["gemm_measured_ms"]["base_fwd"] > 0
+        assert (p["gemm_gflop"]["base_wgrad"] > 0) == (name == "full")
+        assert all(g["ms_per_call"] > 0 for g in p["products"])
+        assert (p["lora_ranks"] is None) == (name == "full")
+        assert p["saved_for_backward"]["activation_bytes"] > 0

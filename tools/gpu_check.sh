@@ -48,7 +48,7 @@ cat "$OUT/gpu_bench.md"
 # 2b. where the ViT-L step goes per phase, PEFT's LoRA layer against the merged one (issue 35; docs/benchmarks.md)
 for LAYER in merged peft; do
   python3 tools/profile_phases.py --model vit_large_patch16_224 --batch-size 64 --rank 64 --lora-layer "$LAYER" \
-    --steps 10 --warmup 3 --ds-config ds_configs/gpu_single_bf16.json --out "$OUT/profile_vit_l_$LAYER.json" \
+    --steps 5 --warmup 3 --ds-config ds_configs/gpu_single_bf16.json --out "$OUT/profile_vit_l_$LAYER.json" \
     > "$OUT/profile_vit_l_$LAYER.md"
   cat "$OUT/profile_vit_l_$LAYER.md"
 done

@@ -733,9 +733,8 @@ def build_phase(args, phase: str, threads: int | None) -> PhaseRun:
         timer.run(step)
     recorder.remove()
     gemms = merge_counts(recorder.gemms)
-    counted = profiler_flops(events_of(prof, torch.cuda.is_available()))
-    check = {"profiler_mm_addmm_bmm": counted, "analytic_mm_addmm_bmm": profiler_comparable_flops(gemms),
-             "equal": counted == profiler_comparable_flops(gemms)}  # fmt: skip
+    counted, analytic = profiler_flops(events_of(prof, torch.cuda.is_available())), profiler_comparable_flops(gemms)
+    check = {"profiler_mm_addmm_bmm": counted, "analytic_mm_addmm_bmm": analytic, "equal": counted == analytic}
     saved = saved_for_backward(lambda: timer.run(step), list(trainer.engine.module.parameters()))
     return PhaseRun(phase, trainer, timer, step, ranks, gemms, check, saved)
 
@@ -748,21 +747,23 @@ def activities() -> list:
     return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
 
 
-def measure_step(run: PhaseRun, align: Callable[[], None]) -> dict:
+def measure_step(run: PhaseRun) -> dict:
     """An untimed step (the phase's engine back in the caches after the other phases' and the microbenchmark's
     work, as in training, where a phase's steps follow each other), one timed step, then the same step under the
     profiler (its ops, their shapes matched to the count's categories, the collectives, the time between ops).
-    `align` before each measured step: the ranks start it together, so no rank's step waits in a collective for
+    A barrier before each measured step: the ranks start it together, so no rank's step waits in a collective for
     another's bookkeeping or microbenchmark."""
     import torch
     from torch.profiler import profile
 
+    from prelora_ds.distributed import collectives
+
     gc.collect()  # the profiler's events of the last step are garbage: no collection of them inside a step
     run.timer.run(run.step)
-    align()
+    collectives.barrier()
     timed = run.timer.run(run.step)
     timed["loop"] = timed["step"] - sum(timed[p] for p in PARTS)
-    align()
+    collectives.barrier()
     with profile(activities=activities(), record_shapes=True) as prof:
         walls = run.timer.run(run.step)
     events = events_of(prof, torch.cuda.is_available())
@@ -833,11 +834,10 @@ def profile_phases(args) -> dict:
     runs = [build_phase(args, phase, threads) for phase in args.phases]
     dtype, device = runs[0].trainer.phases.dtype, runs[0].trainer.engine.device
     keys = sorted({g.key() for r in runs for g in r.gemms}, key=repr)  # the same product once for every phase
-    align = collectives.barrier if world > 1 else (lambda: None)
     for i in range(args.steps):
         order = runs[i % len(runs):] + runs[:i % len(runs)]  # no phase always runs right after the microbenchmark
-        measured = {r.name: measure_step(r, align) for r in order}
-        align()  # the ranks time their products together, as they ran the steps
+        measured = {r.name: measure_step(r) for r in order}
+        collectives.barrier()  # the ranks time their products together, as they ran the steps
         per_call = bench_products(keys, dtype, device)
         for r in runs:
             r.rounds.append(round_row(measured[r.name], r.gemms, per_call))
@@ -850,7 +850,7 @@ def profile_phases(args) -> dict:
         mine = summary(r, rank, world)
         r.timer.restore()
         r.trainer.close()
-        gathered = collectives.all_gather_object(mine) if world > 1 else [mine]
+        gathered = collectives.all_gather_object(mine)
         result["phases"][r.name] = gathered[0]
         result["per_rank"][r.name] = [{"rank": g["rank"], "median_ms": g["median_ms"]} for g in gathered]
     return result

@@ -141,12 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error(str(exc))
         return 2
+    from prelora_ds.distributed.launch import end_failed_job
+
     try:
         rank, world, ds_config = start(pre)
+        code = run(pre, ds_config, rank, world)  # the process groups are destroyed at exit (launch.init_distributed)
     except RendezvousError as exc:
         logger.error(str(exc))
-        return 1
-    return run(pre, ds_config, rank, world)  # the process groups are destroyed at exit (launch.init_distributed)
+        code = 1
+    except Exception as exc:
+        end_failed_job(1, exc)
+        raise
+    end_failed_job(code)  # under mpirun: a failed rank ends the job instead of waiting for the others at exit
+    return code
 
 
 def preflight(argv: list[str] | None) -> Preflight:

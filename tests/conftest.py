@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prelora_ds.testing.harness import RELORA_RUN, REPO, SPLIT_RUN, SWITCH_RUN, deepspeed_cmd, run
+from prelora_ds.testing.harness import RELORA_RUN, REPO, SPLIT_RUN, SWITCH_RUN, deepspeed_cmd, mpirun_cmd, run
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,8 @@ def global64(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def switch_reference(tmp_path_factory) -> Path:
-    """Phases full 0-12, warmup 12-20, lora 20-40 on 2 ranks, uninterrupted. What the launch printed (stdout, then
+    """Phases full 0-12, warmup 12-20, lora 20-40 on 2 ranks by `deepspeed --num_gpus 2` (the demo's launch; the other
+    references start by mpirun, harness.mpirun_cmd), uninterrupted. What the launch printed (stdout, then
     stderr, as a log file would hold it) is kept beside the run: `launch.log`."""
     out = tmp_path_factory.mktemp("switch_reference") / "run"
     proc = run(deepspeed_cmd("--output_dir", out, *SWITCH_RUN))
@@ -42,7 +43,7 @@ def switch_reference(tmp_path_factory) -> Path:
 def split_reference(tmp_path_factory) -> Path:
     """SWITCH_RUN with split q/k/v and the six targets (full 0-12, warmup 12-20, lora 20-40), uninterrupted."""
     out = tmp_path_factory.mktemp("split_reference") / "run"
-    run(deepspeed_cmd("--output_dir", out, *SPLIT_RUN))
+    run(mpirun_cmd("--output_dir", out, *SPLIT_RUN))
     return out
 
 
@@ -51,5 +52,5 @@ def relora_reference(tmp_path_factory) -> Path:
     """Phases full 0-4, relora 4-16 (merges after steps 9 and 14; the convergence test fails at 12 and passes at 16),
     warmup 16-24, lora 24-60 on 2 ranks, uninterrupted."""
     out = tmp_path_factory.mktemp("relora_reference") / "run"
-    run(deepspeed_cmd("--output_dir", out, *RELORA_RUN))
+    run(mpirun_cmd("--output_dir", out, *RELORA_RUN))
     return out

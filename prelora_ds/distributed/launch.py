@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import sys
+import traceback
 from datetime import timedelta
 
 from prelora_ds.errors import RendezvousError
@@ -68,6 +70,28 @@ def _mpi_env() -> None:
         MASTER_ADDR=addr,
         MASTER_PORT=port,
     )
+
+
+def end_failed_job(code: int, error: BaseException | None = None) -> None:
+    """Under mpirun, a rank that exits with `code` (not 0, not a pre-emption's 75) ends the whole job now: MPI_Abort,
+    and mpiexec exits `code` (`error`: an uncaught exception, whose traceback is printed first).
+
+    mpi4py finalises MPI at exit, and MPI_Finalize waits for every rank: a rank that failed alone (a collective
+    timeout beside a hung rank, an error on one rank) would wait there for ever, and the job with it. (Finalised
+    early instead, MPI no longer lets mpiexec end a job when a rank fails.) The deepspeed launcher and torchrun end
+    a job on a rank's failure by themselves."""
+    from prelora_ds.distributed.preempt import EXIT_CODE
+
+    if code in (0, EXIT_CODE) or "mpi4py.MPI" not in sys.modules or not any(k in os.environ for k in MPI_ENV):
+        return  # MPI was not started here (_mpi_env): a launcher's job
+    from mpi4py import MPI
+
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        if error is not None:
+            traceback.print_exception(error)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(code)
 
 
 def world_size_hint() -> int:

@@ -4,10 +4,11 @@ Runs from a checkout (ds_configs/ and recipes/ are read from `REPO`):
 
   run(deepspeed_cmd("--recipe", "recipes/demo.yaml", "--output_dir", out))        # 2 ranks, a free master port
   run(deepspeed_cmd(out, script="tests/scripts/switch_check.py"))                  # a script instead of the module
+  run(mpirun_cmd("--output_dir", out, *SWITCH_RUN))              # mpirun: when the launcher is not what is tested
   trainer = synthetic_trainer(out / "run", model_kwargs=tiny_vit(depth=2))          # inside a launched process
 
-`deepspeed_cmd` is the only place a deepspeed launch is spelled out; `synthetic_trainer` the only place a Trainer
-on synthetic images is built outside the product's entry point.
+`deepspeed_cmd` and `mpirun_cmd` are the only places a launch is spelled out; `synthetic_trainer` the only place a
+Trainer on synthetic images is built outside the product's entry point.
 """
 
 from __future__ import annotations
@@ -104,6 +105,18 @@ def deepspeed_cmd(
     cmd += [*map(str, launcher_args), "--master_port", str(port if port is not None else free_port())]
     cmd += [str(REPO / script)] if script is not None else ["--module", module]
     return [*cmd, *map(str, args)]
+
+
+def mpirun_cmd(
+    *args: str | os.PathLike, ranks: int = 2, module: str = "prelora_ds.train", script: str | os.PathLike | None = None
+) -> list[str]:
+    """`mpirun -np RANKS python (-m MODULE | SCRIPT) ARGS...`: the launch of the tests whose subject is what the ranks
+    do, not the launcher (test_launch, test_multinode and the launcher chains keep deepspeed's runner, hostfiles and
+    torchrun). MPICH's mpiexec starts the ranks at once and ends the job when one dies, as the deepspeed launcher
+    does; the runner and its per-node launcher each import DeepSpeed before any rank starts and poll the ranks once a
+    second: about 8 s of a 25-s tiny launch here. The ranks agree on a free port (distributed/launch.py)."""
+    target = [str(REPO / script)] if script is not None else ["-m", module]
+    return [str(BIN / "mpirun"), "-np", str(ranks), sys.executable, *target, *map(str, args)]
 
 
 def job_env() -> dict[str, str]:

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from prelora_ds.metrics.readers import scalar_events, scalars
-from prelora_ds.testing.harness import REPO, TINY, deepspeed_cmd, run, summary
+from prelora_ds.testing.harness import REPO, TINY, mpirun_cmd, run, summary
 
 pytestmark = pytest.mark.launch
 
@@ -36,9 +36,9 @@ def epoch_runs(tmp_path_factory):
     small = base / "micro16.json"
     small.write_text(json.dumps(ds))
     ref, cut = base / "reference", base / "cut"
-    run(deepspeed_cmd("--output_dir", ref, *EPOCH_RUN))
-    stopped = run(deepspeed_cmd("--output_dir", cut, *EPOCH_RUN, "--train.stop_at_step", str(STOP)))
-    resumed = run(deepspeed_cmd("--output_dir", cut, *EPOCH_RUN, "--deepspeed_config", small, "--resume"))
+    run(mpirun_cmd("--output_dir", ref, *EPOCH_RUN))
+    stopped = run(mpirun_cmd("--output_dir", cut, *EPOCH_RUN, "--train.stop_at_step", str(STOP)))
+    resumed = run(mpirun_cmd("--output_dir", cut, *EPOCH_RUN, "--deepspeed_config", small, "--resume"))
     return ref, cut, stopped, resumed
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from prelora_ds.data.shards import write_shards
 from prelora_ds.metrics.readers import scalars
-from prelora_ds.testing.harness import BIN, REPO, SWITCH, TINY, deepspeed_cmd, run, summary, write_digit_jpegs
+from prelora_ds.testing.harness import BIN, REPO, SWITCH, TINY, mpirun_cmd, run, summary, write_digit_jpegs
 
 pytestmark = pytest.mark.launch
 
@@ -52,12 +52,12 @@ def losses(out) -> dict[int, float]:
 def test_device_loader_resumes_exactly_on_imagefolder_and_on_shards(data, tmp_path_factory, tmp_path):
     ds_config = _elastic_ds(tmp_path_factory)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    run(deepspeed_cmd("--output_dir", str(ref), *_cmd(data, "imagefolder", ds_config)))
+    run(mpirun_cmd("--output_dir", str(ref), *_cmd(data, "imagefolder", ds_config)))
     folder, shards = _cmd(data, "imagefolder", ds_config), _cmd(data, "shards", ds_config)
-    killed = run(deepspeed_cmd("--output_dir", str(cut), *folder), check=False,
+    killed = run(mpirun_cmd("--output_dir", str(cut), *folder), check=False,
                  env={"PRELORA_FAULTS": "kill@8:1"}, timeout=300)
     assert killed.returncode != 0 and "SIGKILL after step 8" in killed.stdout
-    stopped = run(deepspeed_cmd("--output_dir", str(cut), *folder, "--resume", "--train.stop_at_step", "16"),
+    stopped = run(mpirun_cmd("--output_dir", str(cut), *folder, "--resume", "--train.stop_at_step", "16"),
                   timeout=300)
     assert "resumed at step 5 (epoch 0, phase full)" in stopped.stdout
     single = run([str(BIN / "python"), "-m", "prelora_ds.train", "--output_dir", str(cut),

@@ -37,6 +37,7 @@ from prelora_ds.testing.harness import (
     TINY,
     deepspeed_cmd,
     job_env,
+    mpirun_cmd,
     run,
     summary,
 )
@@ -51,10 +52,10 @@ ZERO0, ZERO1 = (f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)) 
 HOSTFILE = ["--hostfile", "hostfiles/localhost", "--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
 
 
-def launch(out, *args, via="deepspeed", faults=None, check=True, **popen):
-    """The same command every time (plus --resume when asked), through one launch mode: 2 ranks by
-    `deepspeed --num_gpus 2`, a hostfile, `torchrun --standalone` (restarting its workers once) or `mpirun -np 2`;
-    `single`: 1 rank, a plain process."""
+def launch(out, *args, via="mpirun", faults=None, check=True, **popen):
+    """The same command every time (plus --resume when asked), through one launch mode: 2 ranks by `mpirun -np 2`
+    (the quickest to start: the tests whose subject is not the launcher), `deepspeed --num_gpus 2`, a hostfile,
+    `torchrun --standalone` (restarting its workers once); `single`: 1 rank, a plain process."""
     train = ["--output_dir", str(out), *args]
     if via == "torchrun":
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
@@ -141,7 +142,7 @@ def chain(tmp_path_factory, global64):
     cmd = [*SWITCH_RUN, "--deepspeed_config", global64, "--train.checkpoint_every_steps", "5"]
     kills = {"switch": 12, "warmup": rng.randint(17, 19), "lora": rng.randint(21, 37)}
 
-    launches = [launch(out, *cmd, faults="kill_in_save@10:1", check=False)]
+    launches = [launch(out, *cmd, via="deepspeed", faults="kill_in_save@10:1", check=False)]
     after_save_kill = {
         "latest": latest(out),
         "incomplete": not (out / "checkpoints" / "step00000010" / "COMPLETE").exists(),
@@ -149,7 +150,7 @@ def chain(tmp_path_factory, global64):
     }
     launches.append(launch(out, *cmd, "--resume", via="hostfile", faults="kill_in_switch@12:0", check=False))
     launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "16", via="single"))
-    launches.append(launch(out, *cmd, "--resume", via="mpirun", faults=f"kill@{kills['warmup']}:1", check=False))
+    launches.append(launch(out, *cmd, "--resume", faults=f"kill@{kills['warmup']}:1", check=False))
     damage(out / "checkpoints" / "step00000016" / ZERO0, "truncate")  # the newest (1 rank): L5 falls back to 15
     launches.append(launch(out, *cmd, "--resume", "--train.stop_at_step", "38", via="torchrun",
                            faults=f"kill@{kills['lora']}:0#0"))
@@ -367,15 +368,15 @@ def preempted(tmp_path_factory):
     P4 deepspeed  resumes; rank 0 SIGTERMs the `deepspeed` runner alone after step 33 (lora), as `kill <pid>` of a
                   job's main process does: it dies at once, passing nothing on; the per-node launcher and the
                   ranks outlive it, and the ranks stop because it is gone
-    P5 deepspeed  resumes to the end
+    P5 mpirun     resumes to the end
     """
     out = tmp_path_factory.mktemp("preempted") / "run"
     faults = "term@6:0,term_self@15:1,term@27:0,term_runner@33:0"
-    runs = [launch(out, *SPLIT_RUN, faults=faults, check=False)]
+    runs = [launch(out, *SPLIT_RUN, via="deepspeed", faults=faults, check=False)]
     steps = [stopped_at(out, runs[-1], "full")]
-    runs.append(launch(out, *SPLIT_RUN, "--resume", faults=faults, check=False))
+    runs.append(launch(out, *SPLIT_RUN, "--resume", via="deepspeed", faults=faults, check=False))
     steps.append(stopped_at(out, runs[-1], "warmup"))
-    runs.append(launch(out, *SPLIT_RUN, "--resume", via="mpirun", faults=faults, check=False))
+    runs.append(launch(out, *SPLIT_RUN, "--resume", faults=faults, check=False))
     steps.append(stopped_at(out, runs[-1], "lora"))
     orphaned, orphans = launch_orphaning(out, *SPLIT_RUN, "--resume", faults=faults)
     runs.append(orphaned)
@@ -485,7 +486,8 @@ def test_non_finite_steps_then_a_full_disk(tmp_path):
     def small_files():  # every write past 256 KiB fails with EFBIG, as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
-    full = launch(out, *cmd, "--resume", check=False, preexec_fn=small_files)
+    # the deepspeed launcher: MPICH's start-up itself fails under the limit (its shared memory is a file)
+    full = launch(out, *cmd, "--resume", via="deepspeed", check=False, preexec_fn=small_files)
     assert full.returncode != 0
     assert f"could not write checkpoint {ckpt / 'step00000010'}" in full.stderr
     assert "the last complete one is step00000005. Free disk space" in full.stderr
@@ -510,10 +512,12 @@ def test_non_finite_norms_stop_with_the_message_and_exit_1(tmp_path):
 
 
 def test_hung_rank_times_out_naming_the_collective(tmp_path):
+    """Under mpirun: the rank that timed out ends the job (launch.end_failed_job) instead of waiting for the hung
+    rank in MPI_Finalize at exit, which it did for ever."""
     out = tmp_path / "run"
     t0 = time.monotonic()
-    proc = stamped(deepspeed_cmd("--output_dir", str(out), *TINY, "--prelora.enabled", "false", "--train.max_steps",
-                                 "20", "--train.collective_timeout_s", "10"), {"PRELORA_FAULTS": "hang@4:1"})
+    proc = stamped(mpirun_cmd("--output_dir", str(out), *TINY, "--prelora.enabled", "false", "--train.max_steps",
+                              "20", "--train.collective_timeout_s", "10"), {"PRELORA_FAULTS": "hang@4:1"})
     took = time.monotonic() - t0
     assert proc.returncode != 0
     assert (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from prelora_ds.metrics.readers import scalars
-from prelora_ds.testing.harness import deepspeed_cmd, run, summary
+from prelora_ds.testing.harness import mpirun_cmd, run, summary
 
 
 @pytest.mark.launch
@@ -19,7 +19,7 @@ class TestMergeOnTwoRanks:
     @pytest.fixture(scope="class")
     def facts(self, tmp_path_factory):
         out = tmp_path_factory.mktemp("relora")
-        run(deepspeed_cmd(out, script="tests/scripts/relora_check.py"))
+        run(mpirun_cmd(out, script="tests/scripts/relora_check.py"))
         return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -73,7 +73,7 @@ DEMO_MERGES, DEMO_WARMUP = (106, 146), 5
 def demo_relora_run(tmp_path_factory) -> Path:
     """recipes/demo_relora.yaml on 2 ranks, relora from epoch 3, stopped 10 steps after the second merge."""
     out = tmp_path_factory.mktemp("demo_relora") / "run"
-    run(deepspeed_cmd("--recipe", "recipes/demo_relora.yaml", "--output_dir", str(out), "--relora.start_epoch", "3",
+    run(mpirun_cmd("--recipe", "recipes/demo_relora.yaml", "--output_dir", str(out), "--relora.start_epoch", "3",
                       "--train.stop_at_step", str(DEMO_MERGES[-1] + 2 * DEMO_WARMUP), "--train.log_every_steps", "1"))
     return out
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from prelora_ds.testing.harness import BIN, REPO, deepspeed_cmd, run
+from prelora_ds.testing.harness import BIN, REPO, mpirun_cmd, run
 
 pytestmark = pytest.mark.launch
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.launch
 @pytest.fixture(scope="module")
 def switch_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("switch")
-    run(deepspeed_cmd(out, script="tests/scripts/switch_check.py"))
+    run(mpirun_cmd(out, script="tests/scripts/switch_check.py"))
     run([str(BIN / "python"), str(REPO / "tests" / "scripts" / "moments_check.py"), str(out), "--universal"])
     return out
 

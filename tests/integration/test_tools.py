@@ -1,6 +1,6 @@
 """`prelora plot`, `prelora replay`, `prelora compare`, `prelora sharpness` on real run directories.
 
-One PreLoRA run (2 CPU ranks through the deepspeed launcher, switch at the acceptance flags) and one
+One PreLoRA run (2 CPU ranks started by mpirun, switch at the acceptance flags) and one
 full-only run are made once for the module. The entry points run as subprocesses, as a user runs them (`python -m
 prelora_ds.cli` and the installed `prelora` script: the help and the exit status of a refused command); the
 commands' work runs in this process through `prelora_ds.cli.main`, what both entry points call, which saves a
@@ -22,7 +22,7 @@ import torch
 
 from prelora_ds.algorithm.convergence import layer_changes
 from prelora_ds.algorithm.ranks import assign_ranks, ranks_by_module_name
-from prelora_ds.testing.harness import deepspeed_cmd, run, summary
+from prelora_ds.testing.harness import mpirun_cmd, run, summary
 
 PRELORA = [sys.executable, "-m", "prelora_ds.cli"]
 COMMANDS = ["replay", "plot", "compare", "time-to-accuracy", "pack-shards", "check-hostfile", "sharpness"]
@@ -65,7 +65,7 @@ def runs(tmp_path_factory, split_reference) -> dict[str, Path]:
     """The PreLoRA run is the session's split q/k/v reference (the paper's six targets)."""
     full = tmp_path_factory.mktemp("tools") / "full"
     common = ["--recipe", "recipes/demo.yaml", "--train.log_every_steps", "1"]
-    run(deepspeed_cmd(*common, "--output_dir", full, "--prelora.enabled", "false", "--train.max_steps", "10"))
+    run(mpirun_cmd(*common, "--output_dir", full, "--prelora.enabled", "false", "--train.max_steps", "10"))
     return {"prelora": split_reference, "full": full}
 
 

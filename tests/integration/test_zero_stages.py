@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from prelora_ds.metrics.readers import scalars
-from prelora_ds.testing.harness import BIN, PHASE_ENGINES, SWITCH, TINY, deepspeed_cmd, run, summary
+from prelora_ds.testing.harness import BIN, PHASE_ENGINES, SWITCH, TINY, mpirun_cmd, run, summary
 
 pytestmark = pytest.mark.launch
 
@@ -34,7 +34,7 @@ STAGE_TOL = 2e-3  # the same computation with another partitioning: fp32 reducti
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero")
-    proc = run(deepspeed_cmd(out, *CYCLE, script="tests/scripts/zero_stages.py"), timeout=900)
+    proc = run(mpirun_cmd(out, *CYCLE, script="tests/scripts/zero_stages.py"), timeout=900)
     (out / "stdout.txt").write_text(proc.stdout)
     return out
 
@@ -149,14 +149,14 @@ def test_phased_run_killed_in_relora_resumes_on_two_then_on_one_rank(tmp_path, s
     config = json.loads((stages / "phased.rank0.json").read_text())  # train_batch_size 64: accumulation derived
     (tmp_path / "phased.json").write_text(json.dumps(config))
     cmd = [*CYCLE, "--deepspeed_config", str(tmp_path / "phased.json"), "--output_dir", str(out), *PHASE_ENGINES]
-    killed = run(deepspeed_cmd(*cmd), check=False, env={"PRELORA_FAULTS": "kill@10:1"})
+    killed = run(mpirun_cmd(*cmd), check=False, env={"PRELORA_FAULTS": "kill@10:1"})
     assert killed.returncode != 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000008"
     moved = run([str(BIN / "python"), "-m", "prelora_ds.train", *cmd, "--resume", "--engine.relora",
                  "{zero_stage: 3}"], check=False)
     assert moved.returncode == 2 and "the relora engine's zero_stage was 2, now 3 (set it back in engine.relora" \
         in moved.stderr, moved.stderr[-2000:]
-    resumed = run(deepspeed_cmd(*cmd, "--resume", "--train.stop_at_step", "18"))
+    resumed = run(mpirun_cmd(*cmd, "--resume", "--train.stop_at_step", "18"))
     assert "resumed at step 8 (epoch 0, phase relora)" in resumed.stdout
     single = run([str(BIN / "python"), "-m", "prelora_ds.train", *cmd, "--resume"])
     assert "resuming step00000018, saved by 2 rank(s), on 1 rank(s)" in single.stdout

@@ -969,3 +969,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    gc.freeze()  # no collections over every library's objects at exit (prelora_ds.train.cli)

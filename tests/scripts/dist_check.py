@@ -9,6 +9,7 @@ Usage (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): python tests/scripts/dis
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -113,3 +114,4 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(Path(sys.argv[1]))
+    gc.freeze()  # no collections over every library's objects at exit (prelora_ds.train.cli)

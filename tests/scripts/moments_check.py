@@ -12,6 +12,7 @@ tests/integration/test_switch.py asserts on them.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -221,3 +222,4 @@ def main(out: Path, universal: bool = False) -> None:
 
 if __name__ == "__main__":
     main(Path(next(a for a in sys.argv[1:] if not a.startswith("--"))), "--universal" in sys.argv)
+    gc.freeze()  # no collections over every library's objects at exit (prelora_ds.train.cli)

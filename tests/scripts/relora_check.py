@@ -6,6 +6,7 @@ Usage: deepspeed --num_gpus 2 tests/scripts/relora_check.py OUT_DIR
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -128,3 +129,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(next(a for a in sys.argv[1:] if not a.startswith("--"))))
+    gc.freeze()  # no collections over every library's objects at exit (prelora_ds.train.cli)

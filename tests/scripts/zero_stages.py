@@ -137,3 +137,4 @@ def main(out: Path, args: list[str]) -> None:
 if __name__ == "__main__":
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher puts it first
     main(Path(argv[0]), argv[1:])
+    gc.freeze()  # no collections over every library's objects at exit (prelora_ds.train.cli)

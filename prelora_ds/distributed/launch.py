@@ -14,6 +14,7 @@ import atexit
 import os
 import socket
 import sys
+import time
 import traceback
 from datetime import timedelta
 
@@ -72,26 +73,38 @@ def _mpi_env() -> None:
     )
 
 
-def end_failed_job(code: int, error: BaseException | None = None) -> None:
-    """Under mpirun, a rank that exits with `code` (not 0, not a pre-emption's 75) ends the whole job now: MPI_Abort,
-    and mpiexec exits `code` (`error`: an uncaught exception, whose traceback is printed first).
+FAILED_EXIT_GRACE_S = 5.0  # how long a failing rank waits at exit for the others to fail with it (under mpirun)
 
-    mpi4py finalises MPI at exit, and MPI_Finalize waits for every rank: a rank that failed alone (a collective
-    timeout beside a hung rank, an error on one rank) would wait there for ever, and the job with it. (Finalised
-    early instead, MPI no longer lets mpiexec end a job when a rank fails.) The deepspeed launcher and torchrun end
-    a job on a rank's failure by themselves."""
+
+def end_failed_job(code: int, error: BaseException | None = None) -> None:
+    """Under mpirun, a rank that exits with `code` (not 0, not a pre-emption's 75) ends the whole job when it fails
+    alone. mpi4py finalises MPI at exit, and MPI_Finalize waits for every rank: beside a hung rank (after a
+    collective timeout) it would wait for ever, and the job with it. (Finalised early instead, MPI no longer lets
+    mpiexec end a job when a rank exits non-zero.)
+
+    So the failing rank first waits up to FAILED_EXIT_GRACE_S in a non-blocking barrier. Ranks that fail together
+    (an agreed stop: non-finite norms, damaged checkpoints) all reach it within a second and exit normally, each
+    with its whole output. A rank left alone calls MPI_Abort, which ends every rank (mpiexec exits `code`), after
+    printing `error`'s traceback (an uncaught exception) and flushing its output. The deepspeed launcher and torchrun
+    end a job on a rank's failure by themselves."""
     from prelora_ds.distributed.preempt import EXIT_CODE
 
     if code in (0, EXIT_CODE) or "mpi4py.MPI" not in sys.modules or not any(k in os.environ for k in MPI_ENV):
         return  # MPI was not started here (_mpi_env): a launcher's job
     from mpi4py import MPI
 
-    if MPI.Is_initialized() and not MPI.Is_finalized():
-        if error is not None:
-            traceback.print_exception(error)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(code)
+    if not MPI.Is_initialized() or MPI.Is_finalized():
+        return
+    together = MPI.COMM_WORLD.Ibarrier()
+    deadline = time.monotonic() + FAILED_EXIT_GRACE_S
+    while not together.Test():
+        if time.monotonic() > deadline:
+            if error is not None:
+                traceback.print_exception(error)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(code)
+        time.sleep(0.05)
 
 
 def world_size_hint() -> int:

@@ -7,8 +7,10 @@ Runs from a checkout (ds_configs/ and recipes/ are read from `REPO`):
   run(mpirun_cmd("--output_dir", out, *SWITCH_RUN))              # mpirun: when the launcher is not what is tested
   trainer = synthetic_trainer(out / "run", model_kwargs=tiny_vit(depth=2))          # inside a launched process
 
-`deepspeed_cmd` and `mpirun_cmd` are the only places a launch is spelled out; `synthetic_trainer` the only place a
-Trainer on synthetic images is built outside the product's entry point.
+`deepspeed_cmd` is the only place a deepspeed launch is spelled out and `mpirun_cmd` the launch of the tests whose
+subject is not the launcher (test_reliability's chains also start the installed `prelora-train` under mpirun, by
+torchrun and as a plain process); `synthetic_trainer` the only place a Trainer on synthetic images is built outside
+the product's entry point.
 """
 
 from __future__ import annotations

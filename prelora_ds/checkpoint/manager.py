@@ -94,9 +94,11 @@ class Checkpointer:
         loop["batch_in_epoch"] = self._map_epoch_position(saved, tag, loop)
         saved_world = saved.get("world_size", self.geometry.world)
         checkpoint, load_tag = None, tag
-        if saved_world != self.geometry.world:
+        if saved_world != self.geometry.world and storage.holds_partitions(tag_dir):
             load_tag = self._to_universal(saved, tag, loop)
             checkpoint = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+        elif saved_world != self.geometry.world:
+            self._world_changed(saved, tag, loop, "no ZeRO partitions (stage 0): loaded as saved")
         self.saved_step, self.resumed_tag = loop["step"], tag
         return Resumed(tag, loop, load_tag, checkpoint, saved_world, saved.get("engine", {}))
 
@@ -150,17 +152,22 @@ class Checkpointer:
 
     def _to_universal(self, saved: dict[str, Any], tag: str, loop: dict[str, Any]) -> str:
         """Convert a checkpoint of another world size to DeepSpeed's universal format (rank 0, once)."""
-        t0, g = time.perf_counter(), self.geometry
+        t0 = time.perf_counter()
         if self.rank == 0:
             storage.to_universal(self.dir, tag)
         collectives.barrier()
+        self._world_changed(saved, tag, loop, f"converted to a DeepSpeed universal checkpoint "
+                            f"({self.dir / (tag + storage.UNIVERSAL_SUFFIX)}, {time.perf_counter() - t0:.1f} s)")
+        return tag + storage.UNIVERSAL_SUFFIX
+
+    def _world_changed(self, saved: dict[str, Any], tag: str, loop: dict[str, Any], how: str) -> None:
+        """Say how a checkpoint of another world size is loaded and where the epoch continues."""
+        g = self.geometry
         images = loop["batch_in_epoch"] * g.micro * g.world
         logger.info(
-            f"resuming {tag}, saved by {saved['world_size']} rank(s), on {g.world} rank(s): converted to a "
-            f"DeepSpeed universal checkpoint ({self.dir / (tag + storage.UNIVERSAL_SUFFIX)}, "
-            f"{time.perf_counter() - t0:.1f} s); global batch {self.ds_config['train_batch_size']} = "
-            f"{g.micro} micro x {g.accum} accumulation x {g.world} rank(s); continuing at image "
-            f"{images} of epoch {loop['epoch']}"
+            f"resuming {tag}, saved by {saved['world_size']} rank(s), on {g.world} rank(s): {how}; global batch "
+            f"{self.ds_config['train_batch_size']} = {g.micro} micro x {g.accum} accumulation x {g.world} rank(s); "
+            f"continuing at image {images} of epoch {loop['epoch']}"
         )
         if saved.get("steps_per_epoch", g.steps_per_epoch) != g.steps_per_epoch:
             logger.warning(
@@ -168,4 +175,3 @@ class Checkpointer:
                 "padding differs by world size; the LR schedule follows the new count.",
                 extra=RANK_ZERO,
             )
-        return tag + storage.UNIVERSAL_SUFFIX

@@ -14,7 +14,8 @@ Layout of `checkpoints/<tag>/`: DeepSpeed's own files (module, ZeRO partitions p
 written: a crash while saving leaves `latest` on the previous complete checkpoint, and a resume skips the incomplete
 one, saying so. A resume also checks the files against the manifest and falls back past a damaged checkpoint.
 A checkpoint saved by another number of ranks is converted once to DeepSpeed's universal format
-(`<tag>_universal/`) before it is loaded.
+(`<tag>_universal/`) before it is loaded, when it holds ZeRO partitions; one of an fp32 stage-0 engine holds the
+optimizer state whole and loads as saved.
 """
 
 from __future__ import annotations
@@ -304,6 +305,14 @@ def read_frozen_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:
 def read_dormant(tag_dir: Path) -> dict:
     path = tag_dir / DORMANT_FILE
     return torch.load(path, weights_only=True) if path.is_file() else {}
+
+
+def holds_partitions(tag_dir: Path) -> bool:
+    """Whether DeepSpeed saved the optimizer state as per-rank partitions (`*_optim_states.pt`: ZeRO 1-3, and the
+    bf16 optimizer at stage 0), which another world size loads through the universal conversion. An fp32 engine at
+    stage 0 has a plain torch optimizer, whose state DeepSpeed keeps whole in the model-states file: the same on any
+    world size, and nothing the conversion could read (it looks for those partitions)."""
+    return any(tag_dir.glob("*_optim_states.pt"))
 
 
 def to_universal(ckpt_dir: Path, tag: str) -> Path:

@@ -91,7 +91,6 @@ def test_fresh_timm_model_takes_the_gathered_state(facts):
 
 # ---------------------------------------------------------------- Adam's moments across the switch
 MOMENT_CONFIGS = ("zero0_fp32", "zero2_fp32", "zero3_bf16")
-UNIVERSAL = MOMENT_CONFIGS[1:]  # stage 0 is resumed on the world size it was saved with
 
 
 def moment_facts(out, name):
@@ -128,11 +127,11 @@ def test_a_resume_right_after_the_switch_restores_the_same_moments(switch_out, n
         assert f["key_order_mismatch"] == []
 
 
-@pytest.mark.parametrize("name", UNIVERSAL)
+@pytest.mark.parametrize("name", MOMENT_CONFIGS)
 def test_a_resume_on_another_world_size_restores_the_same_moments_and_step_counts(switch_out, name):
     """2 ranks -> 1 rank through DeepSpeed's universal checkpoint. Its ZeRO-3 load gives every sub group the first
     one's step count; the saved per-group counts put each history's own back (without them the LoRA factors got 13,
-    not 1)."""
+    not 1). Stage 0 (fp32) has no partitions to convert: its checkpoint loads as saved (the conversion failed on it)."""
     f = json.loads((switch_out / f"{name}.universal.json").read_text())
     assert f["world"] == 1 and f["phase"] == "warmup"
     assert f["compared"] == 48 and f["mismatch"] == []

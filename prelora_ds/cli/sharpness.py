@@ -72,6 +72,10 @@ def load_state(run: Path, tag: str, alpha_ratio: float
     from prelora_ds.lora.merge import LORA_A, merge_lora
 
     ckpt_dir = run / "checkpoints"
+    if not storage.holds_partitions(ckpt_dir / tag):
+        raise CommandError(f"{ckpt_dir / tag} was saved by an fp32 ZeRO stage-0 engine: sharpness reads the values "
+                           "and moments through DeepSpeed's universal conversion, which needs ZeRO partitions; measure "
+                           "a checkpoint of a run on ZeRO stage 1-3")
     universal = storage.to_universal(ckpt_dir, tag) / "zero"
     values = dict(storage.read_frozen_fp32(ckpt_dir / tag))
     second: dict[str, tuple[int, torch.Tensor]] = {}

@@ -14,7 +14,7 @@ Layout of `checkpoints/<tag>/`: DeepSpeed's own files (module, ZeRO partitions p
 written: a crash while saving leaves `latest` on the previous complete checkpoint, and a resume skips the incomplete
 one, saying so. A resume also checks the files against the manifest and falls back past a damaged checkpoint.
 A checkpoint saved by another number of ranks is converted once to DeepSpeed's universal format
-(`<tag>_universal/`) before it is loaded, when it holds ZeRO partitions; one of an fp32 stage-0 engine holds the
+(`<tag>_universal/`) before it is loaded, when it holds ZeRO partitions; one of a stage-0 engine holds the
 optimizer state whole and loads as saved.
 """
 
@@ -308,10 +308,10 @@ def read_dormant(tag_dir: Path) -> dict:
 
 
 def holds_partitions(tag_dir: Path) -> bool:
-    """Whether DeepSpeed saved the optimizer state as per-rank partitions (`*_optim_states.pt`: ZeRO 1-3, and the
-    bf16 optimizer at stage 0), which another world size loads through the universal conversion. An fp32 engine at
-    stage 0 has a plain torch optimizer, whose state DeepSpeed keeps whole in the model-states file: the same on any
-    world size, and nothing the conversion could read (it looks for those partitions)."""
+    """Whether DeepSpeed saved the optimizer state as per-rank partitions (`*_optim_states.pt`: ZeRO 1-3), which
+    another world size loads through the universal conversion. At stage 0 the optimizer (fp32: the torch optimizer;
+    bf16: DeepSpeed's FP16_UnfusedOptimizer) is whole on every rank and DeepSpeed keeps its state in the model-states
+    file: the same on any world size, and nothing the conversion could read (it looks for those partitions)."""
     return any(tag_dir.glob("*_optim_states.pt"))
 
 

@@ -73,7 +73,7 @@ def load_state(run: Path, tag: str, alpha_ratio: float
 
     ckpt_dir = run / "checkpoints"
     if not storage.holds_partitions(ckpt_dir / tag):
-        raise CommandError(f"{ckpt_dir / tag} was saved by an fp32 ZeRO stage-0 engine: sharpness reads the values "
+        raise CommandError(f"{ckpt_dir / tag} was saved by a ZeRO stage-0 engine: sharpness reads the values "
                            "and moments through DeepSpeed's universal conversion, which needs ZeRO partitions; measure "
                            "a checkpoint of a run on ZeRO stage 1-3")
     universal = storage.to_universal(ckpt_dir, tag) / "zero"

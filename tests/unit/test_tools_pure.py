@@ -210,13 +210,13 @@ def test_sharpness_power_iteration_finds_the_top_eigenvalue_raw_and_adam_scaled(
 
 
 def test_sharpness_names_a_stage_0_checkpoint_it_cannot_read(tmp_path):
-    """A checkpoint without ZeRO partitions (fp32 stage 0: the optimizer state in the model-states file) is refused
+    """A checkpoint without ZeRO partitions (stage 0: the optimizer state in the model-states file) is refused
     with the reason, not a traceback from the universal conversion."""
     from prelora_ds.cli import sharpness
 
     tag = tmp_path / "checkpoints" / "step00000010"
     tag.mkdir(parents=True)
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
-    with pytest.raises(CommandError, match=r"step00000010 was saved by an fp32 ZeRO stage-0 engine: .* measure a "
+    with pytest.raises(CommandError, match=r"step00000010 was saved by a ZeRO stage-0 engine: .* measure a "
                        r"checkpoint of a run on ZeRO stage 1-3"):
         sharpness.load_state(tmp_path, "step00000010", 1.0)

@@ -94,11 +94,12 @@ class Checkpointer:
         loop["batch_in_epoch"] = self._map_epoch_position(saved, tag, loop)
         saved_world = saved.get("world_size", self.geometry.world)
         checkpoint, load_tag = None, tag
-        if saved_world != self.geometry.world and storage.holds_partitions(tag_dir):
-            load_tag = self._to_universal(saved, tag, loop)
-            checkpoint = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
-        elif saved_world != self.geometry.world:
-            self._world_changed(saved, tag, loop, "no ZeRO partitions (stage 0): loaded as saved")
+        if saved_world != self.geometry.world:
+            if storage.holds_partitions(tag_dir):
+                load_tag = self._to_universal(saved, tag, loop)
+                checkpoint = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+            else:
+                self._world_changed(saved, tag, loop, "no ZeRO partitions (stage 0): loaded as saved")
         self.saved_step, self.resumed_tag = loop["step"], tag
         return Resumed(tag, loop, load_tag, checkpoint, saved_world, saved.get("engine", {}))
 
